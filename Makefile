@@ -1,0 +1,36 @@
+# gmflow — the two commands a fresh machine needs: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# The CPU wheel of torch 2.13.0 is installed first and explicitly: an unpinned resolver would pick a
+# multi-GB CUDA build. The package itself only asks for torch>=2.1,<=2.14.1, which 2.13.0 satisfies.
+TORCH   ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv demo test lint bench-overhead clean
+
+$(STAMP): pyproject.toml
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m gmflow.cli bench toy2d --preset quick --out $(DEMO_OUT)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=2 $(VPY) -m pytest tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench-overhead: $(STAMP)
+	$(VPY) benchmarks/gm_overhead.py --out runs/bench_overhead
+
+clean:
+	rm -rf runs build *.egg-info src/*.egg-info .pytest_cache
