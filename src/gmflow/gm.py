@@ -1,0 +1,399 @@
+"""Gaussian mixtures with a shared isotropic std, and their analytic operations.
+
+Shapes (DESIGN.md, research/gmflow.md §2):
+
+* ``means``      ``(B, K, C, *S)`` — K component means per position; the event is the channel axis C.
+* ``logweights`` ``(B, K, 1, *S)`` — log-softmax-normalised over K (dim 1).
+* ``logstds``    ``(B, 1, 1, *[1]*len(S))`` — one isotropic std per sample, shared by components,
+  channels and positions.
+
+Every position in ``*S`` is an independent mixture over the C channels (pixel-wise factorisation).
+All objects are immutable; every operation returns a new object. The one primitive behind products,
+ratios, guidance and the change of noise level is the *exponential tilt* by an isotropic quadratic,
+``p(x) * exp(-zeta/2 ||x||^2 + nu . x)`` (see :meth:`GaussianMixture.tilt`), written in the
+division-free form so that ``zeta -> 0`` is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .flow import expand_t
+
+__all__ = ["Gaussian", "GaussianMixture", "reverse_transition_coefs"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_float(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _scalar_shape(means_shape: torch.Size) -> tuple[int, ...]:
+    """Shape ``(B, 1, 1, *[1]*len(S))`` of a per-sample scalar for a GM with ``means_shape``."""
+    return (means_shape[0], 1, 1) + (1,) * (len(means_shape) - 3)
+
+
+@dataclass(frozen=True, eq=False)
+class Gaussian:
+    """Isotropic Gaussian ``N(mean, var * I)`` per position.
+
+    ``mean`` is ``(B, C, *S)``; ``var`` broadcasts against it with shape ``(B, 1, *S)`` (per position)
+    or ``(B, 1, *[1]*len(S))`` (one value per sample).
+    """
+
+    mean: Tensor
+    var: Tensor
+
+    def __post_init__(self) -> None:
+        _check_float("mean", self.mean)
+        _check_float("var", self.var)
+        if self.mean.dim() < 2:
+            raise ValueError(f"mean must have shape (B, C, *S), got {tuple(self.mean.shape)}")
+        ok = self.var.dim() == self.mean.dim() and self.var.shape[0] == self.mean.shape[0]
+        ok = ok and self.var.shape[1] == 1
+        ok = ok and all(v in (1, m) for v, m in zip(self.var.shape[2:], self.mean.shape[2:]))
+        if not ok:
+            raise ValueError(
+                f"var must have shape (B, 1, *S) or (B, 1, 1, ...) matching mean {tuple(self.mean.shape)}, "
+                f"got {tuple(self.var.shape)}"
+            )
+
+    @property
+    def channels(self) -> int:
+        return self.mean.shape[1]
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log N(x; mean, var I)`` summed over channels, shape ``(B, *S)``."""
+        c = self.channels
+        sq = (x - self.mean).square().sum(1, keepdim=True)
+        lp = -0.5 * sq / self.var - 0.5 * c * torch.log(self.var) - 0.5 * c * _LOG_2PI
+        return lp.squeeze(1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.var.sqrt() * noise
+
+    def spatial_average(self) -> Gaussian:
+        """Average ``var`` over all positions: one scalar per sample (the whole-image surrogate)."""
+        dims = tuple(range(2, self.var.dim()))
+        var = self.var.mean(dims, keepdim=True) if dims else self.var
+        return Gaussian(self.mean, var)
+
+    def product(self, other: Gaussian, power_self: float = 1.0, power_other: float = 1.0) -> Gaussian:
+        """Normalised ``N1^g1 N2^g2`` (research/gmflow.md §4.5).
+
+        ``norm = g1 w2 + g2 w1``, ``var = w1 w2 / norm``, ``mean = (g1 w2 m1 + g2 w1 m2) / norm``.
+        With powers ``(1, -1)`` this is the ratio ``N1/N2`` (an improper Gaussian when ``w1 > w2``).
+        """
+        w1, w2 = self.var, other.var
+        norm = power_self * w2 + power_other * w1
+        tiny = torch.finfo(norm.dtype).tiny
+        norm = torch.where(norm.abs() < tiny, torch.full_like(norm, tiny), norm)
+        var = w1 * w2 / norm
+        mean = (power_self * w2 * self.mean + power_other * w1 * other.mean) / norm
+        return Gaussian(mean, var)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """Pixel-wise Gaussian mixture ``sum_k A_k N(x; mu_k, s^2 I)`` with one ``s`` per sample.
+
+    Args:
+        means: ``(B, K, C, *S)``.
+        logweights: ``(B, K, 1, *S)``, log-softmax-normalised over K (use :meth:`from_logits` to
+            normalise raw logits).
+        logstds: ``(B, 1, 1, *[1]*len(S))``, ``log s``.
+    """
+
+    means: Tensor
+    logweights: Tensor
+    logstds: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("means", "logweights", "logstds"):
+            _check_float(name, getattr(self, name))
+        m, w, s = self.means, self.logweights, self.logstds
+        if m.dim() < 3:
+            raise ValueError(f"means must have shape (B, K, C, *S), got {tuple(m.shape)}")
+        b, k, _c, *sp = m.shape
+        want_w = (b, k, 1, *sp)
+        if tuple(w.shape) != want_w:
+            raise ValueError(
+                f"logweights must have shape (B, K, 1, *S) = {want_w} for means {tuple(m.shape)}, "
+                f"got {tuple(w.shape)}"
+            )
+        want_s = _scalar_shape(m.shape)
+        if tuple(s.shape) != want_s:
+            raise ValueError(
+                f"logstds must have shape (B, 1, 1, *[1]*len(S)) = {want_s} for means {tuple(m.shape)}, "
+                f"got {tuple(s.shape)}"
+            )
+        if not (m.dtype == w.dtype == s.dtype):
+            raise TypeError(
+                f"means, logweights and logstds must share a dtype, got {m.dtype}, {w.dtype}, {s.dtype}"
+            )
+        if not (m.device == w.device == s.device):
+            raise ValueError("means, logweights and logstds must be on the same device")
+
+    # ------------------------------------------------------------------ construction / basics
+    @classmethod
+    def from_logits(cls, means: Tensor, logits: Tensor, logstds: Tensor) -> GaussianMixture:
+        """Build from unnormalised logits (log-softmax over K is applied)."""
+        return cls(means, torch.log_softmax(logits, dim=1), logstds)
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.means.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def event_shape(self) -> torch.Size:
+        """Shape of one sample, ``(C, *S)``."""
+        return self.means.shape[2:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    @property
+    def weights(self) -> Tensor:
+        return self.logweights.exp()
+
+    @property
+    def var(self) -> Tensor:
+        """Shared component variance ``s^2``, shape ``(B, 1, 1, ...)``."""
+        return torch.exp(2.0 * self.logstds)
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> GaussianMixture:
+        return GaussianMixture(
+            self.means.to(device=device, dtype=dtype),
+            self.logweights.to(device=device, dtype=dtype),
+            self.logstds.to(device=device, dtype=dtype),
+        )
+
+    def detach(self) -> GaussianMixture:
+        return GaussianMixture(self.means.detach(), self.logweights.detach(), self.logstds.detach())
+
+    def __getitem__(self, index: Tensor | slice) -> GaussianMixture:
+        """Select samples along the batch axis."""
+        return GaussianMixture(self.means[index], self.logweights[index], self.logstds[index])
+
+    @staticmethod
+    def cat(gms: list[GaussianMixture]) -> GaussianMixture:
+        return GaussianMixture(
+            torch.cat([g.means for g in gms]),
+            torch.cat([g.logweights for g in gms]),
+            torch.cat([g.logstds for g in gms]),
+        )
+
+    # ------------------------------------------------------------------ moments / density / sampling
+    def mean(self) -> Tensor:
+        """Mixture mean ``sum_k A_k mu_k``, shape ``(B, C, *S)`` (research/gmflow.md §4.1)."""
+        return (self.weights * self.means).sum(1)
+
+    def to_gaussian(self, spatial_average: bool = False) -> Gaussian:
+        """Moment-matched isotropic surrogate (§4.2).
+
+        ``m = sum_k A_k mu_k``, ``var = (1/C) sum_k A_k ||mu_k - m||^2 + s^2`` per position; with
+        ``spatial_average`` the variance is averaged over positions (one scalar per sample).
+        """
+        w = self.weights
+        m = (w * self.means).sum(1)
+        spread = (w * (self.means - m.unsqueeze(1)).square()).sum(1).mean(1, keepdim=True)
+        var = spread + self.var.squeeze(1)
+        g = Gaussian(m, var)
+        return g.spatial_average() if spatial_average else g
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log q(x)`` per position, shape ``(B, *S)`` for ``x`` of shape ``(B, C, *S)`` (§4.9).
+
+        ``logsumexp_k(a_k - ||x - mu_k||^2 / (2 s^2) - C log s - C/2 log 2 pi)``.
+        """
+        _check_float("x", x)
+        if tuple(x.shape) != (self.batch_size, *self.event_shape):
+            raise ValueError(
+                f"x must have shape (B, C, *S) = {(self.batch_size, *self.event_shape)}, got {tuple(x.shape)}"
+            )
+        c = self.channels
+        sq = (x.unsqueeze(1) - self.means).square().sum(2, keepdim=True)  # (B,K,1,*S)
+        comp = self.logweights - 0.5 * sq * torch.exp(-2.0 * self.logstds) - c * self.logstds
+        return torch.logsumexp(comp, dim=1).squeeze(1) - 0.5 * c * _LOG_2PI
+
+    def sample_components(self, generator: torch.Generator | None = None) -> Tensor:
+        """Component index per position (Gumbel-max), shape ``(B, 1, 1, *S)`` (long)."""
+        u = torch.rand(self.logweights.shape, generator=generator, device=self.device, dtype=self.dtype)
+        tiny = torch.finfo(self.dtype).tiny
+        gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))
+        return torch.argmax(self.logweights + gumbel, dim=1, keepdim=True)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One sample per position, shape ``(B, C, *S)`` (§4.8): pick ``k ~ A``, add ``s * N(0, I)``."""
+        idx = self.sample_components(generator)
+        idx = idx.expand(-1, -1, self.channels, *([-1] * (self.means.dim() - 3)))
+        chosen = torch.gather(self.means, 1, idx).squeeze(1)
+        noise = torch.randn(chosen.shape, generator=generator, device=self.device, dtype=self.dtype)
+        return chosen + self.logstds.squeeze(1).exp() * noise
+
+    # ------------------------------------------------------------------ u-space <-> x0-space
+    def u_to_x0(self, x_t: Tensor, t: Tensor | float) -> GaussianMixture:
+        """Velocity GM at ``(x_t, t)`` -> x0 GM: ``mu^x_k = x_t - t mu_k``, ``s_x = t s`` (§2).
+
+        ``t`` is clamped at 1e-6 inside the log (as in the reference code), so ``t = 0`` gives a
+        near-delta GM at ``x_t``.
+        """
+        tt = expand_t(t, self.means.dim(), like=self.means)
+        means = x_t.unsqueeze(1) - tt * self.means
+        logstds = self.logstds + torch.log(tt.clamp_min(1e-6))
+        return GaussianMixture(means, self.logweights, logstds)
+
+    def x0_to_u(self, x_t: Tensor, t: Tensor | float) -> GaussianMixture:
+        """Inverse of :meth:`u_to_x0`: ``mu_k = (x_t - mu^x_k) / t``, ``s = s_x / t``."""
+        tt = expand_t(t, self.means.dim(), like=self.means).clamp_min(1e-6)
+        means = (x_t.unsqueeze(1) - self.means) / tt
+        logstds = self.logstds - torch.log(tt)
+        return GaussianMixture(means, self.logweights, logstds)
+
+    # ------------------------------------------------------------------ products
+    def tilt(self, zeta: Tensor, nu: Tensor) -> GaussianMixture:
+        """Normalised ``q(x) exp(-zeta/2 ||x||^2 + nu . x)`` — still a K-component GM with shared std.
+
+        ``zeta`` is a per-sample scalar (broadcastable to ``(B, 1, *[1]*len(S))``), ``nu`` is
+        ``(B, C, *S)``. With ``v = s^2`` and ``d = 1 + v zeta`` (must be > 0):
+
+        * ``mu_k' = (mu_k + v nu) / d``
+        * ``a_k' = logsoftmax_k(a_k + mu_k . (nu - zeta mu_k / 2) / d)``
+        * ``v' = v / d``
+
+        This division-free form is exact at ``zeta = 0`` (research/gmflow.md §4.6).
+        """
+        nd = self.means.dim()
+        if zeta.dim() > 0:
+            if zeta.numel() != self.batch_size:
+                raise ValueError(f"zeta must be one scalar per sample (B={self.batch_size}), got {tuple(zeta.shape)}")
+            zeta = zeta.reshape(self.batch_size, *([1] * (nd - 1)))
+        v = self.var
+        d = 1.0 + v * zeta
+        nu_k = nu.unsqueeze(1)
+        means = (self.means + v * nu_k) / d
+        delta = (self.means * (nu_k - 0.5 * zeta * self.means)).sum(2, keepdim=True) / d
+        logweights = torch.log_softmax(self.logweights + delta, dim=1)
+        logstds = self.logstds - 0.5 * torch.log(d)
+        return GaussianMixture(means, logweights, logstds)
+
+    def _check_scalar_var(self, g: Gaussian, what: str) -> None:
+        if any(n != 1 for n in g.var.shape[2:]):
+            raise ValueError(
+                f"{what}: the Gaussian's var must be one scalar per sample, shape (B, 1, 1, ...), "
+                f"to keep a shared mixture std; got {tuple(g.var.shape)} (use Gaussian.spatial_average())"
+            )
+
+    def mul_gaussian(self, g: Gaussian, power_gm: float = 1.0, power_g: float = 1.0) -> GaussianMixture:
+        """Normalised ``q^{g_m} N^{g_g}`` read as ``(q N^{rho})^{g_m}``, ``rho = g_g/g_m`` (§4.4).
+
+        Equivalent to tilting by ``zeta = rho / w``, ``nu = rho m / w``; ``g.var`` must be per sample.
+        """
+        self._check_scalar_var(g, "mul_gaussian")
+        rho = power_g / power_gm
+        return self.tilt(rho / g.var, rho * g.mean / g.var)
+
+    def mul_gaussian_ratio(self, num: Gaussian, den: Gaussian) -> GaussianMixture:
+        """Normalised ``q(x) N(x; m1, w1) / N(x; m2, w2)`` (used by guidance and 2nd-order steps).
+
+        ``zeta = 1/w1 - 1/w2``, ``nu = m1/w1 - m2/w2``: identity when ``num == den``.
+        """
+        self._check_scalar_var(num, "mul_gaussian_ratio")
+        self._check_scalar_var(den, "mul_gaussian_ratio")
+        zeta = 1.0 / num.var - 1.0 / den.var
+        nu = num.mean / num.var - den.mean / den.var
+        return self.tilt(zeta, nu)
+
+    # ------------------------------------------------------------------ noise-level change / transitions
+    def reanchor(
+        self, x_src: Tensor, t_src: Tensor | float, x_tgt: Tensor, t_tgt: Tensor | float
+    ) -> GaussianMixture:
+        """Change of noise level of an x0 GM (Eq. 10, §4.6).
+
+        Given ``q(x0 | x_src)`` at ``t_src``, the implied ``q^(x0 | x_tgt)`` at ``t_tgt < t_src`` is
+        ``q(x0|x_src) N(x_tgt; a_t x0, s_t^2) / N(x_src; a_s x0, s_s^2)``, i.e. a tilt with
+        ``zeta = a_t^2/s_t^2 - a_s^2/s_s^2`` and ``nu = a_t x_tgt / s_t^2 - a_s x_src / s_s^2``
+        (``a = 1 - t``, ``s = t``, both ``t`` clamped at 1e-6).
+        """
+        nd = x_src.dim()
+        ts = expand_t(t_src, nd, like=x_src).clamp_min(1e-6)
+        tt = expand_t(t_tgt, nd, like=x_src).clamp_min(1e-6)
+        a_s, a_t = 1.0 - ts, 1.0 - tt
+        zeta = a_t.square() / tt.square() - a_s.square() / ts.square()
+        nu = a_t * x_tgt / tt.square() - a_s * x_src / ts.square()
+        return self.tilt(zeta.reshape(-1), nu)
+
+    def reverse_transition(self, x_t: Tensor, t: Tensor | float, t_next: Tensor | float) -> GaussianMixture:
+        """GM-SDE kernel ``q(x_{t'} | x_t)`` from this x0 GM (Eq. 9, §4.3).
+
+        ``sum_k A_k N(c1 x_t + c2 mu^x_k, (c3 + c2^2 s_x^2) I)`` with the coefficients of
+        :func:`reverse_transition_coefs`.
+        """
+        c1, c2, c3 = reverse_transition_coefs(t, t_next, x_t.dim(), like=x_t)
+        means = c1.unsqueeze(1) * x_t.unsqueeze(1) + c2.unsqueeze(1) * self.means
+        c2s = _as_scalar(c2, self.means)
+        c3s = _as_scalar(c3, self.means)
+        logstds = 0.5 * torch.logaddexp(2.0 * (self.logstds + torch.log(c2s)), torch.log(c3s))
+        return GaussianMixture(means, self.logweights, logstds)
+
+    # ------------------------------------------------------------------ Knothe–Rosenblatt transport
+    def to_standard_normal(self, x: Tensor) -> Tensor:
+        """Knothe–Rosenblatt map ``x ~ q  ->  z ~ N(0, I)`` per position (§4.7, forward)."""
+        from .kr import gm_to_standard_normal
+
+        return gm_to_standard_normal(self, x)
+
+    def from_standard_normal(self, z: Tensor, newton_steps: int | None = None) -> Tensor:
+        """Inverse Knothe–Rosenblatt map ``z ~ N(0, I)  ->  x ~ q`` per position (§4.7, Newton)."""
+        from .kr import standard_normal_to_gm
+
+        return standard_normal_to_gm(self, z, newton_steps=newton_steps)
+
+
+def _as_scalar(c: Tensor, like: Tensor) -> Tensor:
+    """Per-sample coefficient ``(B, 1, ...)`` -> GM scalar shape ``(B, 1, 1, ...)``."""
+    return c.reshape(c.shape[0], *([1] * (like.dim() - 1)))
+
+
+def reverse_transition_coefs(
+    t: Tensor | float, t_next: Tensor | float, ndim: int, like: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DDPM posterior coefficients for the linear schedule (research/gmflow.md §4.3).
+
+    ``x_{t'} | x_t, x0 ~ N(c1 x_t + c2 x0, c3 I)`` with ``r = (t'/t)(a/a')``, ``c1 = (t'/t)^2 a/a'``,
+    ``c2 = (1 - r^2) a'``, ``c3 = (1 - r^2) t'^2``, ``a = 1 - t``. Shapes ``(B, 1, ...)`` (ndim dims).
+    """
+    tt = expand_t(t, ndim, like=like).clamp_min(1e-6)
+    tn = expand_t(t_next, ndim, like=like)
+    a, an = 1.0 - tt, (1.0 - tn).clamp_min(1e-6)
+    ratio = tn / tt
+    r = ratio * a / an
+    one_m_r2 = (1.0 - r.square()).clamp_min(0.0)
+    c1 = ratio.square() * a / an
+    c2 = one_m_r2 * an
+    c3 = one_m_r2 * tn.square()
+    return c1, c2, c3

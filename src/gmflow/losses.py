@@ -1,0 +1,106 @@
+"""Training losses: flow-matching L2, GM negative log-likelihood ("GM-KL") and the transition loss.
+
+All losses return the batch mean by default, or per-sample values with ``reduction="none"``
+(shape ``(B,)``), which the trainer uses for DDP-consistent averaging and ReFlow normalisation.
+GM losses run in fp32 (fp64 if the inputs are fp64) with autocast disabled.
+
+Relations (tested): with K = 1 and ``logstd = 0``, ``gm_nll_loss = C/2 * fm_loss + C/2 log(2 pi)``
+(the L2 flow-matching loss up to scale and constant), and the transition loss with ratio 1 equals the
+GM NLL plus ``C log t`` per position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .flow import expand_t
+from .gm import GaussianMixture
+
+__all__ = ["fm_loss", "gm_nll_loss", "gm_kl_loss", "transition_loss", "gm_nll_per_sample"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _math_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def fm_loss(u_pred: Tensor, u_target: Tensor, reduction: str = "mean") -> Tensor:
+    """Flow-matching L2: per sample ``mean_{C,S} (u_pred - u)^2``, ``u = eps - x0``."""
+    if u_pred.shape != u_target.shape:
+        raise ValueError(
+            f"u_pred and u_target must have the same shape, got {tuple(u_pred.shape)} and "
+            f"{tuple(u_target.shape)}"
+        )
+    dt = _math_dtype(u_target)
+    err = (u_pred.to(dt) - u_target.to(dt)).square()
+    return _reduce(err.flatten(1).mean(1), reduction)
+
+
+def gm_nll_per_sample(gm: GaussianMixture, target: Tensor, inv_std_max: float = 1e4) -> Tensor:
+    """Mean over positions of ``-log q(target)`` (channel-summed per position), shape ``(B,)``.
+
+    ``-logsumexp_k(a_k - ||(x - mu_k) min(1/s, inv_std_max)||^2 / 2 - C log s) + C/2 log 2 pi``
+    (research/gmflow.md §3.1; the clamp of the inverse std follows the reference code and only acts
+    when ``s < 1/inv_std_max``).
+    """
+    if tuple(target.shape) != (gm.batch_size, *gm.event_shape):
+        raise ValueError(
+            f"target must have shape (B, C, *S) = {(gm.batch_size, *gm.event_shape)}, got {tuple(target.shape)}"
+        )
+    dt = _math_dtype(target)
+    with torch.autocast(device_type=target.device.type, enabled=False):
+        means, logw, logs = gm.means.to(dt), gm.logweights.to(dt), gm.logstds.to(dt)
+        inv = torch.exp(-logs).clamp_max(inv_std_max)
+        diff = (target.to(dt).unsqueeze(1) - means) * inv
+        c = gm.channels
+        comp = logw - 0.5 * diff.square().sum(2, keepdim=True) - c * logs
+        nll = -torch.logsumexp(comp, dim=1) + 0.5 * c * _LOG_2PI  # (B, 1, *S)
+        return nll.flatten(1).mean(1)
+
+
+def gm_nll_loss(gm: GaussianMixture, u_target: Tensor, reduction: str = "mean") -> Tensor:
+    """GM negative log-likelihood of the velocity ``u = eps - x0`` under the predicted u-GM (Eq. 5-6)."""
+    return _reduce(gm_nll_per_sample(gm, u_target), reduction)
+
+
+gm_kl_loss = gm_nll_loss  # the paper calls it the GM-KL loss (KL up to the data entropy)
+
+
+def transition_loss(
+    gm_u: GaussianMixture,
+    x_high: Tensor,
+    t_high: Tensor,
+    x_low: Tensor,
+    t_low: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """Transition loss (research/gmflow.md §3.2): NLL of ``x_low`` under ``q(x_low | x_high)``.
+
+    The u-GM predicted at ``(x_high, t_high)`` is mapped to x0 space and then through the reverse
+    transition (Eq. 9) to ``t_low``: ``sum_k A_k N(c1 x_high + c2 mu^x_k, (c3 + c2^2 s_x^2) I)``.
+    Build ``(x_low, t_low, x_high)`` with :func:`gmflow.flow.transition_pair`.
+    """
+    dt = _math_dtype(x_high)
+    with torch.autocast(device_type=x_high.device.type, enabled=False):
+        gm = gm_u.to(dtype=dt)
+        xh, xl = x_high.to(dt), x_low.to(dt)
+        th = expand_t(t_high, 1, like=xh).reshape(-1)
+        tl = expand_t(t_low, 1, like=xh).reshape(-1)
+        if bool((tl >= th).any()):
+            raise ValueError("transition_loss needs t_low < t_high for every sample")
+        trans = gm.u_to_x0(xh, th).reverse_transition(xh, th, tl)
+        return _reduce(gm_nll_per_sample(trans, xl), reduction)
