@@ -167,8 +167,9 @@ def time_grid(
     elif kind == "sigmoid":
         if kappa <= 0:
             raise ValueError(f"kappa must be > 0, got {kappa}")
-        lo, hi = torch.sigmoid(torch.tensor(-kappa / 2, dtype=torch.float64)), torch.sigmoid(
-            torch.tensor(kappa / 2, dtype=torch.float64)
+        lo, hi = (
+            torch.sigmoid(torch.tensor(-kappa / 2, dtype=torch.float64)),
+            torch.sigmoid(torch.tensor(kappa / 2, dtype=torch.float64)),
         )
         if float(hi - lo) < 1e-12:  # kappa so small that sigmoid is linear to machine precision
             t = u

@@ -185,7 +185,9 @@ class GaussianMixture:
         """Shared component variance ``s^2``, shape ``(B, 1, 1, ...)``."""
         return torch.exp(2.0 * self.logstds)
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> GaussianMixture:
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> GaussianMixture:
         return GaussianMixture(
             self.means.to(device=device, dtype=dtype),
             self.logweights.to(device=device, dtype=dtype),
@@ -290,7 +292,9 @@ class GaussianMixture:
         nd = self.means.dim()
         if zeta.dim() > 0:
             if zeta.numel() != self.batch_size:
-                raise ValueError(f"zeta must be one scalar per sample (B={self.batch_size}), got {tuple(zeta.shape)}")
+                raise ValueError(
+                    f"zeta must be one scalar per sample (B={self.batch_size}), got {tuple(zeta.shape)}"
+                )
             zeta = zeta.reshape(self.batch_size, *([1] * (nd - 1)))
         v = self.var
         d = 1.0 + v * zeta

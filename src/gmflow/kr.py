@@ -28,11 +28,11 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
 def principal_axes(gm: GaussianMixture) -> Tensor:
-    """Eigenvectors (columns, descending eigenvalues) of the position-averaged GM covariance, ``(B, C, C)``."""
+    """Eigenvectors (columns, descending eigenvalues) of the position-averaged GM covariance ``(B, C, C)``."""
     w = gm.weights  # (B,K,1,*S)
     m = (w * gm.means).sum(1, keepdim=True)
-    d = (gm.means - m).flatten(3)  # (B,K,C,P)
-    wf = w.flatten(3)  # (B,K,1,P)
+    d = (gm.means - m).reshape(*gm.means.shape[:3], -1)  # (B,K,C,P)
+    wf = w.reshape(*w.shape[:3], -1)  # (B,K,1,P)
     cov = torch.einsum("bkcp,bkdp->bcd", wf * d, d) / d.shape[-1]
     _, vecs = torch.linalg.eigh(cov)  # ascending; the isotropic s^2 I does not change eigenvectors
     return vecs.flip(-1)

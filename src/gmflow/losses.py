@@ -59,7 +59,8 @@ def gm_nll_per_sample(gm: GaussianMixture, target: Tensor, inv_std_max: float = 
     """
     if tuple(target.shape) != (gm.batch_size, *gm.event_shape):
         raise ValueError(
-            f"target must have shape (B, C, *S) = {(gm.batch_size, *gm.event_shape)}, got {tuple(target.shape)}"
+            f"target must have shape (B, C, *S) = {(gm.batch_size, *gm.event_shape)}, "
+            f"got {tuple(target.shape)}"
         )
     dt = _math_dtype(target)
     with torch.autocast(device_type=target.device.type, enabled=False):

@@ -103,7 +103,9 @@ class GaussianMixtureData:
         means = c.reshape(1, j, self.channels, *([1] * len(sp))).expand(b, j, self.channels, *sp)
         logw = torch.log(self.weights).to(device=like.device, dtype=like.dtype)
         logw = logw.reshape(1, j, 1, *([1] * len(sp))).expand(b, j, 1, *sp)
-        logs = torch.full((b, 1, 1, *([1] * len(sp))), math.log(self.std), device=like.device, dtype=like.dtype)
+        logs = torch.full(
+            (b, 1, 1, *([1] * len(sp))), math.log(self.std), device=like.device, dtype=like.dtype
+        )
         return GaussianMixture(means.contiguous(), logw.contiguous(), logs)
 
     def posterior_x0(self, x_t: Tensor, t: Tensor | float) -> GaussianMixture:

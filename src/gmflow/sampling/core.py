@@ -6,8 +6,10 @@ How each solver spends its ``nfe`` model evaluations (a batched cond+uncond call
 solver         steps and evaluations
 ============== ============================================================================
 euler          ``nfe`` steps, 1 evaluation each
-heun           ``ceil(nfe/2)`` steps; the first ``floor(nfe/2)`` are Heun (2 evaluations),
-               the rest Euler (EDM's layout: nfe = 9 -> 4 Heun steps + 1 Euler step)
+heun           ``floor(nfe/2) + 1`` steps; all but the last are Heun (2 evaluations) and the
+               final step is Euler, so the model is never evaluated at the grid end (EDM's
+               layout: nfe = 9 -> 4 Heun steps + 1 Euler step; an even nfe spends the spare
+               evaluation on one more Euler step)
 dpm-solver-2   as heun, with DPM-Solver-2 steps (intermediate point ``r``, default 0.5)
 dpm++2m        ``nfe`` steps, 1 evaluation each (first and last step first order)
 ddpm           ``nfe`` ancestral steps, ``variance="small"`` (default) or ``"large"``
@@ -21,7 +23,6 @@ gm-ode         ``nfe`` steps; each runs ``substeps`` (default ``ceil(128/nfe)``)
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,7 @@ _GM_SOLVERS = ("gm-sde", "gm-ode")
 
 def num_steps(solver: str, nfe: int) -> int:
     """Number of grid intervals a solver uses for ``nfe`` evaluations."""
-    return math.ceil(nfe / 2) if solver in _TWO_EVAL else nfe
+    return nfe // 2 + 1 if solver in _TWO_EVAL else nfe
 
 
 def _check_int(name: str, v: object, lo: int) -> int:

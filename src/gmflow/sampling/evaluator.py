@@ -95,7 +95,9 @@ class Evaluator:
         self.nfe += 1
         g = self.guidance
         if isinstance(g, (CFG, ProbabilisticGuidance)):
-            both = self._call(self.model, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(self.cond, self.uncond), "model")
+            both = self._call(
+                self.model, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(self.cond, self.uncond), "model"
+            )
             b = x.shape[0]
             return both[:b], both[b:]
         out = self._call(self.model, x, t, self.cond, "model")
@@ -128,7 +130,8 @@ class Evaluator:
         if not isinstance(out, GaussianMixture):
             raise TypeError(
                 "GM solvers ('gm-sde', 'gm-ode') need a model that returns a gmflow.GaussianMixture; "
-                "this model returned a velocity tensor (use 'euler', 'heun', 'dpm-solver-2', 'dpm++2m' or 'ddpm')"
+                "this model returned a velocity tensor "
+                "(use 'euler', 'heun', 'dpm-solver-2', 'dpm++2m' or 'ddpm')"
             )
         with torch.autocast(device_type=x.device.type, enabled=False):
             res = self._guide_gm(out.u_to_x0(x, t), None if ref is None else _x0_of(ref, x, t))
@@ -146,7 +149,9 @@ class Evaluator:
             "ProbabilisticGuidance needs a model that returns a GaussianMixture; use CFG for velocity models"
         )
 
-    def _guide_gm(self, gm: GaussianMixture, ref: GaussianMixture | Tensor | None) -> GaussianMixture | GuidedGM:
+    def _guide_gm(
+        self, gm: GaussianMixture, ref: GaussianMixture | Tensor | None
+    ) -> GaussianMixture | GuidedGM:
         g = self.guidance
         if ref is None or g is None:
             return gm

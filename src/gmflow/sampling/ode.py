@@ -122,6 +122,8 @@ def ddpm_step(
     else:
         a, an = 1.0 - t, 1.0 - t_next
         r = (t_next / t) * a / an
-        std = torch.full_like(c3, math.sqrt(max(1.0 - r * r, 0.0)) * t * math.sqrt((an**2 + t_next**2) / (a**2 + t**2)))
+        std = torch.full_like(
+            c3, math.sqrt(max(1.0 - r * r, 0.0)) * t * math.sqrt((an**2 + t_next**2) / (a**2 + t**2))
+        )
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return mean + std * noise

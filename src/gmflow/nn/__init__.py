@@ -1,0 +1,17 @@
+"""Networks: embeddings, output heads (usable on any trunk) and the toy 2-D MLP denoiser."""
+
+from .embeddings import FourierPositionEmbedding, PositionEmbedding2D, TimestepEmbedding, timestep_embedding
+from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
+from .mlp import ToyMLP
+
+__all__ = [
+    "FourierPositionEmbedding",
+    "GMHead",
+    "LogStdHead",
+    "PositionEmbedding2D",
+    "TimestepEmbedding",
+    "ToyMLP",
+    "VelocityHead",
+    "kaiming_linear_",
+    "timestep_embedding",
+]

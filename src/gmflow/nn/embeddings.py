@@ -1,0 +1,154 @@
+"""Parameter-free sinusoidal embeddings for time and for low-dimensional positions.
+
+Both embeddings compute in at least float32 (float64 if the input is float64), whatever the
+prevailing autocast: ``1000 * t`` and ``2 pi x / 5e-3`` are large angles, and bf16 would destroy
+them. Frequencies are recomputed on every call (no buffers), so ``model.to(dtype)`` never
+quantises them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FourierPositionEmbedding", "PositionEmbedding2D", "TimestepEmbedding", "timestep_embedding"]
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else (ints, bf16, fp16, fp32) computes in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def timestep_embedding(
+    t: Tensor,
+    dim: int = 256,
+    *,
+    scale: float = 1000.0,
+    max_period: float = 10000.0,
+    freq_shift: float = 1.0,
+    flip_sin_to_cos: bool = True,
+) -> Tensor:
+    """Sinusoidal embedding of ``scale * t`` (Diffusers ``Timesteps`` convention).
+
+    With ``half = dim // 2`` and ``tau = scale * t``::
+
+        f_i = exp(-ln(max_period) * i / (half - freq_shift)),   i = 0 .. half - 1
+        emb = [cos(tau f_0), ..., cos(tau f_{half-1}), sin(tau f_0), ..., sin(tau f_{half-1})]
+
+    (``flip_sin_to_cos=False`` puts the sines first.) An odd ``dim`` is zero-padded by one column.
+
+    Args:
+        t: ``(B,)`` times in [0, 1] (t = 1 is noise).
+    Returns:
+        ``(B, dim)`` in float32 (float64 if ``t`` is float64).
+    """
+    if t.ndim != 1:
+        raise ValueError(f"t must have shape (B,), got {tuple(t.shape)}")
+    half = dim // 2
+    if half < 1 or half - freq_shift <= 0:
+        raise ValueError(f"dim={dim} is too small for freq_shift={freq_shift}")
+    dtype = _compute_dtype(t)
+    i = torch.arange(half, device=t.device, dtype=dtype)
+    freqs = torch.exp(-math.log(max_period) * i / (half - freq_shift))
+    angles = (scale * t.to(dtype))[:, None] * freqs[None, :]
+    sin, cos = torch.sin(angles), torch.cos(angles)
+    emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
+    if dim % 2:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Module wrapper of :func:`timestep_embedding`; ``(B,) -> (B, dim)``, no parameters.
+
+    Defaults reproduce the GMFlow toy model: 256 features of ``1000 * t``, cos first, freq shift 1.
+    The DiT convention is ``freq_shift=0``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 256,
+        *,
+        scale: float = 1000.0,
+        max_period: float = 10000.0,
+        freq_shift: float = 1.0,
+        flip_sin_to_cos: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.out_dim = dim
+        self.scale = scale
+        self.max_period = max_period
+        self.freq_shift = freq_shift
+        self.flip_sin_to_cos = flip_sin_to_cos
+
+    def forward(self, t: Tensor) -> Tensor:
+        return timestep_embedding(
+            t,
+            self.dim,
+            scale=self.scale,
+            max_period=self.max_period,
+            freq_shift=self.freq_shift,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, scale={self.scale}, freq_shift={self.freq_shift}"
+
+
+class FourierPositionEmbedding(nn.Module):
+    """Sin/cos features of each coordinate at ``n_freqs`` geometrically spaced periods.
+
+    With periods ``p_j = min_period * (max_period / min_period) ** (j / (n_freqs - 1))``::
+
+        a_{d,j} = 2 pi x_d / p_j
+        emb = [sin(a_{0,0}), sin(a_{0,1}), ..., sin(a_{D-1,J-1}), cos(a_{0,0}), ..., cos(a_{D-1,J-1})]
+
+    i.e. all sines (coordinate-major) then all cosines. ``(B, in_dim) -> (B, 2 * n_freqs * in_dim)``;
+    256 features for the 2-D toy defaults.
+    """
+
+    def __init__(
+        self, in_dim: int = 2, n_freqs: int = 64, *, min_period: float = 5e-3, max_period: float = 50.0
+    ) -> None:
+        super().__init__()
+        if in_dim < 1 or n_freqs < 1:
+            raise ValueError(f"in_dim and n_freqs must be >= 1, got {in_dim}, {n_freqs}")
+        if not 0 < min_period <= max_period:
+            raise ValueError(f"need 0 < min_period <= max_period, got {min_period}, {max_period}")
+        self.in_dim = in_dim
+        self.n_freqs = n_freqs
+        self.min_period = min_period
+        self.max_period = max_period
+        self.out_dim = 2 * n_freqs * in_dim
+
+    def periods(self, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(n_freqs,)`` geometric periods from ``min_period`` to ``max_period``."""
+        if self.n_freqs == 1:
+            return torch.full((1,), self.min_period, device=device, dtype=dtype)
+        log_p = torch.linspace(
+            math.log(self.min_period), math.log(self.max_period), self.n_freqs, device=device, dtype=dtype
+        )
+        return torch.exp(log_p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"x must have shape (B, {self.in_dim}), got {tuple(x.shape)}")
+        dtype = _compute_dtype(x)
+        angles = (2 * math.pi) * x.to(dtype)[:, :, None] / self.periods(x.device, dtype)  # (B, D, J)
+        return torch.cat([torch.sin(angles).flatten(1), torch.cos(angles).flatten(1)], dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, n_freqs={self.n_freqs}, "
+            f"periods=[{self.min_period:g}, {self.max_period:g}]"
+        )
+
+
+class PositionEmbedding2D(FourierPositionEmbedding):
+    """:class:`FourierPositionEmbedding` for 2-D points: ``(B, 2) -> (B, 4 * n_freqs)``."""
+
+    def __init__(self, n_freqs: int = 64, *, min_period: float = 5e-3, max_period: float = 50.0) -> None:
+        super().__init__(2, n_freqs, min_period=min_period, max_period=max_period)

@@ -1,0 +1,315 @@
+"""Solvers: exactness with the GMM oracle, honest baselines against independent references, errors."""
+
+import math
+
+import pytest
+import torch
+
+import gmflow
+from gmflow import GaussianMixture, ring_gmm, sample
+from gmflow.data.gmm import GaussianMixtureData
+from gmflow.metrics import sliced_w2_mean
+from gmflow.sampling.gm_solvers import SecondOrder
+
+D = torch.float64
+
+
+@pytest.fixture(scope="module")
+def ring_ref():
+    ring = ring_gmm()
+    g = torch.Generator().manual_seed(0)
+    ref = ring.sample(20000, generator=g)
+    floor = sliced_w2_mean(ring.sample(20000, generator=g), ref)
+    return ring, ref, floor
+
+
+@pytest.mark.parametrize(
+    "solver,order,nfe",
+    [
+        ("gm-sde", 1, 1),
+        ("gm-sde", 2, 1),
+        ("gm-sde", 1, 2),
+        ("gm-sde", 2, 2),
+        ("gm-ode", 1, 2),
+        ("gm-ode", 2, 2),
+    ],
+)
+def test_gm_solvers_with_exact_posterior_reach_the_floor(ring_ref, solver, order, nfe):
+    ring, ref, floor = ring_ref
+    g = torch.Generator().manual_seed(100 + nfe * 10 + order)
+    x = sample(ring, torch.randn(20000, 2, generator=g), solver=solver, nfe=nfe, order=order, generator=g)
+    assert sliced_w2_mean(x, ref) <= 1.6 * floor
+
+
+def test_euler_nfe2_is_far_from_the_floor(ring_ref):
+    ring, ref, floor = ring_ref
+    g = torch.Generator().manual_seed(7)
+    x = sample(ring, torch.randn(20000, 2, generator=g), solver="euler", nfe=2)
+    assert sliced_w2_mean(x, ref) > 3 * floor
+
+
+@pytest.mark.parametrize("solver,order", [("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 2)])
+def test_image_shaped_data(solver, order):
+    """(B, C, H, W): every pixel an independent ring-GMM draw; pooled pixels match the data."""
+    ring = ring_gmm(spatial_shape=(8, 8))
+    g = torch.Generator().manual_seed(3)
+    x = sample(ring, torch.randn(400, 2, 8, 8, generator=g), solver=solver, nfe=2, order=order, generator=g)
+    assert x.shape == (400, 2, 8, 8)
+    pooled = x.permute(0, 2, 3, 1).reshape(-1, 2)
+    ref = ring.sample(400, generator=g).permute(0, 2, 3, 1).reshape(-1, 2)
+    floor = sliced_w2_mean(ring.sample(400, generator=g).permute(0, 2, 3, 1).reshape(-1, 2), ref)
+    assert sliced_w2_mean(pooled, ref) <= 2.0 * floor
+
+
+def test_second_order_is_identity_for_the_exact_posterior():
+    """With the exact posterior, the re-anchored previous GM equals the current one: no extrapolation."""
+    data = GaussianMixtureData(torch.randn(4, 2, dtype=D), 0.5)
+    x1 = torch.randn(16, 2, dtype=D)
+    so = SecondOrder()
+    t1, t2, t3 = 1.0, 0.6, 0.3
+    gm1 = data.posterior_x0(x1, torch.full((16,), t1, dtype=D))
+    assert so(gm1, None, x1, t1, t2) is gm1
+    x2 = torch.randn(16, 2, dtype=D)
+    gm2 = data.posterior_x0(x2, torch.full((16,), t2, dtype=D))
+    out = so(gm2, None, x2, t2, t3)
+    assert torch.allclose(out.means, gm2.means, atol=1e-9)
+    assert torch.allclose(out.logweights, gm2.logweights, atol=1e-9)
+
+
+def test_second_order_extrapolates_a_stale_model():
+    """A GM that changed since the last step is pushed further along that change (Adams–Bashforth)."""
+    data = GaussianMixtureData(torch.randn(4, 2, dtype=D), 0.5)
+    x = torch.randn(16, 2, dtype=D)
+    so = SecondOrder()
+    gm1 = data.posterior_x0(x, torch.full((16,), 0.8, dtype=D))
+    so(gm1, None, x, 0.8, 0.5)
+    shifted = GaussianMixture(gm1.means + 0.05, gm1.logweights, gm1.logstds)
+    out = so(shifted, None, x, 0.5, 0.2)
+    d = shifted.mean() - gm1.reanchor(x, 0.8, x, 0.5).mean()
+    change = out.mean() - shifted.mean()
+    cos = (change * d).sum(1) / (change.norm(dim=1) * d.norm(dim=1))
+    assert bool((cos > 0.5).all())
+
+
+def test_reanchored_mean_fast_path_matches_reanchor():
+    from gmflow.sampling.gm_solvers import ReanchoredMean
+
+    data = GaussianMixtureData(torch.randn(5, 3, dtype=D), 0.3, spatial_shape=(2, 3))
+    x = torch.randn(4, 3, 2, 3, dtype=D)
+    gm = data.posterior_x0(x, torch.full((4,), 0.7, dtype=D))
+    gm = GaussianMixture(gm.means + 0.1 * torch.randn_like(gm.means), gm.logweights, gm.logstds)
+    y = torch.randn_like(x)
+    fast = ReanchoredMean(gm, x, 0.7)(y, 0.4)
+    assert torch.allclose(fast, gm.reanchor(x, 0.7, y, 0.4).mean(), atol=1e-10)
+
+
+# ------------------------------------------------------------------ baselines vs independent references
+class Linear:
+    """A smooth velocity model u(x, t) = A(t) x + b(t) for reference comparisons."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.randn(3, 3, generator=g, dtype=D) * 0.3
+        self.b = torch.randn(3, generator=g, dtype=D)
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        tt = t[:, None]
+        return x @ self.a.T * (1 + tt) + self.b * torch.cos(3 * tt)
+
+
+def test_euler_matches_reference():
+    m = Linear()
+    x = torch.randn(5, 3, dtype=D)
+    out = sample(m, x, solver="euler", nfe=4)
+    ref = x.clone()
+    for t, tn in [(1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)]:
+        ref = ref + (tn - t) * m(ref, torch.full((5,), t, dtype=D))
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
+def _kdiff_dpmpp_2m(model, x, ts):
+    """Reference DPM-Solver++(2M) written in the VE parameterisation of k-diffusion style samplers:
+    y = x / alpha, sigma_ve = t / (1 - t), denoised D, t_fn = -log sigma_ve."""
+    y = x / (1 - ts[0])
+    old = None
+    for i in range(len(ts) - 1):
+        t, tn = ts[i], ts[i + 1]
+        s, sn = t / (1 - t), tn / (1 - tn)
+        xt = y * (1 - t)
+        u = model(xt, torch.full((x.shape[0],), t, dtype=D))
+        den = xt - t * u
+        if sn == 0:
+            y = den
+            break
+        h = -math.log(sn) + math.log(s)
+        if old is None:
+            y = (sn / s) * y - math.expm1(-h) * den
+        else:
+            h_last = -math.log(s) + math.log(ts[i - 1] / (1 - ts[i - 1]))
+            r = h_last / h
+            dd = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * old
+            y = (sn / s) * y - math.expm1(-h) * dd
+        old = den
+    return y
+
+
+def test_dpmpp2m_matches_independent_reference():
+    m = Linear()
+    x = torch.randn(5, 3, dtype=D)
+    ts = [0.95, 0.8, 0.6, 0.4, 0.2, 0.0]
+    out = sample(m, x, solver="dpm++2m", nfe=5, times=torch.tensor(ts))
+    ref = _kdiff_dpmpp_2m(m, x, ts)
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_heun_and_dpm_solver2_nfe_accounting():
+    for solver in ("heun", "dpm-solver-2"):
+        for nfe in (1, 2, 5, 8, 9):
+            m = Linear()
+            sample(m, torch.randn(2, 3, dtype=D), solver=solver, nfe=nfe)
+            assert m.calls == nfe, (solver, nfe)
+
+
+def test_single_point_data_is_exact_for_first_and_second_order_solvers():
+    x_star = torch.tensor([[1.5, -2.0, 0.5]], dtype=D)
+
+    def model(x, t):  # exact velocity of a delta data set
+        return (x - x_star) / t[:, None].clamp_min(1e-12)
+
+    noise = torch.randn(4, 3, dtype=D)
+    for solver in ("euler", "heun", "dpm-solver-2", "dpm++2m"):
+        for nfe in (1, 2, 3):
+            out = sample(model, noise, solver=solver, nfe=nfe, grid="sigmoid", kappa=5.0, r=0.4)
+            assert torch.allclose(out, x_star.expand(4, 3), atol=1e-9), (solver, nfe)
+
+
+def test_heun_is_second_order_accurate():
+    """Error vs a fine Euler solution shrinks ~4x per halving of the step for Heun, ~2x for Euler."""
+    data = GaussianMixtureData(torch.tensor([[-1.0, 0.0], [1.0, 0.5]], dtype=D), 0.7)
+    noise = torch.randn(64, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+    ref = sample(data.velocity, noise, solver="euler", nfe=4096)
+    e = {n: float((sample(data.velocity, noise, solver="heun", nfe=n) - ref).abs().max()) for n in (16, 32)}
+    assert e[16] / e[32] > 3.0
+
+
+def test_ddpm_small_equals_gm_sde_with_delta_gm():
+    """DDPM (small variance) on the mean is GM-SDE with a K = 1, s -> 0 GM: same draws, same result."""
+    data = GaussianMixtureData(torch.randn(3, 2, dtype=D), 0.4)
+
+    def delta(x, t):
+        m = data.velocity(x, t)
+        return GaussianMixture(
+            m.unsqueeze(1),
+            torch.zeros(x.shape[0], 1, 1, dtype=D),
+            torch.full((x.shape[0], 1, 1), -40.0, dtype=D),
+        )
+
+    noise = torch.randn(8, 2, dtype=D)
+    a = sample(data.velocity, noise, solver="ddpm", nfe=4, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    # GM-SDE draws (gumbel, component noise) then the transition noise; rebuild the same stream
+    b = sample(delta, noise, solver="gm-sde", nfe=4, generator=g)
+    assert a.shape == b.shape and torch.isfinite(b).all()
+    m_a = sample(data.velocity, noise, solver="ddpm", nfe=1)
+    m_b = sample(delta, noise, solver="gm-sde", nfe=1)
+    assert torch.allclose(m_a, m_b, atol=1e-9)  # single step to t = 0 is deterministic for both
+
+
+def test_ddpm_large_variance_runs_and_differs():
+    data = GaussianMixtureData(torch.randn(3, 2, dtype=D), 0.4)
+    noise = torch.randn(64, 2, dtype=D)
+    a = sample(
+        data.velocity,
+        noise,
+        solver="ddpm",
+        nfe=8,
+        variance="small",
+        generator=torch.Generator().manual_seed(0),
+    )
+    b = sample(
+        data.velocity,
+        noise,
+        solver="ddpm",
+        nfe=8,
+        variance="large",
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not torch.allclose(a, b)
+
+
+def test_gm_ode_substeps_converge_to_the_exact_ode():
+    """GM-ODE with many substeps and the exact posterior solves the exact probability-flow ODE."""
+    data = GaussianMixtureData(torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=D), 0.5)
+    noise = torch.randn(32, 2, dtype=D, generator=torch.Generator().manual_seed(2))
+    ref = sample(data.velocity, noise, solver="heun", nfe=1024)
+    out = sample(data, noise, solver="gm-ode", nfe=1, substeps=512)
+    assert float((out - ref).abs().max()) < 5e-3
+
+
+def test_trajectory_and_dtypes():
+    ring = ring_gmm()
+    noise = torch.randn(10, 2, dtype=D)
+    out, traj = sample(ring, noise, solver="gm-ode", nfe=3, return_trajectory=True)
+    assert out.dtype == D and traj.shape == (4, 10, 2) and torch.equal(traj[-1], out)
+    assert torch.equal(traj[0], noise)
+
+
+def test_bf16_model_output_is_upcast_for_gm_math():
+    ring = ring_gmm()
+
+    def model(x, t):
+        gm = ring(x, t)
+        return GaussianMixture(gm.means.bfloat16(), gm.logweights.bfloat16(), gm.logstds.bfloat16())
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = sample(model, torch.randn(100, 2), solver="gm-sde", nfe=2, order=2)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_inversion_with_increasing_grid_roundtrips():
+    data = GaussianMixtureData(torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=D), 0.6)
+    x0 = data.sample(16, generator=torch.Generator().manual_seed(0), dtype=D)
+    up = torch.linspace(0, 1, 201, dtype=D)
+    z = sample(data.velocity, x0, solver="heun", nfe=399, times=up)
+    back = sample(data.velocity, z, solver="heun", nfe=399)
+    assert float((back - x0).abs().max()) < 1e-3
+
+
+# ------------------------------------------------------------------ errors
+def test_bad_inputs_raise_clear_errors():
+    ring = ring_gmm()
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        sample(ring, x, solver="rk4", nfe=2)
+    with pytest.raises(ValueError, match="nfe must be >= 1"):
+        sample(ring, x, solver="euler", nfe=0)
+    with pytest.raises(TypeError, match="nfe must be an int"):
+        sample(ring, x, solver="euler", nfe=2.0)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        sample(ring, x, solver="gm-sde", nfe=2, order=3)
+    with pytest.raises(ValueError, match="order=2"):
+        sample(ring, x, solver="euler", nfe=2, order=2)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sample(ring, torch.full((4, 2), float("nan")), solver="euler", nfe=2)
+    with pytest.raises(TypeError, match="floating-point"):
+        sample(ring, torch.zeros(4, 2, dtype=torch.long), solver="euler", nfe=2)
+    with pytest.raises(ValueError, match="expected the velocity with the shape"):
+        sample(lambda x, t: x[:, :1], x, solver="euler", nfe=2)
+    with pytest.raises(ValueError, match="means"):
+        sample(lambda x, t: ring(torch.randn(4, 2), t)[:2], x, solver="gm-sde", nfe=2)
+    with pytest.raises(TypeError, match="float64 noise"):
+        sample(lambda x, t: x.float(), x.double(), solver="euler", nfe=2)
+    with pytest.raises(TypeError, match="floating-point velocity"):
+        sample(lambda x, t: x.long(), x, solver="euler", nfe=2)
+    with pytest.raises(TypeError, match="GaussianMixture"):
+        sample(lambda x, t: x, x, solver="gm-sde", nfe=2)
+    with pytest.raises(ValueError, match="times must have"):
+        sample(ring, x, solver="euler", nfe=2, times=torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match="substeps"):
+        sample(ring, x, solver="gm-sde", nfe=2, substeps=4)
+    with pytest.raises(ValueError, match="r must be"):
+        sample(ring, x, solver="dpm-solver-2", nfe=2, r=0.0)
+    with pytest.raises(ValueError, match="probabilistic guidance scale"):
+        gmflow.ProbabilisticGuidance(1.0)
