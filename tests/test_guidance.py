@@ -48,7 +48,7 @@ def test_cfg_formula_and_projection():
 
 def test_probabilistic_guidance_properties():
     model, sets = two_class_oracle()
-    x = torch.randn(6, 2, dtype=D)
+    x = torch.randn(6, 2, dtype=D, generator=torch.Generator().manual_seed(3)) + 1.0
     t = torch.full((6,), 0.6, dtype=D)
     cond = model(x, t, torch.zeros(6)).u_to_x0(x, t)
     unc = model(x, t, torch.full((6,), 2)).u_to_x0(x, t)
@@ -56,6 +56,7 @@ def test_probabilistic_guidance_properties():
     res = probabilistic_guidance(cond, unc.mean(), w, orthogonal=0.0)
     # bias has RMS w~ s_c and points from the unconditional towards the conditional mean
     rms = res.bias.square().mean(1, keepdim=True).sqrt()
+    assert bool(((cond.mean() - unc.mean()).square().mean(1) > 1e-4).all())  # well-defined direction
     assert torch.allclose(rms, w * res.avg_var.sqrt(), atol=1e-10)
     assert bool(((res.bias * (cond.mean() - unc.mean())).sum(1) > 0).all())
     # the guided GM is the conditional GM times the ratio N(mu_c + b, (1 - w^2) s^2) / N(mu_c, s^2)

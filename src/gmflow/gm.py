@@ -36,6 +36,29 @@ def _check_float(name: str, x: object) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+# ---------------------------------------------------------------------------------- fast reductions
+# PyTorch's CPU kernels are slow for reductions over a non-innermost axis followed by a tiny axis
+# (the channel axis of 2-D toy data has C = 2). These helpers pick a layout-friendly kernel; they
+# compute exactly the same quantities.
+def log_softmax_k(logits: Tensor) -> Tensor:
+    """log-softmax over K of ``(B, K, 1, *S)`` logits."""
+    return torch.log_softmax(logits.squeeze(2), dim=1).unsqueeze(2)
+
+
+def sum_channels(x: Tensor) -> Tensor:
+    """``x.sum(2, keepdim=True)`` for ``(B, K, C, *S)``."""
+    if x.dim() == 3:
+        return x @ torch.ones(x.shape[2], 1, dtype=x.dtype, device=x.device)
+    return x.sum(2, keepdim=True)
+
+
+def weighted_sum_k(w: Tensor, x: Tensor) -> Tensor:
+    """``(w * x).sum(1)`` for ``w (B, K, 1, *S)``, ``x (B, K, C, *S)``; returns ``(B, C, *S)``."""
+    if x.dim() == 3:
+        return torch.bmm(w.transpose(1, 2), x).squeeze(1)
+    return (w * x).sum(1)
+
+
 def _scalar_shape(means_shape: torch.Size) -> tuple[int, ...]:
     """Shape ``(B, 1, 1, *[1]*len(S))`` of a per-sample scalar for a GM with ``means_shape``."""
     return (means_shape[0], 1, 1) + (1,) * (len(means_shape) - 3)
@@ -149,7 +172,7 @@ class GaussianMixture:
     @classmethod
     def from_logits(cls, means: Tensor, logits: Tensor, logstds: Tensor) -> GaussianMixture:
         """Build from unnormalised logits (log-softmax over K is applied)."""
-        return cls(means, torch.log_softmax(logits, dim=1), logstds)
+        return cls(means, log_softmax_k(logits), logstds)
 
     @property
     def num_components(self) -> int:
@@ -212,7 +235,7 @@ class GaussianMixture:
     # ------------------------------------------------------------------ moments / density / sampling
     def mean(self) -> Tensor:
         """Mixture mean ``sum_k A_k mu_k``, shape ``(B, C, *S)`` (research/gmflow.md §4.1)."""
-        return (self.weights * self.means).sum(1)
+        return weighted_sum_k(self.weights, self.means)
 
     def to_gaussian(self, spatial_average: bool = False) -> Gaussian:
         """Moment-matched isotropic surrogate (§4.2).
@@ -221,8 +244,8 @@ class GaussianMixture:
         ``spatial_average`` the variance is averaged over positions (one scalar per sample).
         """
         w = self.weights
-        m = (w * self.means).sum(1)
-        spread = (w * (self.means - m.unsqueeze(1)).square()).sum(1).mean(1, keepdim=True)
+        m = weighted_sum_k(w, self.means)
+        spread = weighted_sum_k(w, (self.means - m.unsqueeze(1)).square()).mean(1, keepdim=True)
         var = spread + self.var.squeeze(1)
         g = Gaussian(m, var)
         return g.spatial_average() if spatial_average else g
@@ -238,16 +261,16 @@ class GaussianMixture:
                 f"x must have shape (B, C, *S) = {(self.batch_size, *self.event_shape)}, got {tuple(x.shape)}"
             )
         c = self.channels
-        sq = (x.unsqueeze(1) - self.means).square().sum(2, keepdim=True)  # (B,K,1,*S)
+        sq = sum_channels((x.unsqueeze(1) - self.means).square())  # (B,K,1,*S)
         comp = self.logweights - 0.5 * sq * torch.exp(-2.0 * self.logstds) - c * self.logstds
-        return torch.logsumexp(comp, dim=1).squeeze(1) - 0.5 * c * _LOG_2PI
+        return torch.logsumexp(comp.squeeze(2), dim=1) - 0.5 * c * _LOG_2PI
 
     def sample_components(self, generator: torch.Generator | None = None) -> Tensor:
         """Component index per position (Gumbel-max), shape ``(B, 1, 1, *S)`` (long)."""
         u = torch.rand(self.logweights.shape, generator=generator, device=self.device, dtype=self.dtype)
         tiny = torch.finfo(self.dtype).tiny
         gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))
-        return torch.argmax(self.logweights + gumbel, dim=1, keepdim=True)
+        return torch.argmax((self.logweights + gumbel).squeeze(2), dim=1).unsqueeze(1).unsqueeze(1)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         """One sample per position, shape ``(B, C, *S)`` (§4.8): pick ``k ~ A``, add ``s * N(0, I)``."""
@@ -300,8 +323,8 @@ class GaussianMixture:
         d = 1.0 + v * zeta
         nu_k = nu.unsqueeze(1)
         means = (self.means + v * nu_k) / d
-        delta = (self.means * (nu_k - 0.5 * zeta * self.means)).sum(2, keepdim=True) / d
-        logweights = torch.log_softmax(self.logweights + delta, dim=1)
+        delta = sum_channels(self.means * (nu_k - 0.5 * zeta * self.means)) / d
+        logweights = log_softmax_k(self.logweights + delta)
         logstds = self.logstds - 0.5 * torch.log(d)
         return GaussianMixture(means, logweights, logstds)
 

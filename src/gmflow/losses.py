@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .flow import expand_t
-from .gm import GaussianMixture
+from .gm import GaussianMixture, sum_channels
 
 __all__ = ["fm_loss", "gm_nll_loss", "gm_kl_loss", "transition_loss", "gm_nll_per_sample"]
 
@@ -68,9 +68,9 @@ def gm_nll_per_sample(gm: GaussianMixture, target: Tensor, inv_std_max: float = 
         inv = torch.exp(-logs).clamp_max(inv_std_max)
         diff = (target.to(dt).unsqueeze(1) - means) * inv
         c = gm.channels
-        comp = logw - 0.5 * diff.square().sum(2, keepdim=True) - c * logs
-        nll = -torch.logsumexp(comp, dim=1) + 0.5 * c * _LOG_2PI  # (B, 1, *S)
-        return nll.flatten(1).mean(1)
+        comp = logw - 0.5 * sum_channels(diff.square()) - c * logs
+        nll = -torch.logsumexp(comp.squeeze(2), dim=1) + 0.5 * c * _LOG_2PI  # (B, *S)
+        return nll.reshape(nll.shape[0], -1).mean(1)
 
 
 def gm_nll_loss(gm: GaussianMixture, u_target: Tensor, reduction: str = "mean") -> Tensor:
