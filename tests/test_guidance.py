@@ -48,7 +48,7 @@ def test_cfg_formula_and_projection():
 
 def test_probabilistic_guidance_properties():
     model, sets = two_class_oracle()
-    x = torch.tensor([[0.0, 0.0], [0.5, 0.5], [-0.5, 0.2], [0.2, -0.4], [1.0, 0.0], [-1.0, 0.3]], dtype=D)
+    x = torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.3, -0.2], [0.2, -0.4], [1.0, 0.0], [0.6, 0.3]], dtype=D)
     t = torch.full((6,), 0.6, dtype=D)
     cond = model(x, t, torch.zeros(6)).u_to_x0(x, t)
     unc = model(x, t, torch.full((6,), 2)).u_to_x0(x, t)
