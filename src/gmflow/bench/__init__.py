@@ -1,0 +1,1 @@
+"""Reproducible benchmarks (each writes results.json, results.md and PNG figures)."""
