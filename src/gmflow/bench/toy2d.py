@@ -1,0 +1,475 @@
+"""2-D checkerboard benchmark: GMFlow's few-step claim as numbers (paper §4.1, Figs. 1-3).
+
+Trains, on the paper's checkerboard, a flow-matching baseline (velocity head, L2 loss) and GMFlow
+with K in {1, 8, 64} on the *same* trunk, budget and recipe, then evaluates
+
+* FM with ``euler``, ``heun``, ``dpm++2m``, ``dpm-solver-2``, ``ddpm``;
+* GMFlow with ``gm-sde`` / ``gm-ode``, order 1 and 2;
+
+at every NFE of the preset, with the metrics of ``gmflow.metrics`` (sliced-W2 and its Monte-Carlo
+floor, RBF-MMD, in-support fraction, cell-mass KL). Writes ``results.json`` (one record per
+model x solver x order x NFE), ``results.md``, histogram grids and NFE-vs-metric curves.
+
+Presets (see :data:`PRESETS`): ``quick`` (<= 5 min on 2 cores, the ``make demo`` run), ``paper``
+(the strongest setting that fits about an hour), ``official`` (the official minimal trainer's budget
+— K = 64, batch 4096, Adam 2e-4, 5000 iterations, no EMA — next to our full recipe at the same
+budget, evaluated with the protocol of research/official_reference.md).
+
+Re-running with the same ``--out`` resumes: trained models are reloaded from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import make_toy2d
+from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean
+from ..sampling import sample
+from .oracle import write_json_atomic, write_text_atomic
+
+FM_SOLVERS: list[tuple[str, int]] = [
+    ("euler", 1),
+    ("heun", 1),
+    ("dpm++2m", 1),
+    ("dpm-solver-2", 1),
+    ("ddpm", 1),
+]
+GM_SOLVERS: list[tuple[str, int]] = [("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)]
+REF_SEED = 20251121  # reference/floor sets as in research/official_reference.md
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    """One benchmark setting. ``runs`` are (name, train preset, overrides) for each trained model."""
+
+    description: str
+    steps: int
+    batch_size: int
+    width: int
+    depth: int
+    n_eval: int
+    nfes: tuple[int, ...]
+    components: tuple[int, ...] = (1, 8, 64)
+    warmup_steps: int = 200
+    lr: float = 2e-4
+    fm_solvers: tuple[tuple[str, int], ...] = tuple(FM_SOLVERS)
+    gm_solvers: tuple[tuple[str, int], ...] = tuple(GM_SOLVERS)
+    extra_runs: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())
+    include_fm: bool = True
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "quick": BenchPreset(
+        description="<= 5 min on 2 cores: 3x256 trunk, batch 1024, 1500 steps per model, 8k samples",
+        steps=1500,
+        batch_size=1024,
+        width=256,
+        depth=3,
+        n_eval=8000,
+        nfes=(1, 2, 4, 8, 16, 32),
+        lr=1e-3,
+        warmup_steps=100,
+    ),
+    "paper": BenchPreset(
+        description="about an hour on 2 cores: the paper's 5x512 trunk, batch 2048, 4000 steps, 20k samples",
+        steps=4000,
+        batch_size=2048,
+        width=512,
+        depth=5,
+        n_eval=20000,
+        nfes=(1, 2, 4, 8, 16, 32),
+        lr=5e-4,
+        warmup_steps=400,
+    ),
+    # seconds-long end-to-end run for tests (not meaningful as a benchmark)
+    "smoke": BenchPreset(
+        description="smoke test: tiny models, a few steps",
+        steps=30,
+        batch_size=256,
+        width=32,
+        depth=2,
+        n_eval=1000,
+        nfes=(1, 2),
+        components=(1, 4),
+        lr=1e-3,
+        warmup_steps=5,
+    ),
+    "official": BenchPreset(
+        description="the official minimal trainer's budget (K=64, batch 4096, Adam 2e-4, 5000 it., no EMA) "
+        "vs our full recipe at the same budget; official evaluation protocol",
+        steps=5000,
+        batch_size=4096,
+        width=512,
+        depth=5,
+        n_eval=20000,
+        nfes=(1, 2, 4, 8),
+        components=(),
+        include_fm=False,
+        gm_solvers=(("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)),
+        extra_runs=(
+            ("official-minimal", "toy-official-minimal", ()),
+            ("ours-full", "toy-gmflow", ("warmup_steps=500", "grad_clip=10.0")),
+        ),
+    ),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", default="quick", help=f"benchmark preset: {', '.join(PRESETS)} (default: quick)"
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/toy2d-<preset>)")
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# ------------------------------------------------------------------------------------------ training
+def _train_configs(preset: BenchPreset, out: Path, seed: int) -> list[tuple[str, dict[str, Any], Any]]:
+    """(run name, record fields, TrainConfig) for every model of the preset."""
+    from ..train import apply_sets, get_preset
+
+    common = [
+        f"steps={preset.steps}",
+        f"batch_size={preset.batch_size}",
+        f"model.width={preset.width}",
+        f"model.depth={preset.depth}",
+        f"seed={seed}",
+        "data.name=checkerboard",
+        "ckpt_every=500",
+        "log_every=50",
+    ]
+    recipe = [f"lr={preset.lr}", f"warmup_steps={preset.warmup_steps}"]
+    runs = []
+    if preset.include_fm:
+        cfg = apply_sets(get_preset("toy-fm"), [*common, *recipe, f"out_dir={out / 'models' / 'fm'}"])
+        runs.append(("fm", {"model": "fm", "K": None}, cfg))
+    for k in preset.components:
+        cfg = apply_sets(
+            get_preset("toy-gmflow"),
+            [*common, *recipe, f"model.num_components={k}", f"out_dir={out / 'models' / f'gmflow-k{k}'}"],
+        )
+        runs.append((f"gmflow-k{k}", {"model": "gmflow", "K": k}, cfg))
+    for name, train_preset, sets in preset.extra_runs:
+        cfg = apply_sets(get_preset(train_preset), [*common, *sets, f"out_dir={out / 'models' / name}"])
+        runs.append((name, {"model": "gmflow", "K": cfg.model.num_components, "recipe": name}, cfg))
+    return runs
+
+
+def step_time_ratio(preset: BenchPreset, components: int = 64, steps: int = 12) -> dict[str, float]:
+    """Interleaved timing of training steps: GMFlow (K, transition loss) vs FM on the same trunk.
+
+    Alternating the two models makes slow drifts of a shared machine hit both equally; the medians
+    over ``steps`` steps each are compared.
+    """
+    from ..nn import ToyMLP
+    from ..train import apply_sets, get_preset
+    from ..train.objectives import make_objective
+
+    def build(head: str, preset_name: str):
+        cfg = apply_sets(
+            get_preset(preset_name),
+            [f"batch_size={preset.batch_size}", f"model.width={preset.width}", f"model.depth={preset.depth}"]
+            + ([f"model.num_components={components}"] if head == "gm" else []),
+        )
+        torch.manual_seed(0)
+        model = ToyMLP(**cfg.model_kwargs(channels=2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        return model, opt, make_objective(cfg)
+
+    data = make_toy2d("checkerboard")
+    models = {"fm": build("velocity", "toy-fm"), "gmflow": build("gm", "toy-gmflow")}
+    times: dict[str, list[float]] = {"fm": [], "gmflow": []}
+    for i in range(steps + 2):
+        for name, (model, opt, obj) in models.items():
+            g = torch.Generator().manual_seed(i)
+            x0 = data.sample(preset.batch_size, generator=g)
+            t0 = time.perf_counter()
+            loss = obj(model, x0, g).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    fm, gm = statistics.median(times["fm"]), statistics.median(times["gmflow"])
+    return {"fm_step_ms": fm, "gmflow_step_ms": gm, "ratio": gm / fm, "components": components}
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate(
+    model: Any,
+    base: dict[str, Any],
+    solvers: tuple[tuple[str, int], ...],
+    nfes: tuple[int, ...],
+    ref: torch.Tensor,
+    floor: float,
+    n: int,
+    seed: int,
+    store: dict[str, dict[int, torch.Tensor]],
+    progress: bool,
+) -> list[dict[str, Any]]:
+    records = []
+    items = [(s, o, k) for s, o in solvers for k in nfes]
+    it = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(
+            items, desc=f"eval {base['model']}{'' if base.get('K') is None else ' K=' + str(base['K'])}"
+        )
+    for ci, (solver, order, nfe) in enumerate(it):
+        g = torch.Generator().manual_seed(seed * 100003 + ci)
+        noise = torch.randn(n, 2, generator=g)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = sample(model, noise, solver=solver, nfe=nfe, order=order, generator=g)
+        ms = (time.perf_counter() - t0) * 1e3
+        finite = torch.isfinite(x).all(1)
+        xf = x[finite]
+        sw2 = sliced_w2_mean(xf, ref) if len(xf) >= 2 else float("inf")
+        rec = dict(base)
+        rec.update(
+            solver=solver,
+            order=order,
+            nfe=nfe,
+            sw2=sw2,
+            sw2_floor=floor,
+            sw2_ratio=sw2 / floor,
+            mmd=rbf_mmd(xf, ref) if len(xf) >= 2 else float("inf"),
+            in_support=in_support_fraction(x),
+            cell_kl=cell_mass_kl(xf) if len(xf) else float("inf"),
+            nonfinite=int((~finite).sum()),
+            ms=ms,
+        )
+        records.append(rec)
+        label = _row_label(rec)
+        store.setdefault(label, {})[nfe] = x
+    return records
+
+
+def _row_label(rec: dict[str, Any]) -> str:
+    if rec["model"] == "fm":
+        return f"FM {rec['solver']}"
+    name = rec.get("recipe") or f"K={rec['K']}"
+    return f"GM {name} {rec['solver']}{'' if rec['order'] == 1 else ' o2'}"
+
+
+def best_by_nfe(records: list[dict[str, Any]], model: str, metric: str, **match: Any) -> dict[int, dict]:
+    """Best record (lowest ``metric``, or highest for in_support) per NFE among matching records."""
+    out: dict[int, dict] = {}
+    sign = -1.0 if metric == "in_support" else 1.0
+    for r in records:
+        if r["model"] != model or any(r.get(k) != v for k, v in match.items()):
+            continue
+        cur = out.get(r["nfe"])
+        if cur is None or sign * r[metric] < sign * cur[metric]:
+            out[r["nfe"]] = r
+    return out
+
+
+def summary_lines(records: list[dict[str, Any]], preset_name: str) -> list[str]:
+    lines = []
+    fm_nfe = 16 if preset_name == "paper" else 8
+    fm_best = best_by_nfe(records, "fm", "sw2")
+    gm_best = best_by_nfe(records, "gmflow", "sw2", K=64)
+    if fm_best and gm_best and 2 in gm_best and fm_nfe in fm_best:
+        g, f = gm_best[2], fm_best[fm_nfe]
+        fkl = best_by_nfe(records, "fm", "cell_kl")[fm_nfe]
+        gkl = best_by_nfe(records, "gmflow", "cell_kl", K=64)[2]
+        lines.append(
+            f"GMFlow K=64 at NFE 2 ({g['solver']} o{g['order']}): sw2/floor {g['sw2_ratio']:.2f} vs FM best at "
+            f"NFE {fm_nfe} ({f['solver']}): {f['sw2_ratio']:.2f} -> "
+            f"{'GMFlow better' if g['sw2'] < f['sw2'] else 'FM better'}"
+        )
+        lines.append(
+            f"cell-mass KL: GMFlow K=64 NFE 2 best {gkl['cell_kl']:.4f} ({gkl['solver']} o{gkl['order']}) vs "
+            f"FM NFE {fm_nfe} best {fkl['cell_kl']:.4f} ({fkl['solver']}) -> "
+            f"{'GMFlow better' if gkl['cell_kl'] < fkl['cell_kl'] else 'FM better'}"
+        )
+    return lines
+
+
+def results_markdown(records: list[dict[str, Any]], nfes: tuple[int, ...], metric: str, fmt: str) -> str:
+    head = "| model | solver | order | " + " | ".join(f"NFE {k}" for k in nfes) + " |"
+    lines = [head, "|---|---|---|" + "---|" * len(nfes)]
+    keys: list[tuple] = []
+    for r in records:
+        key = (
+            _row_label(r).split(" ")[0]
+            + " "
+            + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}")),
+            r["solver"],
+            r["order"],
+        )
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        vals = {
+            r["nfe"]: r[metric]
+            for r in records
+            if (
+                _row_label(r).split(" ")[0]
+                + " "
+                + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}")),
+                r["solver"],
+                r["order"],
+            )
+            == key
+        }
+        cells = [format(vals[k], fmt) if k in vals else "" for k in nfes]
+        lines.append(f"| {key[0].strip()} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def run(args: argparse.Namespace) -> int:
+    from ..train import ConfigError, load_model, train
+    from ..viz import histogram_grid, metric_curves
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(PRESETS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    out = Path(args.out or f"runs/toy2d-{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    print(f"[bench toy2d] preset {args.preset}: {preset.description}")
+    print(f"[bench toy2d] output: {out.resolve()}")
+
+    data = make_toy2d("checkerboard")
+    gref = torch.Generator().manual_seed(REF_SEED)
+    ref = data.sample(preset.n_eval, generator=gref)
+    floor = sliced_w2_mean(data.sample(preset.n_eval, generator=gref), ref)
+    print(f"[bench toy2d] reference: {preset.n_eval} checkerboard points, sliced-W2 floor {floor:.4f}")
+
+    timing = step_time_ratio(preset)
+    print(
+        f"[bench toy2d] training step (batch {preset.batch_size}, {preset.depth}x{preset.width}): "
+        f"FM {timing['fm_step_ms']:.1f} ms, GMFlow K=64 {timing['gmflow_step_ms']:.1f} ms "
+        f"-> ratio {timing['ratio']:.3f} (interleaved medians)"
+    )
+
+    records: list[dict[str, Any]] = []
+    store: dict[str, dict[int, torch.Tensor]] = {}
+    train_info = {}
+    for name, base, cfg in _train_configs(preset, out, args.seed):
+        print(f"[bench toy2d] training {name}: {cfg.steps} steps, batch {cfg.batch_size}, loss {cfg.loss}")
+        res = train(cfg, progress=progress, verbose=True)
+        model, _ = load_model(cfg.out_dir)  # EMA weights when the recipe keeps an EMA
+        train_info[name] = {
+            "median_step_ms": res.median_step_ms,
+            "last_loss": res.last_loss,
+            "steps": res.step,
+        }
+        solvers = preset.fm_solvers if base["model"] == "fm" else preset.gm_solvers
+        records += evaluate(
+            model, base, solvers, preset.nfes, ref, floor, preset.n_eval, args.seed, store, progress
+        )
+        write_json_atomic(records, out / "results.json")  # partial results survive an interruption
+
+    # ------------------------------------------------------------------ report
+    store["data"] = {preset.nfes[0]: ref}
+    lines = [
+        f"# gmflow bench toy2d — preset `{args.preset}`",
+        "",
+        preset.description,
+        "",
+        f"Checkerboard, {preset.n_eval} samples per configuration; sliced-W2 floor (data vs data) = {floor:.4f}.",
+        f"Training-step time (interleaved medians, batch {preset.batch_size}): FM {timing['fm_step_ms']:.1f} ms, "
+        f"GMFlow K=64 {timing['gmflow_step_ms']:.1f} ms, ratio {timing['ratio']:.3f}.",
+        "",
+        *summary_lines(records, args.preset),
+        "",
+        "## sliced-W2 / floor (lower is better; ~1 is perfect)",
+        results_markdown(records, preset.nfes, "sw2_ratio", ".2f"),
+        "",
+        "## in-support fraction (higher is better; data = 1)",
+        results_markdown(records, preset.nfes, "in_support", ".4f"),
+        "",
+        "## cell-mass KL to uniform (lower is better)",
+        results_markdown(records, preset.nfes, "cell_kl", ".4f"),
+        "",
+        "## RBF-MMD^2 (lower is better)",
+        results_markdown(records, preset.nfes, "mmd", ".5f"),
+        "",
+        "## training",
+        *[
+            f"- {k}: {v['steps']} steps, median {v['median_step_ms']:.1f} ms/step, last loss {v['last_loss']:.4f}"
+            for k, v in train_info.items()
+        ],
+        "",
+        f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",
+    ]
+    text = "\n".join(lines) + "\n"
+    write_json_atomic(records, out / "results.json")
+    write_json_atomic(
+        {
+            "preset": args.preset,
+            "seed": args.seed,
+            "floor": floor,
+            "step_time": timing,
+            "training": train_info,
+            "config": dataclasses.asdict(preset),
+        },
+        out / "meta.json",
+    )
+    write_text_atomic(text, out / "results.md")
+
+    figs = _figures(records, store, preset, floor, out, histogram_grid, metric_curves)
+    print(text)
+    print("[bench toy2d] figures:")
+    for f in figs:
+        print(f"  {f}")
+    return 0
+
+
+def _figures(records, store, preset, floor, out, histogram_grid, metric_curves) -> list[Path]:
+    figs = []
+    nfes = list(preset.nfes)
+    rows = [k for k in store if k.startswith("FM ")]
+    big = max(preset.components) if preset.components else None
+    if big is not None:
+        rows += [k for k in store if k.startswith(f"GM K={big} ")]
+    rows += [k for k in store if k.startswith("GM ") and "K=" not in k]
+    rows.append("data")
+    path = out / "histograms.png"
+    histogram_grid(
+        store,
+        path,
+        nfes=nfes,
+        row_labels=rows,
+        title="Checkerboard samples (rows: model/solver; columns: NFE)",
+    )
+    figs.append(path)
+    if len(preset.components) > 1:
+        krows = [k for k in store if k.startswith("GM K=") and (k.endswith("o2"))] + ["data"]
+        path = out / "histograms_k_sweep.png"
+        histogram_grid(
+            store, path, nfes=nfes, row_labels=krows, title="GMFlow K sweep (second-order solvers)"
+        )
+        figs.append(path)
+    for metric, logy in (("sw2", True), ("in_support", False), ("cell_kl", True)):
+        path = out / f"{metric}_vs_nfe.png"
+        metric_curves(
+            records,
+            path,
+            metric=metric,
+            group_keys=("model", "K", "solver", "order")
+            if not preset.extra_runs
+            else ("recipe", "solver", "order"),
+            logy=logy,
+            floor=floor if metric == "sw2" else None,
+            title=f"Checkerboard: {metric} vs NFE" + (" (dashed: MC floor)" if metric == "sw2" else ""),
+        )
+        figs.append(path)
+    return figs
