@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .flow import expand_t
-from .gm import GaussianMixture, sum_channels
+from .gm import GaussianMixture, reverse_transition_coefs, sum_channels
 
 __all__ = ["fm_loss", "gm_nll_loss", "gm_kl_loss", "transition_loss", "gm_nll_per_sample"]
 
@@ -95,13 +95,30 @@ def transition_loss(
     transition (Eq. 9) to ``t_low``: ``sum_k A_k N(c1 x_high + c2 mu^x_k, (c3 + c2^2 s_x^2) I)``.
     Build ``(x_low, t_low, x_high)`` with :func:`gmflow.flow.transition_pair`.
     """
+    if tuple(x_high.shape) != (gm_u.batch_size, *gm_u.event_shape) or x_low.shape != x_high.shape:
+        raise ValueError(
+            f"x_high and x_low must have shape (B, C, *S) = {(gm_u.batch_size, *gm_u.event_shape)}, "
+            f"got {tuple(x_high.shape)} and {tuple(x_low.shape)}"
+        )
     dt = _math_dtype(x_high)
     with torch.autocast(device_type=x_high.device.type, enabled=False):
-        gm = gm_u.to(dtype=dt)
         xh, xl = x_high.to(dt), x_low.to(dt)
-        th = expand_t(t_high, 1, like=xh).reshape(-1)
-        tl = expand_t(t_low, 1, like=xh).reshape(-1)
+        nd = xh.dim()
+        th = expand_t(t_high, nd, like=xh)
+        tl = expand_t(t_low, nd, like=xh)
         if bool((tl >= th).any()):
             raise ValueError("transition_loss needs t_low < t_high for every sample")
-        trans = gm.u_to_x0(xh, th).reverse_transition(xh, th, tl)
-        return _reduce(gm_nll_per_sample(trans, xl), reduction)
+        c1, c2, c3 = reverse_transition_coefs(th.reshape(-1), tl.reshape(-1), nd, like=xh)
+        # fused form: x0-GM means x_h - t mu_k, transition means c1 x_h + c2 (x_h - t mu_k), so
+        # x_low - mean_k = r + beta mu_k with r = x_low - (c1 + c2) x_h and beta = c2 t
+        r = (xl - (c1 + c2) * xh).unsqueeze(1)
+        beta = (c2 * th.clamp_min(1e-6)).unsqueeze(1)
+        logs = gm_u.logstds.to(dt)
+        sc = (c2 * th.clamp_min(1e-6)).reshape(logs.shape)
+        log_std = 0.5 * torch.logaddexp(2.0 * (logs + torch.log(sc)), torch.log(c3.reshape(logs.shape)))
+        inv = torch.exp(-log_std).clamp_max(1e4)
+        z = (r + beta * gm_u.means.to(dt)) * inv
+        c = gm_u.channels
+        comp = gm_u.logweights.to(dt) - 0.5 * sum_channels(z.square()) - c * log_std
+        nll = -torch.logsumexp(comp.squeeze(2), dim=1) + 0.5 * c * _LOG_2PI
+        return _reduce(nll.reshape(nll.shape[0], -1).mean(1), reduction)
