@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         title="Exact-oracle ring GMM: sliced-W2 vs NFE (dashed: MC floor)",
     )
     print(
-        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'histograms.png'}, {out / 'sw2_vs_nfe.png'}"
+        f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'histograms.png'}, "
+        f"{out / 'sw2_vs_nfe.png'}"
     )
     return 0

@@ -295,7 +295,8 @@ def summary_lines(records: list[dict[str, Any]], preset_name: str) -> list[str]:
         fkl = best_by_nfe(records, "fm", "cell_kl")[fm_nfe]
         gkl = best_by_nfe(records, "gmflow", "cell_kl", K=64)[2]
         lines.append(
-            f"GMFlow K=64 at NFE 2 ({g['solver']} o{g['order']}): sw2/floor {g['sw2_ratio']:.2f} vs FM best at "
+            f"GMFlow K=64 at NFE 2 ({g['solver']} o{g['order']}): sw2/floor {g['sw2_ratio']:.2f} "
+            "vs FM best at "
             f"NFE {fm_nfe} ({f['solver']}): {f['sw2_ratio']:.2f} -> "
             f"{'GMFlow better' if g['sw2'] < f['sw2'] else 'FM better'}"
         )
@@ -364,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
 
     timing = step_time_ratio() if args.preset != "smoke" else step_time_ratio(256, 32, 2, 8, 3)
     print(
-        f"[bench toy2d] training step of the paper toy model (batch {timing['batch_size']}, {timing['trunk']}): "
+        "[bench toy2d] training step of the paper toy model "
+        f"(batch {timing['batch_size']}, {timing['trunk']}): "
         f"FM {timing['fm_step_ms']:.1f} ms, GMFlow K=64 {timing['gmflow_step_ms']:.1f} ms "
         f"-> ratio {timing['ratio']:.3f} (interleaved medians)"
     )
@@ -394,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
         "",
         preset.description,
         "",
-        f"Checkerboard, {preset.n_eval} samples per configuration; sliced-W2 floor (data vs data) = {floor:.4f}.",
+        f"Checkerboard, {preset.n_eval} samples per configuration; "
+        f"sliced-W2 floor (data vs data) = {floor:.4f}.",
         f"Training-step time, paper toy model {timing['trunk']} (interleaved medians, batch "
         f"{timing['batch_size']}): FM {timing['fm_step_ms']:.1f} ms, "
         f"GMFlow K=64 {timing['gmflow_step_ms']:.1f} ms, ratio {timing['ratio']:.3f}.",
@@ -415,7 +418,8 @@ def run(args: argparse.Namespace) -> int:
         "",
         "## training",
         *[
-            f"- {k}: {v['steps']} steps, median {v['median_step_ms']:.1f} ms/step, last loss {v['last_loss']:.4f}"
+            f"- {k}: {v['steps']} steps, median {v['median_step_ms']:.1f} ms/step, "
+            f"last loss {v['last_loss']:.4f}"
             for k, v in train_info.items()
         ],
         "",
