@@ -1,0 +1,6 @@
+"""Data sets: toy 2-D distributions (and, later, GMM oracles and image sets)."""
+
+from gmflow.data.gmm import GaussianMixtureData, ring_gmm
+from gmflow.data.toy2d import TOY2D_NAMES, Checkerboard, SwissRoll, Toy2D, TwoMoons, make_toy2d
+
+__all__ = ["GaussianMixtureData", "ring_gmm", "TOY2D_NAMES", "Checkerboard", "SwissRoll", "Toy2D", "TwoMoons", "make_toy2d"]

@@ -1,0 +1,168 @@
+"""scikit-learn's handwritten digits (``load_digits``) as a small image data set (test bed T2).
+
+1,797 grey-scale 8x8 images of the digits 0-9 ship inside the scikit-learn wheel, so nothing is
+downloaded. Raw pixel values are integers in ``0..16``; they are mapped affinely to ``[-1, 1]``::
+
+    x = 2 * v / 16 - 1
+
+``size=16`` upsamples with **bilinear** interpolation (``align_corners=False``). Bilinear output is
+a convex combination of input pixels, so the range stays inside ``[-1, 1]`` without clamping (bicubic
+would overshoot and need a clamp, which piles mass on the boundary).
+
+Splits are deterministic: a permutation drawn from ``torch.Generator().manual_seed(seed)`` puts
+``round(test_fraction * N)`` images in ``"test"`` and the rest in ``"train"``; ``"all"`` keeps every
+image in the original order.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["DIGITS_SIZES", "DIGITS_SPLITS", "Digits", "load_digits_arrays"]
+
+DIGITS_SIZES: tuple[int, ...] = (8, 16)
+DIGITS_SPLITS: tuple[str, ...] = ("train", "test", "all")
+
+
+@functools.lru_cache(maxsize=1)
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``(images (1797, 8, 8) float64 in 0..16, labels (1797,) int64)`` from scikit-learn (cached)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "gmflow.data.digits needs scikit-learn (bundled digits data): pip install 'gmflow[images]'"
+        ) from err
+    bunch = load_digits()
+    images = np.asarray(bunch.images, dtype=np.float64)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+class Digits:
+    """The scikit-learn digits as a ``(N, 1, size, size)`` image set in ``[-1, 1]``.
+
+    Args:
+        size: 8 (native) or 16 (bilinear 2x upsampling).
+        split: ``"train"``, ``"test"`` or ``"all"``.
+        test_fraction: fraction of the 1,797 images held out as ``"test"``, in ``(0, 1)``.
+        seed: seed of the split permutation.
+
+    ``sample(n, generator=...)`` draws ``n`` images uniformly *with replacement* from the split;
+    the draw depends only on the generator's state. ``Digits(...)(n, generator)`` is the same (the
+    ``sampler(n, generator)`` protocol of the toy sets).
+    """
+
+    channels: int = 1
+
+    def __init__(
+        self, size: int = 8, split: str = "train", test_fraction: float = 0.2, seed: int = 0
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or int(size) not in DIGITS_SIZES:
+            raise ValueError(f"size must be one of {DIGITS_SIZES}, got size={size!r}")
+        if split not in DIGITS_SPLITS:
+            raise ValueError(f"split must be one of {DIGITS_SPLITS}, got split={split!r}")
+        if not (isinstance(test_fraction, numbers.Real) and 0.0 < float(test_fraction) < 1.0):
+            raise ValueError(f"test_fraction must be in (0, 1), got test_fraction={test_fraction!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed must be an int, got seed={seed!r}")
+        self.size = int(size)
+        self.split = split
+        self.test_fraction = float(test_fraction)
+        self.seed = int(seed)
+
+        images, labels = load_digits_arrays()
+        x = torch.from_numpy(images.copy()).to(torch.float32).unsqueeze(1) * (2.0 / 16.0) - 1.0
+        if self.size != 8:
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False
+            )
+        y = torch.from_numpy(labels.copy())
+        idx = self.split_indices(len(y), self.split, self.test_fraction, self.seed)
+        self._images = x[idx].contiguous()
+        self._labels = y[idx].contiguous()
+
+    # ------------------------------------------------------------------------------- metadata
+    @staticmethod
+    def split_indices(n: int, split: str, test_fraction: float, seed: int) -> Tensor:
+        """Indices of ``split`` among ``n`` images: a seeded permutation, test first."""
+        if split == "all":
+            return torch.arange(n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_test = min(max(int(round(test_fraction * n)), 1), n - 1)
+        return perm[:n_test] if split == "test" else perm[n_test:]
+
+    @property
+    def name(self) -> str:
+        return f"digits{self.size}"
+
+    @property
+    def event_shape(self) -> torch.Size:
+        """Shape of one image, ``(1, size, size)``."""
+        return torch.Size((1, self.size, self.size))
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    def __len__(self) -> int:
+        return self._labels.shape[0]
+
+    def tensor(self) -> Tensor:
+        """All images of the split, ``(N, 1, size, size)`` float32 in ``[-1, 1]`` (a copy)."""
+        return self._images.clone()
+
+    def labels(self) -> Tensor:
+        """Class labels 0..9 of the split, ``(N,)`` int64 (a copy), aligned with :meth:`tensor`."""
+        return self._labels.clone()
+
+    # -------------------------------------------------------------------------------- sampling
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        return_labels: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``n`` images drawn uniformly with replacement, ``(n, 1, size, size)`` on ``device``/``dtype``.
+
+        Indices are drawn on the generator's device (CPU without a generator), so the same seed
+        gives the same images everywhere. ``return_labels=True`` also returns the ``(n,)`` labels.
+        """
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) <= 0:
+            raise ValueError(f"n must be a positive int, got n={n!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        rng_device = generator.device if generator is not None else torch.device("cpu")
+        idx = torch.randint(0, len(self), (int(n),), generator=generator, device=rng_device).cpu()
+        out_device = device if device is not None else rng_device
+        x = self._images[idx].to(device=out_device, dtype=dtype)
+        if return_labels:
+            return x, self._labels[idx].to(out_device)
+        return x
+
+    def __call__(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Shorthand for ``sample(n, generator=generator)``."""
+        return self.sample(n, generator=generator)  # type: ignore[return-value]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments: ``Digits(**ds.config)`` rebuilds the same split."""
+        return dict(size=self.size, split=self.split, test_fraction=self.test_fraction, seed=self.seed)
+
+    def to_config(self) -> dict[str, Any]:
+        return self.config
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"Digits({args}, n={len(self)})"

@@ -1,0 +1,46 @@
+"""Simple ReFlow data side: teacher pair generation and storage, mixing, coupling projection, diagnostics.
+
+Example::
+
+    from gmflow import ring_gmm
+    from gmflow.reflow import PairDataset, generate_pairs
+
+    teacher = ring_gmm()  # exact GM teacher; a trained model works the same way
+    generate_pairs(teacher, "pairs/bwd", direction="backward", n=100_000, solver="dpm++2m", nfe=32)
+    generate_pairs(teacher, "pairs/fwd", direction="forward", n=20_000, data=teacher, solver="heun", nfe=33)
+    ds = PairDataset("pairs/bwd", "pairs/fwd", rho=0.4)   # rerun generate_pairs to resume a killed run
+    x0, x1 = ds.sample(256, generator=g)
+"""
+
+from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
+from .pairs import (
+    PairDataset,
+    PairError,
+    PairManifest,
+    ShardInfo,
+    generate_pairs,
+    load_shard,
+    project_pairs,
+    read_manifest,
+    shard_name,
+    shard_seed,
+    teacher_hash,
+)
+
+__all__ = [
+    "PairDataset",
+    "PairError",
+    "PairManifest",
+    "ShardInfo",
+    "generate_pairs",
+    "load_shard",
+    "one_step_error",
+    "per_t_relative_loss",
+    "project_pairs",
+    "read_manifest",
+    "shard_name",
+    "shard_seed",
+    "straightness",
+    "teacher_hash",
+    "velocity",
+]

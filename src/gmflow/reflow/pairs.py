@@ -1,0 +1,621 @@
+"""ReFlow training pairs: resumable sharded generation, verified loading, rho-mixing and OT projection.
+
+Naming (research/simple_reflow.md §0, t = 1 is noise, t = 0 is data):
+
+* **backward pairs** — ``x1 ~ N(0, I)``, ``x0 = Phi_{1->0}(x1)``: the teacher ODE integrated down from
+  noise (any solver of :func:`gmflow.sample`; ``gm-sde``/``ddpm`` make the coupling stochastic and
+  the manifest records ``stochastic: true``). Exact noise marginal, model data marginal.
+* **forward pairs** — a *real* ``x0``, ``x1 = Phi_{0->1}(x0)``: the teacher ODE integrated up on the
+  reversed (increasing) grid with ``euler`` or ``heun`` (inversion). Exact data marginal, approximate
+  noise marginal.
+
+Directory layout (one direction per directory)::
+
+    pairs-{direction}-{index:05d}.safetensors   tensors x0, x1 (float32, (count, *event_shape)) and one
+                                                metadata key "gmflow_pairs" (sorted JSON: shard settings)
+    manifest.json                               format, settings (teacher_id, solver, nfe, order, grid,
+                                                solver_kwargs, seed, n, shard_size, event_shape, ...)
+                                                and per shard {file, index, count, size, sha256}
+
+Shard ``i`` is a pure function of ``(settings, i)``: its random draws come from a generator seeded by
+``sha256(seed, direction, i)``. Every shard and then the manifest are written atomically (temp file,
+fsync, ``os.replace``); the manifest is the commit point, so an interrupted run resumes after its last
+listed shard and ends bit-identical to an uninterrupted one (a shard written but not yet listed is
+regenerated).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..flow import time_grid
+from ..sampling import SOLVERS, num_steps, sample
+
+__all__ = [
+    "PairError",
+    "PairDataset",
+    "PairManifest",
+    "ShardInfo",
+    "project_pairs",
+    "generate_pairs",
+    "read_manifest",
+    "teacher_hash",
+    "shard_seed",
+    "shard_name",
+    "load_shard",
+    "MANIFEST",
+    "FORMAT",
+]
+
+FORMAT = "gmflow-pairs/1"
+MANIFEST = "manifest.json"
+DIRECTIONS = ("backward", "forward")
+FORWARD_SOLVERS = ("euler", "heun")
+STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
+SOLVER_KWARGS = ("substeps", "times", "shift", "kappa", "r", "variance")
+_META_KEY = "gmflow_pairs"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class PairError(ValueError):
+    """Missing, corrupt or inconsistent pair files, or a resume with different settings."""
+
+
+@dataclass
+class ShardInfo:
+    """One committed shard: file name, shard index, number of pairs, byte size and SHA-256."""
+
+    file: str
+    index: int
+    count: int
+    size: int
+    sha256: str
+
+
+@dataclass
+class PairManifest:
+    """Settings of a pair directory plus its committed shards (``manifest.json``)."""
+
+    direction: str
+    teacher_id: str | None
+    solver: str
+    nfe: int
+    order: int
+    grid: str
+    solver_kwargs: dict[str, Any]
+    seed: int
+    n: int
+    shard_size: int
+    event_shape: tuple[int, ...]
+    dtype: str = "float32"
+    data_id: str | None = None
+    stochastic: bool = False
+    format: str = FORMAT
+    shards: list[ShardInfo] = field(default_factory=list)
+
+    SETTINGS = (
+        "format", "direction", "teacher_id", "data_id", "solver", "nfe", "order", "grid",
+        "solver_kwargs", "seed", "n", "shard_size", "event_shape", "dtype", "stochastic",
+    )  # fmt: skip
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.n / self.shard_size)
+
+    @property
+    def count(self) -> int:
+        """Pairs committed so far."""
+        return sum(s.count for s in self.shards)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.shards) == self.num_shards and self.count == self.n
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as JSON values (what a resume must match)."""
+        d = json.loads(json.dumps(asdict(self)))
+        return {k: d[k] for k in self.SETTINGS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.settings(), "complete": self.complete, "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairManifest:
+        kw = {k: d[k] for k in cls.SETTINGS}
+        kw["event_shape"] = tuple(int(v) for v in kw["event_shape"])
+        return cls(**kw, shards=[ShardInfo(**s) for s in d["shards"]])
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def shard_name(direction: str, index: int) -> str:
+    return f"pairs-{direction}-{index:05d}.safetensors"
+
+
+def shard_seed(seed: int, direction: str, index: int) -> int:
+    """Per-shard seed ``int(sha256("gmflow-pairs/{seed}/{direction}/{index}")[:8]) mod 2^63``."""
+    h = hashlib.sha256(f"gmflow-pairs/{int(seed)}/{direction}/{int(index)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1)
+
+
+def _sha256_file(path: Path) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def _fingerprint(obj: Any) -> str | None:
+    """A content id for tensors, ``nn.Module`` weights and simple objects (e.g. GaussianMixtureData)."""
+    h = hashlib.sha256()
+    if isinstance(obj, Tensor):
+        h.update(f"{tuple(obj.shape)}{obj.dtype}".encode() + _tensor_bytes(obj))
+        return f"tensor:sha256:{h.hexdigest()}"
+    if hasattr(obj, "__self__") and hasattr(obj, "__name__"):  # bound method, e.g. data.velocity
+        inner = _fingerprint(obj.__self__)
+        return None if inner is None else f"{inner}.{obj.__name__}"
+    name = type(obj).__qualname__  # weights/fields carry the identity; module paths may move
+    if isinstance(obj, nn.Module):
+        for k, v in obj.state_dict().items():
+            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode() + _tensor_bytes(v))
+        return f"{name}:sha256:{h.hexdigest()}"
+    fields = {k: v for k, v in sorted(getattr(obj, "__dict__", {}).items())}
+    simple = (int, float, str, bool, tuple, type(None))
+    used = False
+    for k, v in fields.items():
+        if isinstance(v, Tensor):
+            h.update(k.encode() + f"{tuple(v.shape)}{v.dtype}".encode() + _tensor_bytes(v))
+            used = True
+        elif isinstance(v, simple):
+            h.update(f"{k}={v!r};".encode())
+            used = True
+    return f"{name}:sha256:{h.hexdigest()}" if used else None
+
+
+def teacher_hash(ckpt_dir: str | os.PathLike, *, use_ema: bool = True) -> str:
+    """``"sha256:<hex>"`` of the weights file :func:`gmflow.train.load_model` would load from ``ckpt_dir``
+    (``ema.safetensors`` when present and ``use_ema``, else ``model.safetensors``); a file path is
+    hashed directly."""
+    p = Path(ckpt_dir)
+    if p.is_dir():
+        ema, raw = p / "ema.safetensors", p / "model.safetensors"
+        p = ema if (use_ema and ema.is_file()) else raw
+    if not p.is_file():
+        raise PairError(f"teacher checkpoint weights {str(p)!r} not found")
+    return "sha256:" + _sha256_file(p)[1]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    from ..train.checkpoint import atomic_write_bytes  # lazy: keeps gmflow.reflow import-light
+
+    atomic_write_bytes(path, data)
+
+
+def read_manifest(directory: str | os.PathLike) -> PairManifest:
+    """Parse ``directory/manifest.json`` (no shard verification)."""
+    d = Path(directory)
+    p = d / MANIFEST
+    if not d.is_dir():
+        raise PairError(f"pair directory {str(d)!r} does not exist")
+    if not p.is_file():
+        raise PairError(f"pair directory {str(d)!r} is empty or not a pair directory ({MANIFEST} missing)")
+    try:
+        d_ = json.loads(p.read_text(encoding="utf-8"))
+        if d_.get("format") != FORMAT:
+            raise ValueError(f"unknown format {d_.get('format')!r} (expected {FORMAT!r})")
+        m = PairManifest.from_dict(d_)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise PairError(f"corrupt pair manifest {str(p)!r}: {e}") from None
+    for i, s in enumerate(m.shards):
+        if s.index != i or s.file != shard_name(m.direction, i):
+            raise PairError(f"corrupt pair manifest {str(p)!r}: shard entry {i} is {s.file!r}")
+    return m
+
+
+def _write_manifest(directory: Path, m: PairManifest) -> None:
+    _atomic_write(directory / MANIFEST, (json.dumps(m.to_dict(), indent=2) + "\n").encode())
+
+
+def load_shard(directory: str | os.PathLike, info: ShardInfo, event_shape: tuple[int, ...], *,
+               verify: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Load one shard as ``(x0, x1)`` after checking it against its manifest entry (``PairError`` if not)."""
+    from safetensors.torch import load
+
+    path = Path(directory) / info.file
+    if not path.is_file():
+        raise PairError(f"shard {info.file} listed in {str(Path(directory) / MANIFEST)!r} is missing")
+    data = path.read_bytes()
+    if len(data) != info.size:
+        raise PairError(f"shard {str(path)!r} is truncated or resized ({len(data)} != {info.size} bytes)")
+    if verify and hashlib.sha256(data).hexdigest() != info.sha256:
+        raise PairError(f"shard {str(path)!r} is corrupt: its sha256 does not match the manifest")
+    try:
+        tensors = load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise PairError(f"cannot read shard {str(path)!r}: {' '.join(str(e).split())}") from None
+    want = (info.count, *event_shape)
+    for k in ("x0", "x1"):
+        if k not in tensors:
+            raise PairError(f"shard {str(path)!r} has no tensor {k!r}")
+        if tuple(tensors[k].shape) != want:
+            raise PairError(f"shard {str(path)!r}: {k} has shape {tuple(tensors[k].shape)}, expected {want}")
+    return tensors["x0"], tensors["x1"]
+
+
+def _shard_bytes(x0: Tensor, x1: Tensor, meta: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    t = {"x0": x0.detach().to("cpu", torch.float32).contiguous(), "x1": x1.detach().to("cpu", torch.float32)}
+    t["x1"] = t["x1"].contiguous()
+    # a single metadata key: safetensors writes a multi-key metadata map in random order (Rust HashMap)
+    return save(t, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+
+
+# ------------------------------------------------------------------------------------------ generation
+def _check_solver_kwargs(kw: dict[str, Any] | None) -> dict[str, Any]:
+    kw = dict(kw or {})
+    bad = sorted(set(kw) - set(SOLVER_KWARGS))
+    if bad:
+        raise ValueError(f"solver_kwargs may only hold {SOLVER_KWARGS}; got {bad}")
+    if "times" in kw:
+        kw["times"] = [float(v) for v in torch.as_tensor(kw["times"], dtype=torch.float64).flatten()]
+    try:
+        return json.loads(json.dumps(kw, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"solver_kwargs must be JSON-serialisable (they are recorded in the manifest): {e}"
+        ) from None
+
+
+def _times(direction: str, solver: str, nfe: int, grid: str, kw: dict[str, Any]) -> list[float]:
+    """Integration grid: the descending grid for backward pairs, the same grid reversed for forward."""
+    if "times" in kw:
+        ts = kw["times"]
+        ok = (
+            all(a < b for a, b in zip(ts, ts[1:]))
+            if direction == "forward"
+            else all(a > b for a, b in zip(ts, ts[1:]))
+        )
+        if not ok:
+            want = "increase (data -> noise)" if direction == "forward" else "decrease (noise -> data)"
+            raise ValueError(f"solver_kwargs['times'] must {want} for {direction} pairs")
+        return ts
+    g = time_grid(num_steps(solver, nfe), grid, shift=kw.get("shift", 1.0), kappa=kw.get("kappa", 20.0))
+    return (g.flip(0) if direction == "forward" else g).tolist()
+
+
+def _infer_event_shape(direction: str, teacher: Any, data: Any, event_shape: Any) -> tuple[int, ...]:
+    if isinstance(data, Tensor):
+        shape = tuple(data.shape[1:])
+    elif data is not None and hasattr(data, "event_shape"):
+        shape = tuple(data.event_shape)
+    elif data is not None:
+        shape = tuple(data.sample(1, generator=torch.Generator().manual_seed(0)).shape[1:])
+    elif event_shape is not None:
+        shape = tuple(event_shape)
+    elif hasattr(teacher, "event_shape"):
+        shape = tuple(teacher.event_shape)
+    else:
+        raise ValueError(f"{direction} pairs need event_shape= (or data= / a teacher with .event_shape)")
+    if event_shape is not None and tuple(int(v) for v in event_shape) != shape:
+        raise ValueError(f"event_shape={tuple(event_shape)} does not match the data's event shape {shape}")
+    return tuple(int(v) for v in shape)
+
+
+def _make_shard(
+    teacher, m: PairManifest, index: int, count: int, data, device, dtype
+) -> tuple[Tensor, Tensor]:
+    """Shard ``index`` of ``m``: a pure function of the settings and the index."""
+    s = shard_seed(m.seed, m.direction, index)
+    g = torch.Generator().manual_seed(s)
+    kw = {k: v for k, v in m.solver_kwargs.items() if k != "times"}
+    ts = torch.tensor(_times(m.direction, m.solver, m.nfe, m.grid, m.solver_kwargs), dtype=torch.float64)
+    run = dict(solver=m.solver, nfe=m.nfe, order=m.order, grid=m.grid, times=ts, **kw)
+    if m.direction == "backward":
+        x1 = torch.randn((count, *m.event_shape), generator=g, dtype=dtype).to(device)
+        sg = None
+        if m.stochastic:
+            sg = torch.Generator(device=device).manual_seed(shard_seed(m.seed, "solver", index))
+        x0 = sample(teacher, x1, generator=sg, **run)
+    else:
+        if isinstance(data, Tensor):
+            start = index * m.shard_size
+            x0 = data[start : start + count].to(device=device, dtype=dtype)
+        else:
+            x0 = data.sample(count, generator=g, device=device, dtype=dtype)
+        x1 = sample(teacher, x0, **run)
+    return x0, x1
+
+
+def generate_pairs(
+    teacher: Callable[..., Any],
+    out_dir: str | os.PathLike,
+    *,
+    direction: str,
+    n: int,
+    shard_size: int = 4096,
+    solver: str = "dpm++2m",
+    nfe: int = 32,
+    order: int = 1,
+    grid: str = "uniform",
+    data: Any = None,
+    event_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    teacher_id: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    solver_kwargs: dict[str, Any] | None = None,
+) -> PairManifest:
+    """Generate ``n`` teacher pairs ``(x0, x1)`` into ``out_dir``, resuming a previous run there.
+
+    Args:
+        teacher: ``teacher(x_t, t)`` -> velocity ``u`` or its GaussianMixture (a GM uses its mean for
+            ``euler``/``heun``/``dpm*``; ``gm-ode``/``gm-sde`` use the full GM).
+        direction: ``"backward"`` (``x1 ~ N(0, I)`` -> ``x0``, any solver) or ``"forward"`` (real ``x0``
+            -> ``x1``, ``euler``/``heun`` on the reversed grid).
+        n, shard_size: total pairs and pairs per shard file.
+        data: forward pairs: an object with ``.sample(n, generator=, device=, dtype=)`` (drawn per shard
+            with the shard generator) or a tensor ``(N, *event)`` walked in order (``n <= N``).
+        event_shape: backward pairs: shape of one sample (default ``data.event_shape`` or
+            ``teacher.event_shape``).
+        seed: base seed; shard ``i`` draws from ``shard_seed(seed, direction, i)``.
+        teacher_id: identity recorded in the manifest and checked on resume, e.g.
+            :func:`teacher_hash` of a checkpoint; default: a hash of an ``nn.Module``'s weights or of a
+            simple object's fields (``GaussianMixtureData``), else ``None`` (unchecked).
+        dtype: compute dtype (pairs are stored as float32).
+        solver_kwargs: extra :func:`gmflow.sample` options (``substeps, times, shift, kappa, r, variance``).
+
+    Raises:
+        PairError: ``out_dir`` holds pairs made with different settings (the message names the field),
+            or a listed shard is corrupt and regenerates differently.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    for name, v in (("n", n), ("shard_size", shard_size), ("nfe", nfe)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if direction == "forward" and solver not in FORWARD_SOLVERS:
+        raise ValueError(
+            f"forward pairs integrate the teacher ODE upwards (t: 0 -> 1), which only {FORWARD_SOLVERS} "
+            f"support; got solver={solver!r}"
+        )
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    kw = _check_solver_kwargs(solver_kwargs)
+    _times(direction, solver, nfe, grid, kw)  # validates a custom grid early
+    data_id = None
+    if direction == "forward":
+        if data is None:
+            raise ValueError("forward pairs need data= (real x0: a sampler object or a tensor)")
+        if isinstance(data, Tensor):
+            if data.dim() < 2 or data.shape[0] < n:
+                raise ValueError(f"data tensor {tuple(data.shape)} must hold at least n={n} samples")
+        elif not hasattr(data, "sample"):
+            raise TypeError("data must be a tensor or an object with .sample(n, generator=, device=, dtype=)")
+        data_id = _fingerprint(data[:n] if isinstance(data, Tensor) else data)
+    shape = _infer_event_shape(direction, teacher, data, event_shape)
+    m = PairManifest(
+        direction=direction,
+        teacher_id=teacher_id if teacher_id is not None else _fingerprint(teacher),
+        solver=solver, nfe=nfe, order=order, grid=grid, solver_kwargs=kw, seed=int(seed), n=n,
+        shard_size=shard_size, event_shape=shape, dtype=str(dtype).removeprefix("torch."), data_id=data_id,
+        stochastic=solver in STOCHASTIC_SOLVERS,
+    )  # fmt: skip
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if (d / MANIFEST).exists():
+        old = read_manifest(d)
+        new_s, old_s = m.settings(), old.settings()
+        for k in PairManifest.SETTINGS:
+            if new_s[k] != old_s[k]:
+                raise PairError(
+                    f"{str(d)!r} holds pairs generated with {k}={old_s[k]!r}, but this call has "
+                    f"{k}={new_s[k]!r}; use matching arguments to resume, or another out_dir"
+                )
+        m.shards = old.shards
+    for stale in d.glob(".*.tmp"):  # temp files of writes killed before their rename
+        stale.unlink(missing_ok=True)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, initial=m.count, unit="pair", desc=f"{direction} pairs", disable=not progress)
+    try:
+        for i in range(m.num_shards):
+            count = min(shard_size, n - i * shard_size)
+            listed = m.shards[i] if i < len(m.shards) else None
+            path = d / shard_name(direction, i)
+            if listed is not None and path.is_file() and _sha256_file(path) == (listed.size, listed.sha256):
+                continue
+            x0, x1 = _make_shard(teacher, m, i, count, data, device, dtype)
+            meta = {**m.settings(), "index": i, "count": count, "shard_seed": shard_seed(seed, direction, i)}
+            blob = _shard_bytes(x0, x1, meta)
+            info = ShardInfo(shard_name(direction, i), i, count, len(blob), hashlib.sha256(blob).hexdigest())
+            if listed is not None and listed != info:
+                raise PairError(
+                    f"shard {info.file} in {str(d)!r} is missing or corrupt and regenerates to different "
+                    "content (the teacher or platform is not deterministic); delete the directory to restart"
+                )
+            _atomic_write(path, blob)
+            if listed is None:
+                m.shards.append(info)
+                _write_manifest(d, m)  # commit point of shard i
+                bar.update(count)
+    finally:
+        bar.close()
+    return m
+
+
+# ------------------------------------------------------------------------------------------ dataset
+class PairDataset:
+    """All pairs of a backward directory (and optionally a forward one), verified, in memory.
+
+    ``sample(n)`` draws every element from the forward pairs with probability ``rho`` and from the
+    backward pairs otherwise (Simple ReFlow §2.2(5), mixing ratio rho; 0.4 for CIFAR10), uniformly with
+    replacement inside each set.
+
+    Attributes:
+        backward, forward: ``(x0, x1)`` tensors of each set (``forward`` is ``None`` without forward_dir).
+        event_shape: shape of one sample.
+        manifests: the :class:`PairManifest` of each directory, keyed by direction.
+    """
+
+    def __init__(
+        self,
+        backward_dir: str | os.PathLike,
+        forward_dir: str | os.PathLike | None = None,
+        rho: float = 0.0,
+        *,
+        verify: bool = True,
+        allow_partial: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0):
+            raise ValueError(f"rho (forward-pair mixing ratio) must be in [0, 1], got {rho!r}")
+        if rho > 0 and forward_dir is None:
+            raise ValueError(f"rho={rho} > 0 draws forward pairs, so it needs forward_dir")
+        self.rho = float(rho)
+        self.manifests: dict[str, PairManifest] = {}
+        self.backward = self._load(backward_dir, "backward", "backward_dir", verify, allow_partial, device)
+        self.event_shape = self.manifests["backward"].event_shape
+        self.forward: tuple[Tensor, Tensor] | None = None
+        if forward_dir is not None:
+            self.forward = self._load(forward_dir, "forward", "forward_dir", verify, allow_partial, device)
+            fshape = self.manifests["forward"].event_shape
+            if fshape != self.event_shape:
+                raise PairError(
+                    f"forward_dir pairs have event shape {fshape} but backward_dir pairs have "
+                    f"{self.event_shape}"
+                )
+
+    def _load(self, directory, direction: str, arg: str, verify: bool, allow_partial: bool, device):
+        try:
+            m = read_manifest(directory)
+        except PairError as e:
+            raise PairError(f"{arg}: {e}") from None
+        if m.direction != direction:
+            raise PairError(f"{arg} {str(directory)!r} holds {m.direction} pairs, expected {direction} pairs")
+        if not m.shards:
+            raise PairError(f"{arg} {str(directory)!r} holds no completed shard")
+        if not m.complete and not allow_partial:
+            raise PairError(
+                f"{arg} {str(directory)!r} is incomplete ({m.count} of {m.n} pairs); rerun generate_pairs "
+                "with the same arguments to finish it, or pass allow_partial=True"
+            )
+        parts = [load_shard(directory, s, m.event_shape, verify=verify) for s in m.shards]
+        self.manifests[direction] = m
+        return (torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device))
+
+    def __len__(self) -> int:
+        return len(self.backward[0]) + (0 if self.forward is None else len(self.forward[0]))
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(x0, x1)`` of ``n`` pairs; element i is forward with probability ``rho`` (CPU generator)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        is_fwd = torch.rand(n, generator=generator) < self.rho
+        ib = torch.randint(len(self.backward[0]), (n,), generator=generator)
+        x0, x1 = (
+            self.backward[0][ib.to(self.backward[0].device)],
+            self.backward[1][ib.to(self.backward[0].device)],
+        )
+        if self.forward is not None and bool(is_fwd.any()):
+            f_idx = torch.randint(len(self.forward[0]), (n,), generator=generator)[is_fwd]
+            dev = x0.device
+            sel = is_fwd.nonzero().squeeze(1).to(dev)
+            x0[sel] = self.forward[0][f_idx.to(dev)]
+            x1[sel] = self.forward[1][f_idx.to(dev)]
+        return x0, x1
+
+
+# ------------------------------------------------------------------------------------------ projection
+def project_pairs(
+    x0_gen: Tensor,
+    x1: Tensor,
+    x0_real: Tensor,
+    *,
+    alpha: float = 1.0,
+    method: str = "ot",
+    epsilon: float = 0.05,
+    iters: int = 500,
+) -> tuple[Tensor, Tensor]:
+    """Minibatch coupling projection: move generated ``x0`` towards matched real data.
+
+    A CPU stand-in for Simple ReFlow's coupling projection (§2.2(6), Algorithms 1–2: GAN + Sinkhorn,
+    not public). This is a **reconstruction**: match the ``B`` generated ``x0_gen`` to the ``M >= B`` real
+    ``x0_real`` by optimal transport on the cost ``C_ij = ||x0_gen_i - x0_real_j||^2`` and return::
+
+        ((1 - alpha) x0_gen + alpha T(x0_gen), x1)
+
+    * ``method="ot"``: ``T`` is the exact assignment ``argmin_sigma sum_i C_{i sigma(i)}``
+      (``scipy.optimize.linear_sum_assignment``; scipy is optional, imported lazily).
+    * ``method="sinkhorn"``: entropic OT with uniform marginals, ``P = argmin <P, C> - eps' H(P)``
+      with ``eps' = epsilon * mean(C)`` (log-domain, ``iters`` iterations), and ``T`` the barycentric
+      projection ``T(x_i) = sum_j P_ij x0_real_j / sum_j P_ij`` (pure torch).
+
+    ``alpha = 0`` returns the inputs unchanged; ``x1`` is never modified.
+    """
+    if x0_gen.shape != x1.shape:
+        raise ValueError(f"x0_gen {tuple(x0_gen.shape)} and x1 {tuple(x1.shape)} must have the same shape")
+    if x0_real.shape[1:] != x0_gen.shape[1:]:
+        raise ValueError(
+            f"x0_real {tuple(x0_real.shape)} and x0_gen {tuple(x0_gen.shape)} differ in event shape"
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    b, m = x0_gen.shape[0], x0_real.shape[0]
+    if alpha == 0.0:
+        return x0_gen, x1
+    g = x0_gen.reshape(b, -1).double()
+    r = x0_real.reshape(m, -1).to(g)
+    cost = torch.cdist(g, r).square()
+    if method == "ot":
+        if m < b:
+            raise ValueError(
+                f"method='ot' gives each generated sample its own real one: needs M >= B, got {m} < {b}"
+            )
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            raise ImportError(
+                "project_pairs(method='ot') needs scipy: `pip install scipy` (or use method='sinkhorn')"
+            ) from None
+        rows, cols = linear_sum_assignment(cost.cpu().numpy())
+        idx = torch.empty(b, dtype=torch.long)
+        idx[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+        matched = x0_real[idx.to(x0_real.device)].to(x0_gen.dtype)
+    elif method == "sinkhorn":
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        eps = epsilon * float(cost.mean().clamp_min(1e-30))
+        log_a = torch.full((b, 1), -math.log(b), dtype=g.dtype, device=g.device)
+        log_b = torch.full((1, m), -math.log(m), dtype=g.dtype, device=g.device)
+        f = torch.zeros_like(log_a)
+        h = torch.zeros_like(log_b)
+        for _ in range(iters):
+            f = eps * log_a - eps * torch.logsumexp((h - cost) / eps, dim=1, keepdim=True)
+            h = eps * log_b - eps * torch.logsumexp((f - cost) / eps, dim=0, keepdim=True)
+        logp = (f + h - cost) / eps
+        w = torch.softmax(logp, dim=1)  # rows normalised: P_ij / sum_j P_ij
+        matched = (w @ r).reshape(x0_gen.shape).to(x0_gen.dtype)
+    else:
+        raise ValueError(f"method must be 'ot' or 'sinkhorn', got {method!r}")
+    return (1.0 - alpha) * x0_gen + alpha * matched, x1

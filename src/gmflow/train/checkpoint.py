@@ -1,0 +1,303 @@
+"""Checkpoints: safetensors weights + JSON config + a ``weights_only`` training state, written atomically.
+
+Layout of a run directory::
+
+    model.safetensors   raw weights
+    ema.safetensors     EMA weights (runs with an EMA)
+    config.json         {"train": TrainConfig dict, "model": {"class", "config"}, "step", ...}
+    state.pt            optimizer / scheduler / EMA counters / step (torch.load(weights_only=True))
+    checkpoint.json     manifest: step + {file: {size, sha256}}; the commit point of a checkpoint
+    log.csv             training log (not part of the checkpoint)
+
+A checkpoint is all files of one step. Saving writes every file to a hidden ``.NAME.pending`` file
+(temp file in the same directory, fsync, rename), then the manifest atomically (this is the commit),
+then renames the pending files into place. A crash before the manifest leaves the previous checkpoint
+untouched; a crash after it is completed on the next load ("roll forward"), so a run can be killed at
+any instant and still resume. Loading verifies sizes and SHA-256 against the manifest and raises
+:class:`CheckpointError` with a one-line message for anything missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "MANIFEST",
+    "atomic_write_bytes",
+    "save_checkpoint",
+    "has_checkpoint",
+    "read_manifest",
+    "load_checkpoint",
+    "load_model",
+    "build_model",
+]
+
+MANIFEST = "checkpoint.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FORMAT = "gmflow-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A missing, incomplete or corrupt checkpoint (one-line message)."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint loaded into memory (tensors on CPU)."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]
+    model_state: dict[str, Tensor]
+    ema_state: dict[str, Tensor] | None
+    train_state: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the file ordinary permissions
+            os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
+    return path
+
+
+def _unlink_quiet(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _pending(directory: Path, name: str) -> Path:
+    return directory / f".{name}.pending"
+
+
+def _safetensors_bytes(state: dict[str, Tensor], step: int) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return save(tensors, metadata={"format": "pt", "step": str(step)})
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    *,
+    step: int,
+    model_state: dict[str, Tensor],
+    config: dict[str, Any],
+    train_state: dict[str, Any],
+    ema_state: dict[str, Tensor] | None = None,
+) -> Path:
+    """Write the checkpoint of ``step`` into ``out_dir`` (see the module docstring); returns the manifest."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {
+        "model.safetensors": _safetensors_bytes(model_state, step),
+        "config.json": (json.dumps(config, indent=2, sort_keys=False) + "\n").encode(),
+        "state.pt": _torch_bytes({**train_state, "step": int(step)}),
+    }
+    if ema_state is not None:
+        files["ema.safetensors"] = _safetensors_bytes(ema_state, step)
+    for name, data in files.items():
+        atomic_write_bytes(_pending(d, name), data, sync_dir=False)
+    _fsync_dir(d)
+    manifest = {
+        "format": FORMAT,
+        "step": int(step),
+        "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()},
+    }
+    atomic_write_bytes(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # commit point
+    for name in files:
+        os.replace(_pending(d, name), d / name)
+    _fsync_dir(d)
+    return d / MANIFEST
+
+
+# ------------------------------------------------------------------------------------------ reading
+def has_checkpoint(out_dir: str | os.PathLike) -> bool:
+    """True if ``out_dir`` holds a checkpoint manifest (it may still fail verification)."""
+    return (Path(out_dir) / MANIFEST).is_file()
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed manifest of ``out_dir`` (no file verification)."""
+    d = Path(out_dir)
+    p = d / MANIFEST
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(d)!r} does not exist")
+    if not p.is_file():
+        raise CheckpointError(
+            f"no checkpoint in {str(d)!r} ({MANIFEST} missing: not a run directory, or no "
+            "checkpoint was completed)"
+        )
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+        if m.get("format") != FORMAT or not isinstance(m.get("files"), dict):
+            raise ValueError("unknown format")
+        int(m["step"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"corrupt checkpoint manifest {str(p)!r}: {e}") from None
+    return m
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _matches(path: Path, meta: dict[str, Any]) -> bool:
+    try:
+        if path.stat().st_size != meta["size"]:
+            return False
+        return _digest(path)[1] == meta["sha256"]
+    except OSError:
+        return False
+
+
+def _verified_path(d: Path, name: str, meta: dict[str, Any]) -> Path:
+    """Path holding the manifest's content of ``name``; completes an interrupted save if needed."""
+    final, pending = d / name, _pending(d, name)
+    if pending.exists() and _matches(pending, meta):
+        try:
+            os.replace(pending, final)  # roll forward a save interrupted after its commit
+        except OSError:
+            return pending  # read-only directory: read the pending copy
+        return final
+    if not final.exists():
+        raise CheckpointError(f"checkpoint {str(d)!r} is incomplete: {name} is missing")
+    if not _matches(final, meta):
+        raise CheckpointError(
+            f"checkpoint {str(d)!r} is corrupt: {name} does not match the manifest (size/sha256 differ)"
+        )
+    return final
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+
+
+def load_checkpoint(out_dir: str | os.PathLike) -> Checkpoint:
+    """Verify and load the checkpoint in ``out_dir`` (tensors on CPU)."""
+    d = Path(out_dir)
+    m = read_manifest(d)
+    files = m["files"]
+    for required in ("model.safetensors", "config.json", "state.pt"):
+        if required not in files:
+            raise CheckpointError(f"checkpoint manifest in {str(d)!r} does not list {required}")
+    paths = {name: _verified_path(d, name, meta) for name, meta in files.items()}
+    try:
+        config = json.loads(paths["config.json"].read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read {str(paths['config.json'])!r}: {e}") from None
+    try:
+        state = torch.load(paths["state.pt"], map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"cannot read {str(paths['state.pt'])!r}: {' '.join(str(e).split())}") from None
+    ema = _load_safetensors(paths["ema.safetensors"]) if "ema.safetensors" in paths else None
+    return Checkpoint(
+        path=d,
+        step=int(m["step"]),
+        config=config,
+        model_state=_load_safetensors(paths["model.safetensors"]),
+        ema_state=ema,
+        train_state=state,
+    )
+
+
+def build_model(model_info: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from ``config.json["model"]`` = ``{"class": name, "config": kwargs}``.
+
+    ``name`` must be a class of :mod:`gmflow.nn` with a ``from_config`` class method.
+    """
+    from .. import nn as gnn
+
+    name = model_info.get("class") if isinstance(model_info, dict) else None
+    cls = getattr(gnn, str(name), None)
+    if cls is None or not hasattr(cls, "from_config") or not isinstance(model_info.get("config"), dict):
+        raise CheckpointError(f"config.json does not describe a rebuildable gmflow.nn model (class {name!r})")
+    try:
+        return cls.from_config(model_info["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot rebuild {name} from config.json: {e}") from None
+
+
+def load_model(
+    path: str | os.PathLike, *, use_ema: bool = True, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """Load the network of a run directory: ``(model in eval mode, TrainConfig)``.
+
+    ``use_ema=True`` loads the EMA weights when the run kept an EMA, the raw weights otherwise;
+    ``use_ema=False`` always loads the raw weights.
+    """
+    from .config import ConfigError, TrainConfig
+
+    ck = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ck.config.get("train", {}))
+    except ConfigError as e:
+        raise CheckpointError(f"config.json in {str(path)!r} is not a valid training config: {e}") from None
+    model = build_model(ck.config.get("model", {}))
+    state = ck.ema_state if (use_ema and ck.ema_state is not None) else ck.model_state
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointError(
+            f"weights in {str(path)!r} do not fit the model in config.json: {msg[:300]}"
+        ) from None
+    return model.to(device).eval().requires_grad_(False), cfg
