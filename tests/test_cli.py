@@ -1,4 +1,6 @@
-"""Tests for the ``gmflow`` command line: kill/resume, signals, error handling, dry-run, sample, eval."""
+"""Tests for the ``gmflow`` command line: kill/resume, signals, error handling, dry-run, sample, eval.
+
+The kill/resume tests run ``python -m gmflow train`` in subprocesses (this also covers ``-m gmflow``)."""
 
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def reference(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_identical_weights(reference, tmp_path):
     d = tmp_path / "run"
     p = _cli(TRAIN, d)
@@ -108,6 +111,7 @@ def test_sigkill_then_rerun_resumes_to_identical_weights(reference, tmp_path):
     _assert_same_weights(reference, d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_checkpoint_and_exits(reference, tmp_path, sig, code):
     d = tmp_path / "run"
@@ -389,10 +393,3 @@ def test_bench_subcommand(capsys):
         assert "not available" in _err_line(capsys)
     else:
         assert main(["bench", "toy2d", "--help"]) == 0
-
-
-def test_python_dash_m_gmflow_help():
-    res = subprocess.run(
-        [sys.executable, "-m", "gmflow", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert res.returncode == 0 and "train" in res.stdout and "sample" in res.stdout

@@ -82,6 +82,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return d, res
 
 
+@pytest.mark.slow
 def test_ddp_gradient_equals_single_process_gradient(ddp_run):
     d, res = ddp_run
     assert (d / "grads.pt").is_file(), res.stderr[-3000:]
@@ -94,6 +95,7 @@ def test_ddp_gradient_equals_single_process_gradient(ddp_run):
         assert torch.allclose(ddp_grads[n], p.grad, rtol=1e-6, atol=1e-12), n
 
 
+@pytest.mark.slow
 def test_two_process_gmflow_train(ddp_run):
     d, res = ddp_run
     assert res.returncode == 0, res.stderr[-3000:]

@@ -178,16 +178,27 @@ def test_cache_hit_loads_identical_weights(cache, clf8):
 
 
 def test_corrupt_cache_is_retrained(tmp_path, clf8):
-    path = tmp_path / clf8.cache_path.name
+    tiny = dict(epochs=1)  # any budget: this test only needs the file name and a retrain
+    key = im._cache_key(8, 0, clf8.config, {**im.DEFAULT_TRAIN, **tiny})
+    path = tmp_path / f"digits_classifier_8_{key}.safetensors"
     path.write_bytes(clf8.cache_path.read_bytes()[:100] + b"garbage")
     with pytest.warns(UserWarning, match="retraining"):
-        fresh = get_classifier(8, cache_dir=tmp_path, seed=0, **FAST)
-    assert not fresh.loaded_from_cache
-    s1, s2 = clf8.state_dict(), fresh.state_dict()  # seeded training is reproducible
-    assert all(torch.allclose(s1[k], s2[k], atol=1e-5) for k in s1)
+        fresh = get_classifier(8, cache_dir=tmp_path, seed=0, **tiny)
+    assert not fresh.loaded_from_cache and fresh.cache_path == path
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the rewritten file is valid again
-        assert get_classifier(8, cache_dir=tmp_path, seed=0, **FAST).loaded_from_cache
+        warnings.simplefilter("error")  # the rewritten file is valid again and holds the new weights
+        again = get_classifier(8, cache_dir=tmp_path, seed=0, **tiny)
+    assert again.loaded_from_cache
+    s1, s2 = fresh.state_dict(), again.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_training_is_seeded():
+    a, b = im.train_classifier(8, 3, epochs=1), im.train_classifier(8, 3, epochs=1)
+    c = im.train_classifier(8, 4, epochs=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["trunk.0.weight"], sc["trunk.0.weight"])
 
 
 def test_untrusted_cache_files_are_rejected(tmp_path, clf8):
@@ -247,7 +258,8 @@ def test_image_metrics_errors(clf8):
         image_metrics(tr[:20], tr, clf8)
 
 
-@pytest.mark.slow
-def test_default_16x16_classifier(cache):
-    clf = get_classifier(16, cache_dir=cache)
-    assert clf.test_accuracy >= 0.95
+def test_16x16_classifier_short_budget(cache):
+    clf = get_classifier(16, cache_dir=cache, epochs=4)
+    assert clf.size == 16 and clf.test_accuracy >= 0.90
+    x = Digits(16, "test").tensor()
+    assert clf.features(x).shape == (len(x), clf.feature_dim)

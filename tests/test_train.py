@@ -132,9 +132,11 @@ def test_validation_names_the_field(sets, field):
         apply_sets(get_preset("toy-smoke"), sets).validate()
 
 
-def test_validate_catches_wrong_python_types():
+def test_validate_catches_wrong_python_types(tmp_path):
     with pytest.raises(ConfigError, match="steps"):
         dataclasses.replace(get_preset("toy-smoke"), steps="10").validate()
+    cfg = dataclasses.replace(get_preset("toy-smoke"), out_dir=tmp_path)  # a Path is accepted
+    assert cfg.validate().out_dir == str(tmp_path) and cfg.to_dict()["out_dir"] == str(tmp_path)
 
 
 def test_load_overrides_yaml_and_toml(tmp_path):

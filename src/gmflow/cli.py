@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _fmt(**kw: Any) -> dict[str, Any]:
-    return {"formatter_class": argparse.RawDescriptionHelpFormatter, **kw}
+def _fmt(description: str, epilog: str | None = None) -> dict[str, Any]:
+    """Wrapped description, verbatim epilog (examples)."""
+    return {
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+        "description": textwrap.fill(description, 88),
+        "epilog": epilog,
+    }
 
 
 def _positive(name: str):
@@ -73,18 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="gmflow",
-        description="Few-step generative flows (GMFlow, flow matching): train, "
-        "sample and evaluate toy models.",
-        **_fmt(epilog="run 'gmflow COMMAND --help' for details"),
+        **_fmt(
+            "Few-step generative flows (GMFlow, flow matching): train, sample and evaluate toy models.",
+            "run 'gmflow COMMAND --help' for details and examples",
+        ),
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser(
         "train",
         help="train a model from a preset (resumes automatically)",
-        description="Train a model from a named preset plus overrides. Running the same "
-        "command again resumes from the checkpoint in --out.",
-        **_fmt(epilog=TRAIN_EPILOG),
+        **_fmt(
+            "Train a model from a named preset plus overrides. Running the same command again resumes "
+            "from the checkpoint in --out.",
+            TRAIN_EPILOG,
+        ),
     )
     t.add_argument(
         "--preset", default="toy-gmflow", help="named config (default: toy-gmflow; see --list-presets)"
@@ -109,12 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "sample",
         help="draw samples from a trained model",
-        description="Draw samples from a checkpoint (EMA weights by default) with any solver; "
-        "save them as .pt/.npy and, for 2-D data, a histogram PNG.",
-        **_fmt(epilog=SAMPLE_EPILOG),
+        **_fmt(
+            "Draw samples from a checkpoint (EMA weights by default) with any solver; save them as "
+            ".pt/.npy and, for 2-D data, a histogram PNG.",
+            SAMPLE_EPILOG,
+        ),
     )
     _ckpt_args(s)
-    s.add_argument("--solver", required=True, choices=SOLVERS, help="sampler")
+    s.add_argument(
+        "--solver", required=True, choices=SOLVERS, metavar="SOLVER", help=f"one of: {', '.join(SOLVERS)}"
+    )
     s.add_argument("--nfe", type=_positive("--nfe"), required=True, help="network evaluations per sample")
     s.add_argument("--order", type=int, choices=(1, 2), default=1, help="GM solvers: 1st or 2nd order")
     s.add_argument(
@@ -129,17 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="sample quality table for toy 2-D models",
-        description="Sample with several solvers and NFEs and print sliced-W2 (and its ratio to "
-        "the data-vs-data floor), MMD and, for the checkerboard, in-support fraction and cell-mass "
-        "KL. Writes the table as JSON next to the checkpoint.",
-        **_fmt(epilog=EVAL_EPILOG),
+        **_fmt(
+            "Sample with several solvers and NFEs and print sliced-W2 (and its ratio to the "
+            "data-vs-data floor), MMD and, for the checkerboard, in-support fraction and cell-mass KL. "
+            "Writes the table as JSON next to the checkpoint.",
+            EVAL_EPILOG,
+        ),
     )
     _ckpt_args(e)
     e.add_argument(
         "--solvers",
         nargs="+",
         choices=SOLVERS,
-        help="default: gm-sde gm-ode euler (GM models), euler dpm++2m (velocity models)",
+        metavar="SOLVER",
+        help=f"any of: {', '.join(SOLVERS)} (default: gm-sde gm-ode euler for GM models, "
+        "euler dpm++2m for velocity models)",
     )
     e.add_argument(
         "--nfes", nargs="+", type=_positive("--nfes"), default=[1, 2, 4, 8], help="default 1 2 4 8"
@@ -153,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="reproducible benchmarks (JSON + figures)",
-        description="Run a benchmark script; 'gmflow bench toy2d --help' lists its options.",
+        **_fmt("Run a benchmark script; 'gmflow bench toy2d --help' lists its options."),
     )
     b.add_argument("name", choices=("toy2d",), help="benchmark")
     b.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options")
@@ -164,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _ckpt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="DIR", help="run directory written by 'gmflow train'")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--batch", type=_positive("--batch"), default=8192, help="samples per solver call")
+    p.add_argument(
+        "--batch", type=_positive("--batch"), default=8192, help="samples per solver call (default 8192)"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 

@@ -118,7 +118,9 @@ def histogram_grid(
             pts = _to_numpy_points(x)
             n = max(len(pts), 1)
             pts = pts[np.isfinite(pts).all(axis=1)]
-            h, _, _ = np.histogram2d(pts[:, 0], pts[:, 1], bins=bins, range=[[-range, range], [-range, range]])
+            h, _, _ = np.histogram2d(
+                pts[:, 0], pts[:, 1], bins=bins, range=[[-range, range], [-range, range]]
+            )
             rel = h / (n * bin_area) / ref_density
             ax.imshow(
                 np.clip(rel.T, 0.0, vmax),
@@ -183,12 +185,13 @@ def metric_curves(
     ax = fig.subplots()
     xs_all: set[float] = set()
     ys_all: list[float] = []
-    for key, pts in groups.items():
+    for i, (key, pts) in enumerate(groups.items()):
         pts.sort()
         xs, ys = zip(*pts)
         xs_all.update(xs)
         ys_all.extend(ys)
-        ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, label=_group_label(key))
+        style = ("-", "--", ":", "-.")[(i // 10) % 4]  # the colour cycle has 10 colours
+        ax.plot(xs, ys, style, marker="o", markersize=3.5, linewidth=1.4, label=_group_label(key))
     if floor is not None:
         ax.axhline(floor, color="0.35", linestyle="--", linewidth=1.0, label="floor")
         ys_all.append(float(floor))
@@ -259,6 +262,7 @@ def image_grid(
     def write(f: Any) -> None:
         from PIL import Image
 
-        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")  # uint8 (H, W) -> L, (H, W, 3) -> RGB
+        # uint8 (H, W) -> mode L, (H, W, 3) -> RGB
+        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
 
     return _atomic_write(path, write)

@@ -3,4 +3,13 @@
 from gmflow.data.gmm import GaussianMixtureData, ring_gmm
 from gmflow.data.toy2d import TOY2D_NAMES, Checkerboard, SwissRoll, Toy2D, TwoMoons, make_toy2d
 
-__all__ = ["GaussianMixtureData", "ring_gmm", "TOY2D_NAMES", "Checkerboard", "SwissRoll", "Toy2D", "TwoMoons", "make_toy2d"]
+__all__ = [
+    "GaussianMixtureData",
+    "ring_gmm",
+    "TOY2D_NAMES",
+    "Checkerboard",
+    "SwissRoll",
+    "Toy2D",
+    "TwoMoons",
+    "make_toy2d",
+]

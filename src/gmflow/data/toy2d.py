@@ -14,6 +14,7 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,22 +111,22 @@ class Checkerboard(Toy2D):
         x = torch.as_tensor(x)
         if x.ndim != 2 or x.shape[1] != 2:
             raise ValueError(f"x must have shape (n, 2), got {tuple(x.shape)}")
-        x = x.detach().to(device="cpu", dtype=torch.float64)
-        finite = torch.isfinite(x).all(dim=1)
-        g = (torch.where(torch.isfinite(x), x, 0.0) / self.scale + 1.0) / 0.5  # grid units, cells [k, k+1)
-        lut = torch.full((4, 4), -1, dtype=torch.long)
-        c = self.cells()
-        lut[c[:, 0], c[:, 1]] = torch.arange(self.n_cells)
-        idx = torch.full((x.shape[0],), -1, dtype=torch.long)
+        # numpy: a handful of vectorised ops, no intra-op thread pool (cheap even on a busy machine)
+        a = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        finite = np.isfinite(a).all(axis=1)
+        g = (np.where(np.isfinite(a), a, 0.0) / self.scale + 1.0) / 0.5  # grid units, cell k = [k, k+1)
         tol = self._EDGE_TOL
-        for dx in (0.0, -tol, tol):
-            for dy in (0.0, -tol, tol):
-                ij = torch.floor(g + torch.tensor([dx, dy], dtype=torch.float64))
-                ok = ((ij >= 0) & (ij <= 3)).all(dim=1)
-                ij = ij.clamp(0, 3).long()
-                cand = torch.where(ok, lut[ij[:, 0], ij[:, 1]], -1)
-                idx = torch.where(idx < 0, cand, idx)
-        return torch.where(finite, idx, torch.full_like(idx, -1))
+        cand = np.floor(g[:, :, None] + np.array([0.0, -tol, tol]))  # (n, 2, 3): unperturbed first
+        ok = (cand >= 0) & (cand <= 3)
+        cand = np.clip(cand, 0, 3).astype(np.int64)
+        lut = np.full((4, 4), -1, dtype=np.int64)
+        c = self.cells().numpy()
+        lut[c[:, 0], c[:, 1]] = np.arange(self.n_cells)
+        combos = lut[cand[:, 0, :, None], cand[:, 1, None, :]]  # (n, 3, 3)
+        combos = np.where(ok[:, 0, :, None] & ok[:, 1, None, :], combos, -1).reshape(len(a), 9)
+        first = np.argmax(combos >= 0, axis=1)  # first valid combination (0 if none)
+        idx = np.where(finite, combos[np.arange(len(a)), first], -1)
+        return torch.from_numpy(idx)
 
     def in_support(self, x: Tensor) -> Tensor:
         """Boolean ``(n,)``: the point lies in one of the 8 squares (non-finite points are outside)."""

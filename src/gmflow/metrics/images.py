@@ -110,10 +110,11 @@ class DigitClassifier(nn.Module):
         self.eval()
         try:
             feats, logits = [], []
-            for chunk in x.split(batch_size):
-                f = self.trunk(chunk)
-                feats.append(f.float().cpu())
-                logits.append(self.classifier(f).float().cpu())
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                for chunk in x.split(batch_size):
+                    f = self.trunk(chunk)
+                    feats.append(f.float().cpu())
+                    logits.append(self.classifier(f).float().cpu())
         finally:
             self.train(was_training)
         return torch.cat(feats), torch.cat(logits)
@@ -148,7 +149,7 @@ def train_classifier(
     tr = Digits(size, "train", seed=hp["split_seed"])
     te = Digits(size, "test", seed=hp["split_seed"])
     x, y = tr.tensor(), tr.labels()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), torch.autocast("cpu", enabled=False):
         torch.manual_seed(seed)
         model = DigitClassifier(size, **(arch or {}))
         opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])

@@ -51,9 +51,10 @@ def _points(x: Any, name: str, *, min_n: int = 2, finite: bool = True) -> Tensor
     if not (t.dtype.is_floating_point or t.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"{name} must be a real tensor, got dtype {t.dtype}")
     t = t.detach().to(device="cpu", dtype=torch.float64)
-    if finite and not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t).all(dim=1)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite point(s) (NaN or inf)")
+    if finite:
+        ok = np.isfinite(t.numpy()).all(axis=1)
+        if not ok.all():
+            raise ValueError(f"{name} contains {int((~ok).sum())} non-finite point(s) (NaN or inf)")
     return t
 
 
@@ -77,7 +78,9 @@ def _w2_sq_sorted(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     if n == m:
         return np.square(xs - ys).mean(axis=1)
     # merged breakpoints, exact in integers: k / (n*m) with k in {i*m} U {j*n}
-    k = np.unique(np.concatenate([np.arange(n + 1, dtype=np.int64) * m, np.arange(m + 1, dtype=np.int64) * n]))
+    k = np.unique(
+        np.concatenate([np.arange(n + 1, dtype=np.int64) * m, np.arange(m + 1, dtype=np.int64) * n])
+    )
     w = np.diff(k) / (n * m)  # interval lengths, sum to 1
     left = k[:-1]
     return (np.square(xs[:, left // m] - ys[:, left // n]) * w).sum(axis=1)
@@ -123,7 +126,9 @@ def _draw(sampler: Any, n: int, generator: torch.Generator) -> Tensor:
         return sampler.sample(n, generator=generator)
     if callable(sampler):
         return sampler(n, generator)
-    raise ValueError("sampler must be callable as sampler(n, generator) or have a .sample(n, generator=) method")
+    raise ValueError(
+        "sampler must be callable as sampler(n, generator) or have a .sample(n, generator=) method"
+    )
 
 
 def sw2_floor(
@@ -153,7 +158,8 @@ def sw2_floor(
     g = torch.Generator().manual_seed(int(seed))
     ref = _points(_draw(sampler, n, g), "reference")
     vals = [
-        sliced_w2_mean(_draw(sampler, n, g), ref, seeds=seeds, n_projections=n_projections) for _ in range(repeats)
+        sliced_w2_mean(_draw(sampler, n, g), ref, seeds=seeds, n_projections=n_projections)
+        for _ in range(repeats)
     ]
     return sum(vals) / repeats
 

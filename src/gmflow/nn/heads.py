@@ -163,9 +163,29 @@ class GMHead(_Head):
             raise ValueError(
                 "logstd_features must be given exactly when the head was built with logstd_in_features"
             )
+        fused = (
+            self.logstd is not None
+            and logstd_features is None
+            and self.logstd.hidden is None
+            and not self.logstd.detach
+        )
+        if fused:
+            # one matmul for means, logits and log-std (same parameters, fewer passes over features)
+            lin = self.logstd.net
+            weight = torch.cat([self.means.weight, self.logits.weight, lin.weight])
+            bias = torch.cat([self.means.bias, self.logits.bias, lin.bias])
+            if self.fp32:
+                with torch.autocast(device_type=features.device.type, enabled=False):
+                    out = torch.nn.functional.linear(features.to(weight.dtype), weight, bias)
+            else:
+                out = torch.nn.functional.linear(features, weight, bias)
+            out = _at_least_fp32(out)
+            means = out[:, : k * c].reshape(b, k, c)
+            logweights = torch.log_softmax(out[:, k * c : k * c + k], dim=1).unsqueeze(2)
+            return GaussianMixture(means, logweights, out[:, k * c + k :].reshape(b, 1, 1))
         means = _at_least_fp32(self._run(self.means, features)).reshape(b, k, c)
-        logits = _at_least_fp32(self._run(self.logits, features)).reshape(b, k, 1)
-        logweights = torch.log_softmax(logits, dim=1)
+        logits = _at_least_fp32(self._run(self.logits, features))
+        logweights = torch.log_softmax(logits, dim=1).unsqueeze(2)
         if self.logstd is None:
             logstds = means.new_full((b, 1, 1), self.constant_logstd)
         else:

@@ -49,13 +49,9 @@ from torch import Tensor, nn
 
 from ..gm import GaussianMixture
 from .embeddings import TimestepEmbedding
-from .heads import LogStdHead, kaiming_linear_
+from .heads import LogStdHead, _at_least_fp32, kaiming_linear_
 
 __all__ = ["SmallUNet"]
-
-
-def _at_least_fp32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _groups(channels: int, max_groups: int = 8) -> int:

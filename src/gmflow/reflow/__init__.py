@@ -10,9 +10,13 @@ Example::
     generate_pairs(teacher, "pairs/fwd", direction="forward", n=20_000, data=teacher, solver="heun", nfe=33)
     ds = PairDataset("pairs/bwd", "pairs/fwd", rho=0.4)   # rerun generate_pairs to resume a killed run
     x0, x1 = ds.sample(256, generator=g)
+
+    cfg = ReflowConfig(normalize=True, time_sampler="pow10", rho=0.4, steps=5000, out_dir="runs/srf")
+    result = train_reflow(cfg, teacher_net, ds)   # student = copy of teacher_net; run again to resume
 """
 
 from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
+from .losses import error_distance, hpf_operator, normalized, reflow_distance
 from .pairs import (
     PairDataset,
     PairError,
@@ -26,8 +30,30 @@ from .pairs import (
     shard_seed,
     teacher_hash,
 )
+from .train import (
+    RECIPES,
+    ReflowConfig,
+    ReflowError,
+    apply_reflow_sets,
+    reflow_batch_fn,
+    reflow_objective,
+    set_dropout,
+    train_reflow,
+)
 
 __all__ = [
+    "RECIPES",
+    "ReflowConfig",
+    "ReflowError",
+    "apply_reflow_sets",
+    "error_distance",
+    "hpf_operator",
+    "normalized",
+    "reflow_batch_fn",
+    "reflow_distance",
+    "reflow_objective",
+    "set_dropout",
+    "train_reflow",
     "PairDataset",
     "PairError",
     "PairManifest",

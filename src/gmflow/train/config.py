@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,6 +118,8 @@ class TrainConfig:
         from ..data.toy2d import TOY2D_NAMES
         from ..flow import TIME_SAMPLERS
 
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
         m = self.model
         for key in field_keys(self):
             obj, name = self, key

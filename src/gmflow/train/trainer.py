@@ -227,9 +227,9 @@ def _prepare_out_dir(d: Path) -> None:
         raise ConfigError(f"out_dir {str(d)!r} is not writable: {e.strerror or e}") from None
 
 
-def _agree(ok: bool) -> bool:
-    """True iff ``ok`` holds on every rank."""
-    t = torch.tensor([0.0 if ok else 1.0])
+def _agree(ok: bool, device: torch.device) -> bool:
+    """True iff ``ok`` holds on every rank (a tensor on ``device``: nccl reduces CUDA tensors only)."""
+    t = torch.tensor([0.0 if ok else 1.0], device=device)
     return float(all_reduce_sum(t)) == 0.0
 
 
@@ -283,7 +283,7 @@ def train(
                     _prepare_out_dir(out_dir)
                 except ConfigError as e:
                     err = e
-            if not _agree(err is None):
+            if not _agree(err is None, info.device):
                 raise err or ConfigError(f"out_dir {str(out_dir)!r} is not writable on rank 0")
         if model is None:
             from ..nn import ToyMLP
@@ -391,13 +391,8 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
                     )
                 loss = per.float().mean()
                 sig = trap.received
-                stats = torch.stack(
-                    [
-                        loss.detach().cpu(),
-                        torch.tensor(float(sig == signal.SIGINT)),
-                        torch.tensor(float(sig == signal.SIGTERM)),
-                    ]
-                )
+                flags = [float(sig == signal.SIGINT), float(sig == signal.SIGTERM)]
+                stats = torch.cat([loss.detach().reshape(1), torch.tensor(flags, device=loss.device)])
                 stats = all_reduce_sum(stats).tolist()
                 gloss = stats[0] / info.world_size
                 if not math.isfinite(gloss):

@@ -1,0 +1,635 @@
+"""Simple ReFlow ladder: each improvement of Simple ReFlow added cumulatively, on three CPU test beds.
+
+    gmflow bench reflow --preset quick --out runs/reflow-quick     # run again to reuse finished work
+
+Test beds (research/simple_reflow.md §6.1):
+
+* ``checkerboard``: the teacher is an FM ToyMLP trained here with the shared trainer (OUT/teachers).
+* ``ring`` (8-mode GMM): the teacher is the EXACT GMM velocity ``ring_gmm().velocity``, so the pairs
+  are exact up to the pair solver. A network cannot be copied from it, so the student is first trained
+  from scratch with plain FM on the ring (OUT/teachers/ring-init) and ReFlow starts from that network.
+* ``digits`` (sklearn digits, 16x16): the teacher is a SmallUNet trained with FM; the metric is the
+  classifier-feature Fréchet distance of ``gmflow.metrics.images`` (skipped with a note if missing).
+
+Ladder (each rung adds one change to the previous one; every model is evaluated at each NFE with the
+same noise):
+
+=============== ===========================================================================================
+teacher         the teacher itself, Euler on the uniform grid
+2rf             student = copy of the teacher; uniform t, velocity MSE, teacher dropout, backward pairs
+                only; Euler, uniform grid (2-rectified flow)
++norm           per-sample loss normalisation ``l / sg[l]``
++pow10          ``t ∝ 10^t``
++hpf            HPF distance with weight lambda (images only; not run on 2-D)
++dropout        smaller student dropout (images only: the toy MLP has no dropout)
++forward        forward pairs with ratio rho
++projection     minibatch-OT coupling projection of the backward pairs, ``x0 <- (1-a) x0 + a OT(x0)``
++sigmoid        sigmoid time grid (kappa); same student, inference only
++dpm            DPM-Solver-2 (r); inference only
+full            + AutoGuidance: weak model = the +projection student's checkpoint after ``weak_frac`` of
+                its steps; ``w`` in the EDM2 lerp convention (w = 1 is none; the paper's 0.6 is 1.6 here).
+                The guide costs one extra network call per step, which NFE does not count (EDM2).
+=============== ===========================================================================================
+
+Outputs: ``results.json`` (records with dataset, variant, nfe, the metric: ``sw2`` + ``sw2_floor`` on 2-D,
+``fd`` on digits, and ``rel_change`` vs the previous rung), ``results.md``, ``diagnostics.json``
+(straightness, one-step error, per-t relative loss spread), NFE-vs-metric PNGs, histograms / digit grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
+from ..sampling import sample
+from .oracle import write_json_atomic, write_text_atomic
+
+TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
+LADDER = ("teacher", *TRAIN_RUNGS, "+sigmoid", "+dpm", "full")
+IMAGE_ONLY = ("+hpf", "+dropout")
+REF_SEED = 20251121
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Budget of one test bed: teacher training, pairs, ReFlow training and evaluation."""
+
+    teacher_steps: int
+    reflow_steps: int
+    batch: int
+    reflow_batch: int
+    lr: float
+    reflow_lr: float
+    n_bwd: int
+    n_fwd: int
+    pair_nfe: int
+    n_eval: int
+    n_diag: int  # held-out test pairs and diagnostic samples
+    width: int = 128  # toy MLP width / UNet base
+    depth: int = 3
+
+
+@dataclass(frozen=True)
+class BenchPreset:
+    description: str
+    toy: Sizes
+    digits: Sizes
+    datasets: tuple[str, ...] = ("checkerboard", "ring", "digits")
+    nfes: tuple[int, ...] = (1, 2, 4, 9)
+    rho: float = 0.4
+    alpha: float = 0.5
+    kappa: float = 5.0
+    r: float = 0.4
+    guidance: float = 1.6
+    hpf_lambda: float = 10.0
+    teacher_dropout: float = 0.13
+    student_dropout: float = 0.05
+    weak_frac: float = 0.1
+    classifier_epochs: int = 15
+    image_sweeps: bool = False  # inference sweeps on digits too (always on 2-D)
+
+
+PRESETS: dict[str, BenchPreset] = {
+    "quick": BenchPreset(
+        "<= 10 min on 2 idle cores: 3x128 MLPs, a base-16 UNet, short runs",
+        toy=Sizes(1500, 600, 512, 512, 2e-3, 5e-4, 20000, 10000, 32, 5000, 2000),
+        digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 200, 200, width=16),
+    ),
+    "full": BenchPreset(
+        "about an hour on 2 cores: 4x256 MLPs, a base-32 UNet, longer runs, more samples",
+        toy=Sizes(6000, 3000, 1024, 1024, 1e-3, 3e-4, 100000, 30000, 64, 20000, 5000, width=256, depth=4),
+        digits=Sizes(4000, 1000, 128, 128, 1e-3, 2e-4, 10000, 1437, 32, 1000, 500, width=32),
+        image_sweeps=True,
+    ),
+    "smoke": BenchPreset(
+        "smoke test (seconds; not meaningful)",
+        toy=Sizes(30, 10, 128, 128, 1e-3, 1e-3, 512, 256, 4, 500, 200, width=32, depth=2),
+        digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 80, 80, width=8),
+        datasets=("checkerboard", "ring"),
+        nfes=(1, 2),
+        classifier_epochs=1,
+    ),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", default="quick", help=f"benchmark preset: {', '.join(PRESETS)} (default quick)"
+    )
+    p.add_argument("--out", default=None, help="output directory (default: runs/reflow-<preset>)")
+    p.add_argument("--datasets", nargs="+", default=None, help="subset of checkerboard, ring, digits")
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# ------------------------------------------------------------------------------------------ test beds
+def _digits_available() -> str | None:
+    try:
+        import sklearn  # noqa: F401
+
+        from ..data.digits import Digits  # noqa: F401
+        from ..metrics.images import get_classifier, image_metrics  # noqa: F401
+        from ..nn.unet import SmallUNet  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def _toy_cfg(name: str, s: Sizes, out_dir: Path, seed: int):
+    from ..train import apply_sets, get_preset
+
+    return apply_sets(get_preset("toy-fm"), [
+        f"data.name={name}", f"steps={s.teacher_steps}", f"batch_size={s.batch}", f"lr={s.lr}",
+        f"warmup_steps={max(1, s.teacher_steps // 20)}", f"model.width={s.width}", f"model.depth={s.depth}",
+        "model.time_dim=64", "model.pos_freqs=16", f"seed={seed}", f"out_dir={out_dir}",
+        f"ckpt_every={max(1, s.teacher_steps // 4)}", "log_every=50",
+    ])  # fmt: skip
+
+
+def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
+    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
+    from ..train import load_model, train
+    from ..train.objectives import make_batch_fn
+
+    d = out / "teachers" / ("ring-init" if name == "ring" else name)
+    if name == "digits":
+        from ..nn.unet import SmallUNet
+
+        s = pr.digits
+        cfg = dataclasses.replace(_toy_cfg("checkerboard", s, d, seed), ema="power")  # data.name: placeholder
+        torch.manual_seed(seed)
+        net = SmallUNet(1, s.width, (1, 2), dropout=pr.teacher_dropout, head="velocity", image_size=16)
+        train(cfg, model=net, batch_fn=make_batch_fn(cfg, bed["data"]), progress=progress, verbose=progress)
+    else:
+        train(_toy_cfg(name, pr.toy, d, seed), progress=progress, verbose=progress)
+    return load_model(d)[0]
+
+
+def _setup(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    from ..data import make_toy2d
+
+    g = torch.Generator().manual_seed(REF_SEED)
+    if name == "digits":
+        from ..data.digits import Digits
+        from ..metrics.images import frechet_distance, get_classifier
+
+        data = Digits(16, "train")
+        clf = get_classifier(16, cache_dir=out / "classifier", epochs=pr.classifier_epochs)
+        ref = data.tensor()
+        floor = frechet_distance(clf.features(ref), clf.features(Digits(16, "test").tensor()))
+        bed = dict(data=data, sizes=pr.digits, ref=ref, floor=floor, clf=clf, shape=(1, 16, 16))
+        bed["fwd_data"] = ref[: pr.digits.n_fwd]
+    else:
+        data = make_toy2d(name)
+        s = pr.toy
+        ref = data.sample(s.n_eval, generator=g)
+        floor = sw2_floor(data, s.n_eval, seed=REF_SEED)
+        bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data)
+    net = _train_teacher(name, bed, pr, out, seed, progress)
+    bed["init"] = net  # the network every student starts from
+    bed["teacher"] = data if name == "ring" else net  # exact GM teacher for the ring
+    bed["noise"] = torch.randn(
+        bed["sizes"].n_eval, *bed["shape"], generator=torch.Generator().manual_seed(seed + 7)
+    )
+    return bed
+
+
+def _metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    rec: dict[str, Any] = {"nonfinite": int((~finite).sum())}
+    if name == "digits":
+        from ..metrics.images import image_metrics
+
+        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), bed["ref"], bed["clf"])
+        rec.update(fd=m["fd"], fd_floor=bed["floor"], precision=m["precision"], recall=m["recall"])
+        return rec
+    xf = x[finite]
+    sw2 = sliced_w2_mean(xf, bed["ref"]) if len(xf) >= 2 else math.inf
+    rec.update(sw2=sw2, sw2_floor=bed["floor"], sw2_ratio=sw2 / bed["floor"])
+    if name == "checkerboard":
+        rec["in_support"] = in_support_fraction(x)
+    return rec
+
+
+def _metric_name(name: str) -> str:
+    return "fd" if name == "digits" else "sw2"
+
+
+# ------------------------------------------------------------------------------------------ pairs
+def _pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
+    from ..reflow import PairDataset, generate_pairs
+
+    s, d = bed["sizes"], out / "pairs" / name
+    teacher = bed["teacher"]
+    common = dict(shard_size=4096, progress=progress)
+    generate_pairs(teacher, d / "backward", direction="backward", n=s.n_bwd, solver="dpm++2m",
+                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
+    generate_pairs(teacher, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
+                   nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
+    generate_pairs(teacher, d / "test", direction="backward", n=s.n_diag, solver="dpm++2m",
+                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed + 1, **common)  # fmt: skip
+    test = PairDataset(d / "test")
+    return PairDataset(d / "backward", d / "forward"), test.backward
+
+
+# ------------------------------------------------------------------------------------------ ladder
+def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
+    from ..reflow import ReflowConfig
+
+    s = pr.digits if name == "digits" else pr.toy
+    cfg = ReflowConfig(
+        steps=s.reflow_steps, batch_size=s.reflow_batch, lr=s.reflow_lr,
+        warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
+        log_every=25,
+    )  # fmt: skip
+    changes = {
+        "2rf": {}, "+norm": {"normalize": True}, "+pow10": {"time_sampler": "pow10"},
+        "+hpf": {"hpf_lambda": pr.hpf_lambda}, "+dropout": {"student_dropout": pr.student_dropout},
+        "+forward": {"rho": pr.rho}, "+projection": {"projection_alpha": pr.alpha},
+    }  # fmt: skip
+    out_cfgs = []
+    for rung in TRAIN_RUNGS:
+        if name != "digits" and rung in IMAGE_ONLY:
+            continue
+        cfg = dataclasses.replace(cfg, **changes[rung])
+        safe = rung.lstrip("+")
+        out_cfgs.append((rung, dataclasses.replace(cfg, out_dir=str(out / "students" / name / safe))))
+    return out_cfgs
+
+
+def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
+    """Train one rung (resuming); with ``weak_frac`` also keep the early checkpoint as the weak guide."""
+    from ..reflow import train_reflow
+    from ..train import has_checkpoint, load_model, read_manifest
+
+    run, weak = Path(cfg.out_dir), None
+    kw = dict(
+        real_data=bed["ref"] if bed["shape"] != (2,) else bed["data"], progress=progress, verbose=progress
+    )
+    if weak_frac is not None:
+        wdir = run.with_name(run.name + "-weak")
+        wsteps = max(1, int(cfg.steps * weak_frac))
+        if not has_checkpoint(wdir):
+            if has_checkpoint(run) and int(read_manifest(run)["step"]) > wsteps:
+                shutil.rmtree(run)  # the early checkpoint was lost: retrain this rung
+            train_reflow(dataclasses.replace(cfg, steps=wsteps), bed["init"], pairs, **kw)
+            shutil.rmtree(wdir, ignore_errors=True)
+            shutil.copytree(run, wdir)
+        weak = load_model(wdir)[0]
+    train_reflow(cfg, bed["init"], pairs, **kw)
+    return load_model(run)[0], weak
+
+
+def _cached(path: Path, key: dict, compute):
+    """``compute()`` once per ``key`` (a JSON-able dict): the result is kept in ``path``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("key") == digest:
+            return old["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"key": digest, "value": value}, path)
+    return value
+
+
+def _run_items(name: str, bed: dict, model: Any, items: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
+    """One record per ``(record fields, gmflow.sample keywords)`` item, all from the bed's noise."""
+    records = []
+    for fields, kw in items:
+        t0 = time.perf_counter()
+        x = sample(model, bed["noise"], **kw)
+        ms = (time.perf_counter() - t0) * 1e3
+        g = kw.get("guidance")
+        rec = {"dataset": name, **fields, "solver": kw["solver"], "grid": kw.get("grid")}
+        rec.update(guidance=None if g is None else g.scale, **_metrics(name, bed, x), ms=ms)
+        records.append(rec)
+    return records
+
+
+def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cache: Path, key: dict):
+    items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
+    return _cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
+
+
+def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset) -> list[dict[str, Any]]:
+    """Inference-only sweeps on the final student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
+    from ..guidance import AutoGuidance
+
+    nfes = [k for k in pr.nfes if k >= 4] or [max(pr.nfes)]
+    dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa}
+    items = [
+        (
+            {"knob": "kappa", "value": v, "nfe": k},
+            {"solver": "euler", "grid": "sigmoid", "kappa": v, "nfe": k},
+        )
+        for v in (1.0, 2.0, 5.0, 10.0, 20.0)
+        for k in nfes
+    ]
+    items += [
+        ({"knob": "r", "value": v, "nfe": max(nfes)}, {**dpm, "r": v, "nfe": max(nfes)})
+        for v in (0.3, 0.4, 0.5, 0.7, 1.0)
+    ]
+    items += [
+        ({"knob": "w", "value": v, "nfe": k}, {**dpm, "r": pr.r, "nfe": k, "guidance": AutoGuidance(weak, v)})
+        for v in (1.0, 1.2, 1.4, 1.6, 2.0)
+        for k in (min(pr.nfes), max(nfes))
+    ]
+    return _run_items(name, bed, student, items)
+
+
+def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
+    from ..reflow import one_step_error, per_t_relative_loss, straightness
+
+    g = torch.Generator().manual_seed(123)
+    n = min(bed["sizes"].n_diag, len(test[0]))
+    noise = torch.randn(n, *bed["shape"], generator=g)
+    teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
+    out: dict[str, Any] = {"straightness": {}, "one_step_error": {}}
+    for k, m in (("teacher", teacher), ("2rf", models["2rf"][0]), ("full", models["full"][0])):
+        out["straightness"][k] = straightness(m, noise, nfe=16)
+        out["one_step_error"][k] = one_step_error(m, test[0][:n], test[1][:n])
+    ts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+    x0_real = bed["data"].sample(n, generator=g)
+    indep = per_t_relative_loss(bed["init"], x0_real, torch.randn(x0_real.shape, generator=g), ts=ts)
+    rf = per_t_relative_loss(models["2rf"][0], test[0][:n], test[1][:n], ts=ts)
+    out["relative_loss"] = {
+        "teacher_fm_independent": {k: v.tolist() for k, v in indep.items()},
+        "reflow_2rf_pairs": {k: v.tolist() for k, v in rf.items()},
+    }
+    return out
+
+
+def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, progress: bool):
+    """Train, evaluate and diagnose the ladder on one test bed; returns (records, diagnostics, samples)."""
+    from ..guidance import AutoGuidance
+
+    print(f"[bench reflow] {name}: teacher / init network")
+    bed = _setup(name, pr, out, seed, progress)
+    print(f"[bench reflow] {name}: pairs")
+    pairs, test = _pairs(name, bed, out, seed, progress)
+    cache = out / "cache" / name
+    euler = {"solver": "euler", "grid": "uniform"}
+    key = {"preset": preset, "seed": seed, "nfes": pr.nfes, "dataset": name}
+    teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
+    records = _evaluate(name, bed, teacher, "teacher", pr.nfes, euler, cache, {**key, "v": "teacher"})
+    models: dict[str, Any] = {"teacher": (teacher, euler)}
+    cfgs = _rung_configs(name, pr, out, seed)
+    weak = student = None
+    for i, (rung, cfg) in enumerate(cfgs):
+        print(f"[bench reflow] {name}: rung {rung} ({cfg.steps} steps)")
+        last = i == len(cfgs) - 1
+        student, w = _train_rung(rung, cfg, bed, pairs, pr.weak_frac if last else None, progress)
+        weak = w if last else weak
+        models[rung] = (student, euler)
+        records += _evaluate(name, bed, student, rung, pr.nfes, euler, cache, {**key, "cfg": cfg.to_dict()})
+    full_cfg = cfgs[-1][1].to_dict()
+    infer = [
+        ("+sigmoid", {"solver": "euler", "grid": "sigmoid", "kappa": pr.kappa}),
+        ("+dpm", {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa, "r": pr.r}),
+    ]
+    infer.append(("full", {**infer[-1][1], "guidance": AutoGuidance(weak, pr.guidance)}))
+    for rung, kw in infer:
+        k = {**key, "cfg": full_cfg, "kw": {a: b for a, b in kw.items() if a != "guidance"}, "w": pr.guidance}
+        records += _evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
+        models[rung] = (student, kw)
+    print(f"[bench reflow] {name}: diagnostics")
+    dkey = {**key, "cfg": full_cfg, "diag": 1}
+    diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
+    if name != "digits" or pr.image_sweeps:
+        skey = {**dkey, "kappa": pr.kappa, "r": pr.r}
+        diag["sweeps"] = _cached(cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr))
+    diag["training"] = {
+        rung: json.loads((Path(c.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
+    }
+    samples = _figure_samples(name, bed, models, pr.nfes)
+    return records, diag, samples
+
+
+def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[int, torch.Tensor]]:
+    n = 10 if name == "digits" else len(bed["noise"])
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for v in ("teacher", "2rf", "full"):
+        model, kw = models[v]
+        out[v] = {k: sample(model, bed["noise"][:n], nfe=k, **kw) for k in nfes}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def add_relative_changes(records: list[dict[str, Any]]) -> None:
+    """``prev_variant`` and signed ``rel_change = (m - m_prev) / m_prev`` of each rung vs the previous one."""
+    by = {(r["dataset"], r["variant"], r["nfe"]): r for r in records}
+    for r in records:
+        metric = _metric_name(r["dataset"])
+        i = LADDER.index(r["variant"])
+        prev = next((v for v in reversed(LADDER[:i]) if (r["dataset"], v, r["nfe"]) in by), None)
+        r["prev_variant"] = prev
+        r["rel_change"] = None
+        if prev is not None:
+            p = by[(r["dataset"], prev, r["nfe"])][metric]
+            r["rel_change"] = (
+                (r[metric] - p) / p if p and math.isfinite(p) and math.isfinite(r[metric]) else None
+            )
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{100.0 * (a - b) / b:+.1f}%" if b and math.isfinite(a) and math.isfinite(b) else "n/a"
+
+
+def headline(records: list[dict[str, Any]]) -> list[str]:
+    """Full recipe vs 2rf at NFE 1 and 2, per data set (relative change; negative = better)."""
+    lines = []
+    for ds in dict.fromkeys(r["dataset"] for r in records):
+        metric = _metric_name(ds)
+        get = {(r["variant"], r["nfe"]): r[metric] for r in records if r["dataset"] == ds}
+        parts = []
+        for k in (1, 2):
+            if ("2rf", k) in get and ("full", k) in get:
+                a, b = get[("full", k)], get[("2rf", k)]
+                parts.append(f"NFE {k}: 2rf {b:.4g} -> full {a:.4g} ({_rel(a, b)})")
+        if parts:
+            lines.append(f"{ds} ({metric}): " + "; ".join(parts))
+    return lines
+
+
+def results_markdown(
+    records: list[dict[str, Any]], diags: dict[str, Any], pr: BenchPreset, preset: str
+) -> str:
+    lines = [f"# gmflow bench reflow — preset `{preset}`", "", pr.description, ""]
+    lines += ["## Headline: full recipe vs 2-rectified flow (negative = better)", ""]
+    lines += [f"- {h}" for h in headline(records)] + [""]
+    lines += [
+        f"Knobs: rho {pr.rho}, projection alpha {pr.alpha}, sigmoid kappa {pr.kappa}, DPM-Solver-2 r {pr.r}, "
+        f"AutoGuidance w {pr.guidance} (EDM2 lerp: 1 = none), HPF lambda {pr.hpf_lambda}, dropout "
+        f"{pr.teacher_dropout} -> {pr.student_dropout} (digits). Each cell: metric (signed change vs the "
+        "previous rung; negative = better).",
+        "",
+    ]
+    for ds in dict.fromkeys(r["dataset"] for r in records):
+        metric = _metric_name(ds)
+        rows = [r for r in records if r["dataset"] == ds]
+        floor = rows[0].get(f"{metric}_floor")
+        lines += [f"## {ds}: {metric} (floor {floor:.4g}; lower is better)", ""]
+        lines += [
+            "| rung | " + " | ".join(f"NFE {k}" for k in pr.nfes) + " |",
+            "|---|" + "---|" * len(pr.nfes),
+        ]
+        for v in LADDER:
+            cells = {r["nfe"]: r for r in rows if r["variant"] == v}
+            if not cells:
+                continue
+            fmt = []
+            for k in pr.nfes:
+                c = cells.get(k)
+                ch = "" if c is None or c.get("rel_change") is None else f" ({100 * c['rel_change']:+.1f}%)"
+                fmt.append("" if c is None else f"{c[metric]:.4g}{ch}")
+            lines.append(f"| {v} | " + " | ".join(fmt) + " |")
+        d = diags.get(ds)
+        if d:
+            s, e = d["straightness"], d["one_step_error"]
+            rl = d["relative_loss"]
+            lines += [
+                "",
+                f"Diagnostics ({ds}): straightness (Euler, 16 steps) teacher {s['teacher']:.4g}, 2rf "
+                f"{s['2rf']:.4g}, full {s['full']:.4g}; one-step error vs held-out teacher pairs: teacher "
+                f"{e['teacher']:.4g}, 2rf {e['2rf']:.4g}, full {e['full']:.4g}.",
+                "",
+                "Per-t relative loss spread (max / min of l_i / mean l; Simple ReFlow Fig. 1): teacher FM on "
+                "the independent coupling vs 2rf on its pairs",
+                "",
+                "| t | " + " | ".join(f"{t:g}" for t in rl["reflow_2rf_pairs"]["t"]) + " |",
+                "|---|" + "---|" * len(rl["reflow_2rf_pairs"]["t"]),
+            ]
+            for label, k in (("teacher FM", "teacher_fm_independent"), ("2rf ReFlow", "reflow_2rf_pairs")):
+                mx, mn = rl[k]["max"], rl[k]["min"]
+                lines.append(
+                    f"| {label} max/min | "
+                    + " | ".join(f"{a / max(b, 1e-30):.3g}" for a, b in zip(mx, mn))
+                    + " |"
+                )
+            sw = d.get("sweeps")
+            if sw:
+                lines += ["", f"Inference sweeps on the final student (eval only; {metric}):", ""]
+                lines += ["| knob | NFE | values |", "|---|---|---|"]
+                for knob, k in dict.fromkeys((r["knob"], r["nfe"]) for r in sw):
+                    vals = ", ".join(
+                        f"{r['value']:g}: {r[metric]:.4g}" for r in sw if (r["knob"], r["nfe"]) == (knob, k)
+                    )
+                    lines.append(f"| {knob} | {k} | {vals} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _relative_loss_figure(diag: dict[str, Any], path: Path, title: str) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for (label, k), c in zip(
+        (("teacher FM (independent)", "teacher_fm_independent"), ("2rf (pairs)", "reflow_2rf_pairs")),
+        ("C0", "C3"),
+    ):
+        d = diag["relative_loss"][k]
+        ax.fill_between(d["t"], d["min"], d["max"], color=c, alpha=0.2)
+        ax.plot(d["t"], d["max"], color=c, label=f"{label} max")
+        ax.plot(d["t"], d["min"], color=c, linestyle="--", label=f"{label} min")
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("l_i / mean_j l_j")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    tmp.replace(path)
+    return path
+
+
+def _figures(name: str, records, diag, samples, pr: BenchPreset, out: Path) -> list[Path]:
+    from ..viz import histogram_grid, image_grid, metric_curves
+
+    metric = _metric_name(name)
+    recs = [r for r in records if r["dataset"] == name]
+    figs = [
+        metric_curves(recs, out / f"{name}_{metric}_vs_nfe.png", metric=metric, group_keys=("variant",),
+                      floor=recs[0].get(f"{metric}_floor"), title=f"{name}: {metric} vs NFE per rung"),
+        _relative_loss_figure(diag, out / f"{name}_relative_loss.png", f"{name}: per-t relative loss spread"),
+    ]  # fmt: skip
+    if name == "digits":
+        for v, by_nfe in samples.items():
+            grid = torch.cat([by_nfe[k] for k in pr.nfes])
+            figs.append(image_grid(grid, out / f"digits_samples_{v}.png", nrow=10))
+    else:
+        ring = name == "ring"
+        figs.append(histogram_grid(
+            samples, out / f"{name}_histograms.png", nfes=list(pr.nfes), range=5.5 if ring else 4.2,
+            bins=120, ref_density=0.1 if ring else 1.0 / 32.0, title=f"{name}: rows teacher / 2rf / full",
+        ))  # fmt: skip
+    return figs
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def run(args: argparse.Namespace) -> int:
+    from ..train import ConfigError
+
+    if args.preset not in PRESETS:
+        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(PRESETS)})")
+    pr = PRESETS[args.preset]
+    datasets = tuple(args.datasets or pr.datasets)
+    bad = [d for d in datasets if d not in ("checkerboard", "ring", "digits")]
+    if bad:
+        raise ConfigError(f"--datasets: unknown test bed(s) {bad}; choose from checkerboard, ring, digits")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/reflow-{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    print(f"[bench reflow] preset {args.preset}: {pr.description}\n[bench reflow] output: {out.resolve()}")
+    records: list[dict[str, Any]] = []
+    diags: dict[str, Any] = {}
+    figs: list[Path] = []
+    timing: dict[str, float] = {}
+    for name in datasets:
+        if name == "digits" and (why := _digits_available()) is not None:
+            print(f"[bench reflow] note: skipping digits (its modules are missing: {why})")
+            continue
+        t1 = time.perf_counter()
+        recs, diag, samples = run_dataset(name, pr, args.preset, out, args.seed, progress)
+        timing[name] = time.perf_counter() - t1
+        records += recs
+        diags[name] = diag
+        add_relative_changes(records)
+        write_json_atomic(records, out / "results.json")  # partial results survive an interruption
+        figs += _figures(name, records, diag, samples, pr, out)
+    add_relative_changes(records)
+    text = results_markdown(records, diags, pr, args.preset)
+    text += (
+        f"\nWall time: {(time.perf_counter() - t0) / 60:.1f} min ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items())
+        + ").\n"
+    )
+    write_json_atomic(records, out / "results.json")
+    write_json_atomic(diags, out / "diagnostics.json")
+    meta = {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(pr), "seconds": timing}
+    write_json_atomic(meta, out / "meta.json")
+    write_text_atomic(text, out / "results.md")
+    print(text)
+    print("[bench reflow] headline (full recipe vs 2rf; negative = better):")
+    for h in headline(records):
+        print(f"  {h}")
+    print("[bench reflow] figures:\n" + "\n".join(f"  {f}" for f in figs))
+    return 0
