@@ -171,6 +171,17 @@ def test_config_validation_names_the_field(sets, key):
         apply_reflow_sets(ReflowConfig(), sets).validate()
 
 
+def test_config_round_trip_and_recipes():
+    from gmflow.reflow import RECIPES
+
+    for cfg in (*RECIPES.values(), ReflowConfig(student_dropout=0.05, out_dir="runs/x", norm_eps=1e-9)):
+        assert ReflowConfig.from_dict(cfg.to_dict()) == cfg.validate()
+    simple = RECIPES["simple"]
+    assert simple.sample_kwargs() == {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": 20.0, "r": 0.4}
+    tc = ReflowConfig(time_sampler="u_shaped", steps=7).to_train_config(head="gm")
+    assert tc.validate().steps == 7 and tc.time_sampler == "u_shaped" and tc.model.head == "gm"
+
+
 def test_set_dropout_on_unet():
     from gmflow.nn.unet import SmallUNet
 

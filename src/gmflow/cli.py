@@ -170,9 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="reproducible benchmarks (JSON + figures)",
-        **_fmt("Run a benchmark script; 'gmflow bench toy2d --help' lists its options."),
+        **_fmt(
+            "Run a benchmark script; 'gmflow bench NAME --help' lists its options.",
+            "benchmarks:\n"
+            "  toy2d   FM vs GMFlow (K = 1, 8, 64) on the checkerboard, all solvers and NFEs\n"
+            "  oracle  every solver with the exact posterior of a ring GMM (no training)\n"
+            "  reflow  Simple ReFlow ablation ladder (checkerboard, ring GMM, digits)\n\n"
+            "examples:\n"
+            "  gmflow bench toy2d --preset quick --out runs/toy2d-quick\n"
+            "  gmflow bench oracle --out runs/oracle",
+        ),
     )
-    b.add_argument("name", choices=("toy2d",), help="benchmark")
+    b.add_argument("name", choices=BENCHMARKS, help="benchmark: " + ", ".join(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options")
     b.set_defaults(func=_cmd_bench)
     return p
@@ -408,6 +417,9 @@ def _print_row(row: dict[str, Any], header: bool, checker: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ bench
+BENCHMARKS = ("toy2d", "oracle", "reflow")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 

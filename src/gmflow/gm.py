@@ -266,6 +266,179 @@ class GaussianMixture:
         return torch.logsumexp(comp.squeeze(2), dim=1) - 0.5 * c * _LOG_2PI
 
     def sample_components(self, generator: torch.Generator | None = None) -> Tensor:
+        """Component index per position by inverse CDF over K, shape ``(B, 1, 1, *S)`` (long)."""
+        w = self.weights.squeeze(2).movedim(1, -1)  # (B, *S, K)
+        cdf = torch.cumsum(w, dim=-1)
+        u = torch.rand((*cdf.shape[:-1], 1), generator=generator, device=self.device, dtype=self.dtype)
+        idx = torch.searchsorted(cdf.contiguous(), u * cdf[..., -1:]).clamp_max(self.num_components - 1)
+        return idx.movedim(-1, 1).unsqueeze(1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
+        return self.mean + self.var.sqrt() * noise
+
+    def spatial_average(self) -> Gaussian:
+        """Average ``var`` over all positions: one scalar per sample (the whole-image surrogate)."""
+        dims = tuple(range(2, self.var.dim()))
+        var = self.var.mean(dims, keepdim=True) if dims else self.var
+        return Gaussian(self.mean, var)
+
+    def product(self, other: Gaussian, power_self: float = 1.0, power_other: float = 1.0) -> Gaussian:
+        """Normalised ``N1^g1 N2^g2`` (research/gmflow.md §4.5).
+
+        ``norm = g1 w2 + g2 w1``, ``var = w1 w2 / norm``, ``mean = (g1 w2 m1 + g2 w1 m2) / norm``.
+        With powers ``(1, -1)`` this is the ratio ``N1/N2`` (an improper Gaussian when ``w1 > w2``).
+        """
+        w1, w2 = self.var, other.var
+        norm = power_self * w2 + power_other * w1
+        tiny = torch.finfo(norm.dtype).tiny
+        norm = torch.where(norm.abs() < tiny, torch.full_like(norm, tiny), norm)
+        var = w1 * w2 / norm
+        mean = (power_self * w2 * self.mean + power_other * w1 * other.mean) / norm
+        return Gaussian(mean, var)
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """Pixel-wise Gaussian mixture ``sum_k A_k N(x; mu_k, s^2 I)`` with one ``s`` per sample.
+
+    Args:
+        means: ``(B, K, C, *S)``.
+        logweights: ``(B, K, 1, *S)``, log-softmax-normalised over K (use :meth:`from_logits` to
+            normalise raw logits).
+        logstds: ``(B, 1, 1, *[1]*len(S))``, ``log s``.
+    """
+
+    means: Tensor
+    logweights: Tensor
+    logstds: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("means", "logweights", "logstds"):
+            _check_float(name, getattr(self, name))
+        m, w, s = self.means, self.logweights, self.logstds
+        if m.dim() < 3:
+            raise ValueError(f"means must have shape (B, K, C, *S), got {tuple(m.shape)}")
+        b, k, _c, *sp = m.shape
+        want_w = (b, k, 1, *sp)
+        if tuple(w.shape) != want_w:
+            raise ValueError(
+                f"logweights must have shape (B, K, 1, *S) = {want_w} for means {tuple(m.shape)}, "
+                f"got {tuple(w.shape)}"
+            )
+        want_s = _scalar_shape(m.shape)
+        if tuple(s.shape) != want_s:
+            raise ValueError(
+                f"logstds must have shape (B, 1, 1, *[1]*len(S)) = {want_s} for means {tuple(m.shape)}, "
+                f"got {tuple(s.shape)}"
+            )
+        if not (m.dtype == w.dtype == s.dtype):
+            raise TypeError(
+                f"means, logweights and logstds must share a dtype, got {m.dtype}, {w.dtype}, {s.dtype}"
+            )
+        if not (m.device == w.device == s.device):
+            raise ValueError("means, logweights and logstds must be on the same device")
+
+    # ------------------------------------------------------------------ construction / basics
+    @classmethod
+    def from_logits(cls, means: Tensor, logits: Tensor, logstds: Tensor) -> GaussianMixture:
+        """Build from unnormalised logits (log-softmax over K is applied)."""
+        return cls(means, log_softmax_k(logits), logstds)
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.means.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def event_shape(self) -> torch.Size:
+        """Shape of one sample, ``(C, *S)``."""
+        return self.means.shape[2:]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.means.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    @property
+    def weights(self) -> Tensor:
+        return self.logweights.exp()
+
+    @property
+    def var(self) -> Tensor:
+        """Shared component variance ``s^2``, shape ``(B, 1, 1, ...)``."""
+        return torch.exp(2.0 * self.logstds)
+
+    def to(
+        self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> GaussianMixture:
+        return GaussianMixture(
+            self.means.to(device=device, dtype=dtype),
+            self.logweights.to(device=device, dtype=dtype),
+            self.logstds.to(device=device, dtype=dtype),
+        )
+
+    def detach(self) -> GaussianMixture:
+        return GaussianMixture(self.means.detach(), self.logweights.detach(), self.logstds.detach())
+
+    def __getitem__(self, index: Tensor | slice) -> GaussianMixture:
+        """Select samples along the batch axis."""
+        return GaussianMixture(self.means[index], self.logweights[index], self.logstds[index])
+
+    @staticmethod
+    def cat(gms: list[GaussianMixture]) -> GaussianMixture:
+        return GaussianMixture(
+            torch.cat([g.means for g in gms]),
+            torch.cat([g.logweights for g in gms]),
+            torch.cat([g.logstds for g in gms]),
+        )
+
+    # ------------------------------------------------------------------ moments / density / sampling
+    def mean(self) -> Tensor:
+        """Mixture mean ``sum_k A_k mu_k``, shape ``(B, C, *S)`` (research/gmflow.md §4.1)."""
+        return weighted_sum_k(self.weights, self.means)
+
+    def to_gaussian(self, spatial_average: bool = False) -> Gaussian:
+        """Moment-matched isotropic surrogate (§4.2).
+
+        ``m = sum_k A_k mu_k``, ``var = (1/C) sum_k A_k ||mu_k - m||^2 + s^2`` per position; with
+        ``spatial_average`` the variance is averaged over positions (one scalar per sample).
+        """
+        w = self.weights
+        m = weighted_sum_k(w, self.means)
+        spread = weighted_sum_k(w, (self.means - m.unsqueeze(1)).square()).mean(1, keepdim=True)
+        var = spread + self.var.squeeze(1)
+        g = Gaussian(m, var)
+        return g.spatial_average() if spatial_average else g
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """``log q(x)`` per position, shape ``(B, *S)`` for ``x`` of shape ``(B, C, *S)`` (§4.9).
+
+        ``logsumexp_k(a_k - ||x - mu_k||^2 / (2 s^2) - C log s - C/2 log 2 pi)``.
+        """
+        _check_float("x", x)
+        if tuple(x.shape) != (self.batch_size, *self.event_shape):
+            raise ValueError(
+                f"x must have shape (B, C, *S) = {(self.batch_size, *self.event_shape)}, got {tuple(x.shape)}"
+            )
+        c = self.channels
+        sq = sum_channels((x.unsqueeze(1) - self.means).square())  # (B,K,1,*S)
+        comp = self.logweights - 0.5 * sq * torch.exp(-2.0 * self.logstds) - c * self.logstds
+        return torch.logsumexp(comp.squeeze(2), dim=1) - 0.5 * c * _LOG_2PI
+
+    def sample_components(self, generator: torch.Generator | None = None) -> Tensor:
         """Component index per position (Gumbel-max), shape ``(B, 1, 1, *S)`` (long)."""
         u = torch.rand(self.logweights.shape, generator=generator, device=self.device, dtype=self.dtype)
         tiny = torch.finfo(self.dtype).tiny
@@ -323,7 +496,11 @@ class GaussianMixture:
         d = 1.0 + v * zeta
         nu_k = nu.unsqueeze(1)
         means = (self.means + v * nu_k) / d
-        delta = sum_channels(self.means * (nu_k - 0.5 * zeta * self.means)) / d
+        if nd == 3:  # vector data: dot products as matrix products (fast on CPU for tiny C)
+            dot = torch.matmul(self.means, nu.unsqueeze(-1))  # (B, K, 1)
+            delta = (dot - 0.5 * zeta * sum_channels(self.means.square())) / d
+        else:
+            delta = sum_channels(self.means * (nu_k - 0.5 * zeta * self.means)) / d
         logweights = log_softmax_k(self.logweights + delta)
         logstds = self.logstds - 0.5 * torch.log(d)
         return GaussianMixture(means, logweights, logstds)

@@ -114,7 +114,7 @@ PRESETS: dict[str, BenchPreset] = {
     ),
     "smoke": BenchPreset(
         "smoke test (seconds; not meaningful)",
-        toy=Sizes(30, 10, 128, 128, 1e-3, 1e-3, 512, 256, 4, 500, 200, width=32, depth=2),
+        toy=Sizes(20, 10, 128, 128, 1e-3, 1e-3, 256, 128, 4, 400, 100, width=32, depth=2),
         digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 80, 80, width=8),
         datasets=("checkerboard", "ring"),
         nfes=(1, 2),
@@ -160,7 +160,8 @@ def _toy_cfg(name: str, s: Sizes, out_dir: Path, seed: int):
 
 def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
     """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
-    from ..train import load_model, train
+    from ..reflow.cli import load_teacher
+    from ..train import train
     from ..train.objectives import make_batch_fn
 
     d = out / "teachers" / ("ring-init" if name == "ring" else name)
@@ -174,7 +175,7 @@ def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, 
         train(cfg, model=net, batch_fn=make_batch_fn(cfg, bed["data"]), progress=progress, verbose=progress)
     else:
         train(_toy_cfg(name, pr.toy, d, seed), progress=progress, verbose=progress)
-    return load_model(d)[0]
+    return load_teacher(d)
 
 
 def _setup(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
@@ -272,7 +273,8 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
 def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
     """Train one rung (resuming); with ``weak_frac`` also keep the early checkpoint as the weak guide."""
     from ..reflow import train_reflow
-    from ..train import has_checkpoint, load_model, read_manifest
+    from ..reflow.cli import load_teacher
+    from ..train import has_checkpoint, read_manifest
 
     run, weak = Path(cfg.out_dir), None
     kw = dict(
@@ -287,9 +289,9 @@ def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | N
             train_reflow(dataclasses.replace(cfg, steps=wsteps), bed["init"], pairs, **kw)
             shutil.rmtree(wdir, ignore_errors=True)
             shutil.copytree(run, wdir)
-        weak = load_model(wdir)[0]
+        weak = load_teacher(wdir)
     train_reflow(cfg, bed["init"], pairs, **kw)
-    return load_model(run)[0], weak
+    return load_teacher(run), weak
 
 
 def _cached(path: Path, key: dict, compute):

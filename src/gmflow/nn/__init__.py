@@ -3,12 +3,14 @@
 from .embeddings import FourierPositionEmbedding, PositionEmbedding2D, TimestepEmbedding, timestep_embedding
 from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
 from .mlp import ToyMLP
+from .unet import SmallUNet
 
 __all__ = [
     "FourierPositionEmbedding",
     "GMHead",
     "LogStdHead",
     "PositionEmbedding2D",
+    "SmallUNet",
     "TimestepEmbedding",
     "ToyMLP",
     "VelocityHead",

@@ -20,6 +20,7 @@ __all__ = [
     "run_train",
     "add_reflow_subparser",
     "resolve_data",
+    "load_teacher",
 ]
 
 PAIRS_EPILOG = """\
@@ -62,6 +63,28 @@ def resolve_data(name: str, n: int | None = None) -> Any:
     raise ValueError(
         f"--data: unknown data set {name!r}; choose one of {', '.join(TOY2D_NAMES)}, digits8, digits16"
     )
+
+
+def load_teacher(path: str | Path, *, use_ema: bool = True, device: str = "cpu") -> Any:
+    """:func:`gmflow.train.load_model` (eval mode, EMA weights by default), also for ``SmallUNet`` runs
+    while :mod:`gmflow.nn` does not export that class (``build_model`` looks classes up there)."""
+    from ..train import CheckpointError, load_checkpoint, load_model
+
+    try:
+        return load_model(path, use_ema=use_ema, device=device)[0]
+    except CheckpointError as e:
+        ck = load_checkpoint(path)
+        info = ck.config.get("model") or {}
+        if info.get("class") != "SmallUNet":
+            raise
+        from ..nn.unet import SmallUNet
+
+        try:
+            model = SmallUNet.from_config(info["config"])
+            model.load_state_dict(ck.ema_state if use_ema and ck.ema_state is not None else ck.model_state)
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise e from None
+        return model.to(device).eval().requires_grad_(False)
 
 
 def _event_shape(model: Any) -> tuple[int, ...]:
@@ -107,7 +130,6 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_pairs(args: argparse.Namespace) -> int:
     """Generate (or resume) a pair directory from a teacher checkpoint; 0 on success, 2 on bad input."""
-    from ..train import load_model
     from .pairs import generate_pairs, teacher_hash
 
     try:
@@ -115,7 +137,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         if args.n < 1 or args.nfe < 1 or args.shard_size < 1:
             raise ValueError("--n, --nfe and --shard-size must be >= 1")
         solver = args.solver or ("dpm++2m" if args.direction == "backward" else "heun")
-        teacher, _ = load_model(args.teacher, use_ema=not args.raw, device=args.device)
+        teacher = load_teacher(args.teacher, use_ema=not args.raw, device=args.device)
         data = None
         if args.direction == "forward" and args.data is None:
             raise ValueError("--data: forward pairs start from real data; name the data set")
@@ -179,7 +201,6 @@ def _resolve_config(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     """Train a ReFlow student from a teacher checkpoint and pair directories; 0 on success, 2 on bad input."""
-    from ..train import load_model
     from ..train.checkpoint import read_manifest as read_ckpt
     from .pairs import PairDataset, read_manifest
     from .train import train_reflow
@@ -197,7 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
                 info["pairs"]["forward"] = read_manifest(args.forward_pairs).settings()
             print(json.dumps(info, indent=2))
             return 0
-        teacher, _ = load_model(args.teacher, use_ema=not args.raw)
+        teacher = load_teacher(args.teacher, use_ema=not args.raw)
         pairs = PairDataset(args.pairs, args.forward_pairs, rho=cfg.rho)
         real = resolve_data(args.real_data) if args.real_data is not None else None
         res = train_reflow(cfg, teacher, pairs, real_data=real, progress=not args.no_progress, verbose=True)

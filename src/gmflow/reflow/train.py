@@ -68,6 +68,26 @@ _NON_TRAINING = frozenset(
 )
 
 
+_CHOICES = {
+    "time_sampler": TIME_SAMPLERS, "weight": WEIGHTS, "projection_method": PROJECTION_METHODS,
+    "solver": SAMPLE_SOLVERS, "grid": GRID_KINDS,
+}  # fmt: skip
+_RANGES = {
+    "hpf_lambda": "[0, inf)", "hpf_sigma": "(0, inf)", "student_dropout": "[0, 1)", "rho": "[0, 1]",
+    "projection_alpha": "[0, 1]", "norm_eps": "[0, inf)", "time_eps": "[0, 1)", "kappa": "(0, inf)",
+    "r": "(0, 1]", "guidance_scale": "(-inf, inf)",
+}  # fmt: skip
+_WHAT = {"rho": "the forward-pair ratio ", "kappa": "the sigmoid-grid kappa ", "r": "DPM-Solver-2's r "}
+
+
+def _within(v: float, spec: str) -> bool:
+    """``v`` in an interval written like ``"(0, 1]"`` (finite values only)."""
+    lo, hi = (float(p) for p in spec[1:-1].split(","))
+    ok_lo = v >= lo if spec[0] == "[" else v > lo
+    ok_hi = v <= hi if spec[-1] == "]" else v < hi
+    return math.isfinite(v) and ok_lo and ok_hi
+
+
 class ReflowError(ValueError):
     """Inconsistent ReFlow inputs (teacher / student / pairs); the message names the argument."""
 
@@ -130,43 +150,17 @@ class ReflowConfig:
         """Raise :class:`~gmflow.train.ConfigError` naming the first invalid field; return ``self``."""
         from ..train.config import ConfigError
 
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"{key}: {msg}")
-
-        def num(key: str) -> float:
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize: expected true/false, got {self.normalize!r}")
+        for key, choices in _CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        for key, spec in _RANGES.items():
             v = getattr(self, key)
-            need(
-                isinstance(v, (int, float)) and not isinstance(v, bool), key, f"expected a number, got {v!r}"
-            )
-            need(math.isfinite(v), key, f"must be finite, got {v}")
-            return float(v)
-
-        need(isinstance(self.normalize, bool), "normalize", f"expected true/false, got {self.normalize!r}")
-        need(self.time_sampler in TIME_SAMPLERS, "time_sampler", f"must be one of {', '.join(TIME_SAMPLERS)}")
-        need(self.weight in WEIGHTS, "weight", f"must be one of {', '.join(WEIGHTS)}, got {self.weight!r}")
-        need(num("hpf_lambda") >= 0, "hpf_lambda", f"must be >= 0, got {self.hpf_lambda}")
-        need(num("hpf_sigma") > 0, "hpf_sigma", f"must be > 0, got {self.hpf_sigma}")
-        if self.student_dropout is not None:
-            need(
-                0.0 <= num("student_dropout") < 1.0,
-                "student_dropout",
-                f"must be in [0, 1), got {self.student_dropout}",
-            )
-        need(0.0 <= num("rho") <= 1.0, "rho", f"forward-pair ratio must be in [0, 1], got {self.rho}")
-        need(
-            0.0 <= num("projection_alpha") <= 1.0,
-            "projection_alpha",
-            f"must be in [0, 1], got {self.projection_alpha}",
-        )
-        need(self.projection_method in PROJECTION_METHODS, "projection_method", "must be 'ot' or 'sinkhorn'")
-        need(num("norm_eps") >= 0, "norm_eps", f"must be >= 0, got {self.norm_eps}")
-        need(0.0 <= num("time_eps") < 1.0, "time_eps", f"must be in [0, 1), got {self.time_eps}")
-        need(self.solver in SAMPLE_SOLVERS, "solver", f"must be one of {', '.join(SAMPLE_SOLVERS)}")
-        need(self.grid in GRID_KINDS, "grid", f"must be one of {', '.join(GRID_KINDS)}, got {self.grid!r}")
-        need(num("kappa") > 0, "kappa", f"sigmoid-grid kappa must be > 0, got {self.kappa}")
-        need(0.0 < num("r") <= 1.0, "r", f"DPM-Solver-2 r must be in (0, 1], got {self.r}")
-        num("guidance_scale")
+            if v is None and key == "student_dropout":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _within(float(v), spec):
+                raise ConfigError(f"{key}: {_WHAT.get(key, '')}must be a number in {spec}, got {v!r}")
         self.to_train_config(head="velocity").validate()  # optimisation fields
         return self
 

@@ -42,7 +42,7 @@ class SecondOrder:
             else:
                 base_gm, base = gm, gm.to_gaussian(spatial_average=True)
                 avg_var, bias, cur = base.var, None, base.mean
-            m_prev = prev_gm.reanchor(prev_x, prev_t, x, t).mean()
+            m_prev = ReanchoredMean(prev_gm, prev_x, prev_t)(x, t)
             damp = (1.0 - (self.w2 + _DAMP_CA) * avg_var / prev_h**2).clamp_min(0.0).sqrt()
             big_b = (cur - m_prev) * (0.5 * h / prev_h) * damp
             if bias is not None:
