@@ -1,5 +1,3 @@
-import os
-
 import torch
 
 # 1 thread: tests are small-op bound, and on a shared machine multi-threaded torch can be 3-30x slower
