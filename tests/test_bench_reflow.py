@@ -7,18 +7,9 @@ import json
 import time
 
 import pytest
-import torch
 
 from gmflow.bench import reflow as bench
 from gmflow.train import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _args(out, **kw) -> argparse.Namespace:

@@ -25,14 +25,6 @@ from gmflow.reflow import cli as rcli
 from gmflow.train import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def ring_pairs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ring_pairs")

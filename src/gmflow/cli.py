@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gmflow",
         **_fmt(
-            "Few-step generative flows (GMFlow, flow matching): train, sample and evaluate toy models.",
+            "Few-step generative flows (GMFlow, Simple ReFlow, flow matching): train, sample, evaluate, models.",
             "run 'gmflow COMMAND --help' for details and examples",
         ),
     )
@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name", choices=BENCHMARKS, help="benchmark: " + ", ".join(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="benchmark options")
     b.set_defaults(func=_cmd_bench)
+
+    from .reflow.cli import add_reflow_subparser
+
+    add_reflow_subparser(sub)  # gmflow reflow {pairs,train}
     return p
 
 
@@ -447,6 +451,7 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gmflow`` console script; returns the exit code."""
+    from .reflow import PairError, ReflowError
     from .train import CheckpointError, ConfigError, TrainingDivergedError
 
     parser = build_parser()
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return args.func(args)
-    except (UsageError, ConfigError, CheckpointError) as e:
+    except (UsageError, ConfigError, CheckpointError, PairError, ReflowError) as e:
         print(f"gmflow: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except TrainingDivergedError as e:

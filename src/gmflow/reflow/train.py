@@ -75,7 +75,7 @@ _CHOICES = {
 _RANGES = {
     "hpf_lambda": "[0, inf)", "hpf_sigma": "(0, inf)", "student_dropout": "[0, 1)", "rho": "[0, 1]",
     "projection_alpha": "[0, 1]", "norm_eps": "[0, inf)", "time_eps": "[0, 1)", "kappa": "(0, inf)",
-    "r": "(0, 1]", "guidance_scale": "(-inf, inf)",
+    "r": "(0, 1]", "guidance_scale": "(-inf, inf)", "projection_pool": "[1, inf)",
 }  # fmt: skip
 _WHAT = {"rho": "the forward-pair ratio ", "kappa": "the sigmoid-grid kappa ", "r": "DPM-Solver-2's r "}
 
@@ -106,6 +106,9 @@ class ReflowConfig:
         projection_alpha: coupling projection of the backward part of each batch (0 = off): minibatch
             OT match of the generated ``x0`` to as many real ones, ``x0 <- (1 - a) x0 + a match``.
         projection_method: ``"ot"`` (exact assignment) or ``"sinkhorn"``.
+        projection_pool: real draws per projected pair, ``M = ceil(pool B)`` (>= 1). ``1`` matches the
+            batch marginal exactly (each real used once); larger pools give closer matches but bias the
+            projected marginal towards the generated one.
     Inference (recorded in ``reflow.json``; :meth:`sample_kwargs` for :func:`gmflow.sample`):
         solver, grid, kappa (sigmoid grid, > 0), r (DPM-Solver-2, in (0, 1]), guidance_scale (EDM2 lerp
         convention ``D_bad + w (D_good - D_bad)``: ``w = 1`` is no guidance; the paper's "0.6" is 1.6).
@@ -121,6 +124,7 @@ class ReflowConfig:
     rho: float = 0.0
     projection_alpha: float = 0.0
     projection_method: str = "ot"
+    projection_pool: float = 1.0
     norm_eps: float = 1e-8
     time_eps: float = 1e-4
     # optimisation (passed on to TrainConfig)
@@ -321,8 +325,8 @@ def reflow_batch_fn(pairs: PairDataset, cfg: ReflowConfig, real_data: Any = None
     Each element is a forward pair with probability ``cfg.rho`` and a backward pair otherwise (uniform
     with replacement inside each set: the rule of :meth:`PairDataset.sample`). With
     ``cfg.projection_alpha > 0`` the backward part is projected onto the data marginal with
-    :func:`~gmflow.reflow.project_pairs` against as many fresh draws of ``real_data`` (a tensor
-    ``(N, *event)`` or an object with ``.sample(n, generator=)``).
+    :func:`~gmflow.reflow.project_pairs` against ``ceil(projection_pool * n_backward)`` fresh draws of
+    ``real_data`` (a tensor ``(N, *event)`` or an object with ``.sample(n, generator=)``).
     """
     if cfg.rho > 0 and pairs.forward is None:
         raise ReflowError(f"rho={cfg.rho} > 0 draws forward pairs, but pairs has no forward pairs")
@@ -341,7 +345,7 @@ def reflow_batch_fn(pairs: PairDataset, cfg: ReflowConfig, real_data: Any = None
             x0[is_fwd], x1[is_fwd] = pairs.forward[0][jf], pairs.forward[1][jf]
         bwd = ~is_fwd
         if cfg.projection_alpha > 0 and bool(bwd.any()):
-            real = _real(real_data, int(bwd.sum()), g).to(x0)
+            real = _real(real_data, math.ceil(cfg.projection_pool * int(bwd.sum())), g).to(x0)
             x0[bwd], _ = project_pairs(
                 x0[bwd], x1[bwd], real, alpha=cfg.projection_alpha, method=cfg.projection_method
             )
