@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="gmflow",
         **_fmt(
-            "Few-step generative flows (GMFlow, Simple ReFlow, flow matching): train, sample, evaluate, models.",
+            "Few-step generative flows (GMFlow, Simple ReFlow, flow matching): train, sample, "
+            "evaluate and benchmark models.",
             "run 'gmflow COMMAND --help' for details and examples",
         ),
     )
