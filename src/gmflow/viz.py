@@ -102,7 +102,23 @@ def histogram_grid(
         raise ValueError("range, bins, vmax and ref_density must be positive")
     bin_area = (2.0 * range / bins) ** 2
     fig = Figure(figsize=(panel_size * len(cols), panel_size * len(rows) + (0.3 if title else 0.0)))
-    axes = fig.subplots(len(rows), len(cols), squeeze=False, gridspec_kw={"wspace": 0.03, "hspace": 0.03})
+    height = panel_size * len(rows) + (0.3 if title else 0.0)
+    label_w = 0.25  # inches for row labels
+    width = panel_size * len(cols) + label_w
+    fig.set_size_inches(width, height + 0.25)
+    axes = fig.subplots(
+        len(rows),
+        len(cols),
+        squeeze=False,
+        gridspec_kw={
+            "wspace": 0.03,
+            "hspace": 0.03,
+            "left": label_w / width,
+            "right": 0.995,
+            "bottom": 0.005,
+            "top": 1.0 - (0.25 + (0.3 if title else 0.0)) / (height + 0.25),
+        },
+    )
     for r, row in enumerate(rows):
         cells = samples.get(row, {})
         for c, nfe in enumerate(cols):
@@ -133,7 +149,7 @@ def histogram_grid(
                 aspect="equal",
             )
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.0 - 0.08 / (height + 0.25), va="top")
     return _save_figure(fig, path, dpi)
 
 

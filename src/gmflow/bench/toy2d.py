@@ -458,11 +458,13 @@ def _figures(records, store, preset, floor, out, histogram_grid, metric_curves) 
     rows += [k for k in store if k.startswith("GM ") and "K=" not in k]
     rows.append("data")
     path = out / "histograms.png"
+    bins = 100 if preset.n_eval < 100000 else 200  # fewer samples, coarser bins (less speckle)
     histogram_grid(
         store,
         path,
         nfes=nfes,
         row_labels=rows,
+        bins=bins,
         title="Checkerboard samples (rows: model/solver; columns: NFE)",
     )
     figs.append(path)
@@ -470,7 +472,7 @@ def _figures(records, store, preset, floor, out, histogram_grid, metric_curves) 
         krows = [k for k in store if k.startswith("GM K=") and (k.endswith("o2"))] + ["data"]
         path = out / "histograms_k_sweep.png"
         histogram_grid(
-            store, path, nfes=nfes, row_labels=krows, title="GMFlow K sweep (second-order solvers)"
+            store, path, nfes=nfes, row_labels=krows, bins=bins, title="GMFlow K sweep (second-order solvers)"
         )
         figs.append(path)
     for metric, logy in (("sw2", True), ("in_support", False), ("cell_kl", True)):
