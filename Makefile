@@ -12,7 +12,6 @@ DEMO_OUT ?= runs/demo
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
 	$(VPY) -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
