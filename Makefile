@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m gmflow.cli bench toy2d --preset quick --out $(DEMO_OUT)
+	$(VPY) -m gmflow bench toy2d --preset quick --out $(DEMO_OUT)
 
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(VPY) -m pytest tests
+	$(VPY) -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
