@@ -15,21 +15,21 @@ Example::
     result = train_reflow(cfg, teacher_net, ds)   # student = copy of teacher_net; run again to resume
 """
 
+from .dataset import PairDataset
 from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
 from .losses import error_distance, hpf_operator, normalized, reflow_distance
 from .pairs import (
-    PairDataset,
     PairError,
     PairManifest,
     ShardInfo,
     generate_pairs,
     load_shard,
-    project_pairs,
     read_manifest,
     shard_name,
     shard_seed,
     teacher_hash,
 )
+from .projection import project_pairs
 from .train import (
     RECIPES,
     ReflowConfig,

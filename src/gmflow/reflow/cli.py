@@ -202,7 +202,8 @@ def _resolve_config(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Train a ReFlow student from a teacher checkpoint and pair directories; 0 on success, 2 on bad input."""
     from ..train.checkpoint import read_manifest as read_ckpt
-    from .pairs import PairDataset, read_manifest
+    from .dataset import PairDataset
+    from .pairs import read_manifest
     from .train import train_reflow
 
     try:

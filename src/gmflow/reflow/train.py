@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from ..flow import GRID_KINDS, TIME_SAMPLERS, sample_time
 from ..gm import GaussianMixture
+from .dataset import PairDataset
 from .losses import error_distance, normalized
-from .pairs import PairDataset, project_pairs
+from .projection import project_pairs
 
 __all__ = [
     "ReflowConfig",

@@ -1,0 +1,96 @@
+"""Pair data set: verified backward/forward pairs in memory, mixed with ratio rho."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .pairs import PairError, PairManifest, load_shard, read_manifest
+
+__all__ = ["PairDataset"]
+
+
+class PairDataset:
+    """All pairs of a backward directory (and optionally a forward one), verified, in memory.
+
+    ``sample(n)`` draws every element from the forward pairs with probability ``rho`` and from the
+    backward pairs otherwise (Simple ReFlow §2.2(5), mixing ratio rho; 0.4 for CIFAR10), uniformly with
+    replacement inside each set.
+
+    Attributes:
+        backward, forward: ``(x0, x1)`` tensors of each set (``forward`` is ``None`` without forward_dir).
+        event_shape: shape of one sample.
+        manifests: the :class:`PairManifest` of each directory, keyed by direction.
+    """
+
+    def __init__(
+        self,
+        backward_dir: str | os.PathLike,
+        forward_dir: str | os.PathLike | None = None,
+        rho: float = 0.0,
+        *,
+        verify: bool = True,
+        allow_partial: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0):
+            raise ValueError(f"rho (forward-pair mixing ratio) must be in [0, 1], got {rho!r}")
+        if rho > 0 and forward_dir is None:
+            raise ValueError(f"rho={rho} > 0 draws forward pairs, so it needs forward_dir")
+        self.rho = float(rho)
+        self.manifests: dict[str, PairManifest] = {}
+        self.backward = self._load(backward_dir, "backward", "backward_dir", verify, allow_partial, device)
+        self.event_shape = self.manifests["backward"].event_shape
+        self.forward: tuple[Tensor, Tensor] | None = None
+        if forward_dir is not None:
+            self.forward = self._load(forward_dir, "forward", "forward_dir", verify, allow_partial, device)
+            fshape = self.manifests["forward"].event_shape
+            if fshape != self.event_shape:
+                raise PairError(
+                    f"forward_dir pairs have event shape {fshape} but backward_dir pairs have "
+                    f"{self.event_shape}"
+                )
+
+    def _load(self, directory, direction: str, arg: str, verify: bool, allow_partial: bool, device):
+        try:
+            m = read_manifest(directory)
+        except PairError as e:
+            raise PairError(f"{arg}: {e}") from None
+        if m.direction != direction:
+            raise PairError(f"{arg} {str(directory)!r} holds {m.direction} pairs, expected {direction} pairs")
+        if not m.shards:
+            raise PairError(f"{arg} {str(directory)!r} holds no completed shard")
+        if not m.complete and not allow_partial:
+            raise PairError(
+                f"{arg} {str(directory)!r} is incomplete ({m.count} of {m.n} pairs); rerun generate_pairs "
+                "with the same arguments to finish it, or pass allow_partial=True"
+            )
+        parts = [load_shard(directory, s, m.event_shape, verify=verify) for s in m.shards]
+        self.manifests[direction] = m
+        return (torch.cat([p[0] for p in parts]).to(device), torch.cat([p[1] for p in parts]).to(device))
+
+    def __len__(self) -> int:
+        return len(self.backward[0]) + (0 if self.forward is None else len(self.forward[0]))
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(x0, x1)`` of ``n`` pairs; element i is forward with probability ``rho`` (CPU generator)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        is_fwd = torch.rand(n, generator=generator) < self.rho
+        ib = torch.randint(len(self.backward[0]), (n,), generator=generator)
+        x0, x1 = (
+            self.backward[0][ib.to(self.backward[0].device)],
+            self.backward[1][ib.to(self.backward[0].device)],
+        )
+        if self.forward is not None and bool(is_fwd.any()):
+            f_idx = torch.randint(len(self.forward[0]), (n,), generator=generator)[is_fwd]
+            dev = x0.device
+            sel = is_fwd.nonzero().squeeze(1).to(dev)
+            x0[sel] = self.forward[0][f_idx.to(dev)]
+            x1[sel] = self.forward[1][f_idx.to(dev)]
+        return x0, x1
+
+
+# ------------------------------------------------------------------------------------------ projection
