@@ -471,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"gmflow: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
         return int(getattr(e, "exit_code", 130))
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except SystemExit as e:  # --help, or a benchmark calling sys.exit
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
