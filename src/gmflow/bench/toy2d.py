@@ -265,6 +265,20 @@ def evaluate(
     return records
 
 
+def _logged_training(run_dir: Path) -> tuple[float, float]:
+    """Median logged ms/step and last logged loss of a finished run (``log.csv``)."""
+    import csv
+
+    try:
+        with open(run_dir / "log.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("step_ms") and r.get("loss")]
+    except OSError:
+        return float("nan"), float("nan")
+    if not rows:
+        return float("nan"), float("nan")
+    return statistics.median(float(r["step_ms"]) for r in rows), float(rows[-1]["loss"])
+
+
 def _row_label(rec: dict[str, Any]) -> str:
     if rec["model"] == "fm":
         return f"FM {rec['solver']}"
@@ -378,11 +392,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench toy2d] training {name}: {cfg.steps} steps, batch {cfg.batch_size}, loss {cfg.loss}")
         res = train(cfg, progress=progress, verbose=True)
         model, _ = load_model(cfg.out_dir)  # EMA weights when the recipe keeps an EMA
-        train_info[name] = {
-            "median_step_ms": res.median_step_ms,
-            "last_loss": res.last_loss,
-            "steps": res.step,
-        }
+        step_ms, last_loss = res.median_step_ms, res.last_loss
+        if step_ms != step_ms:  # NaN: trained in an earlier run (nothing to do now); read its log
+            step_ms, last_loss = _logged_training(Path(cfg.out_dir))
+        train_info[name] = {"median_step_ms": step_ms, "last_loss": last_loss, "steps": res.step}
         solvers = preset.fm_solvers if base["model"] == "fm" else preset.gm_solvers
         records += evaluate(
             model, base, solvers, preset.nfes, ref, floor, preset.n_eval, args.seed, store, progress
