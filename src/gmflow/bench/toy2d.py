@@ -322,35 +322,20 @@ def summary_lines(records: list[dict[str, Any]], preset_name: str) -> list[str]:
     return lines
 
 
+def _table_key(r: dict[str, Any]) -> tuple[str, str, int]:
+    """Row of the markdown tables: (model label, solver, order)."""
+    model = _row_label(r).split(" ")[0] + " " + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}"))
+    return model.strip(), r["solver"], r["order"]
+
+
 def results_markdown(records: list[dict[str, Any]], nfes: tuple[int, ...], metric: str, fmt: str) -> str:
     head = "| model | solver | order | " + " | ".join(f"NFE {k}" for k in nfes) + " |"
     lines = [head, "|---|---|---|" + "---|" * len(nfes)]
-    keys: list[tuple] = []
-    for r in records:
-        key = (
-            _row_label(r).split(" ")[0]
-            + " "
-            + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}")),
-            r["solver"],
-            r["order"],
-        )
-        if key not in keys:
-            keys.append(key)
+    keys = list(dict.fromkeys(_table_key(r) for r in records))
     for key in keys:
-        vals = {
-            r["nfe"]: r[metric]
-            for r in records
-            if (
-                _row_label(r).split(" ")[0]
-                + " "
-                + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}")),
-                r["solver"],
-                r["order"],
-            )
-            == key
-        }
+        vals = {r["nfe"]: r[metric] for r in records if _table_key(r) == key}
         cells = [format(vals[k], fmt) if k in vals else "" for k in nfes]
-        lines.append(f"| {key[0].strip()} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
