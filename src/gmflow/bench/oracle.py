@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,17 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp")
-    with tmp:
-        json.dump(obj, tmp, indent=2)
-    os.replace(tmp.name, path)
+    """JSON file written atomically (see :func:`gmflow.train.checkpoint.atomic_write_bytes`)."""
+    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    tmp = tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp")
-    with tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    from ..train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode(), sync_dir=False)
 
 
 def run_oracle(n: int, nfes: list[int], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -9,6 +9,7 @@ quantises them.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -152,3 +153,18 @@ class PositionEmbedding2D(FourierPositionEmbedding):
 
     def __init__(self, n_freqs: int = 64, *, min_period: float = 5e-3, max_period: float = 50.0) -> None:
         super().__init__(2, n_freqs, min_period=min_period, max_period=max_period)
+
+
+def time_vector(t: Tensor | float, x_t: Tensor) -> Tensor:
+    """``t`` (float, 0-d or ``(B,)`` tensor) as a ``(B,)`` tensor on ``x_t``'s device, at least fp32."""
+    b = x_t.shape[0]
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    if isinstance(t, Real) and not isinstance(t, bool):
+        return torch.full((b,), float(t), dtype=dtype, device=x_t.device)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"t must be a float, a 0-d tensor or a (B,) tensor, got {type(t).__name__}")
+    if t.ndim == 0:
+        t = t.expand(b)
+    elif t.shape != (b,):
+        raise ValueError(f"t must have shape ({b},) to match x_t, or be a scalar; got {tuple(t.shape)}")
+    return t.to(device=x_t.device, dtype=dtype)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..gm import GaussianMixture
-from .embeddings import FourierPositionEmbedding, TimestepEmbedding
+from .embeddings import FourierPositionEmbedding, TimestepEmbedding, time_vector
 from .heads import GMHead, VelocityHead, kaiming_linear_
 
 __all__ = ["ToyMLP"]
@@ -124,17 +123,7 @@ class ToyMLP(nn.Module):
             raise TypeError(f"x_t must be a floating-point tensor, got dtype {x_t.dtype}")
         if x_t.ndim != 2 or x_t.shape[1] != self.channels:
             raise ValueError(f"x_t must have shape (B, {self.channels}), got {tuple(x_t.shape)}")
-        b = x_t.shape[0]
-        dtype = torch.promote_types(x_t.dtype, torch.float32)
-        if isinstance(t, Real) and not isinstance(t, bool):
-            return torch.full((b,), float(t), dtype=dtype, device=x_t.device)
-        if not isinstance(t, Tensor):
-            raise TypeError(f"t must be a float, a 0-d tensor or a (B,) tensor, got {type(t).__name__}")
-        if t.ndim == 0:
-            t = t.expand(b)
-        elif t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},) to match x_t, or be a scalar; got {tuple(t.shape)}")
-        return t.to(device=x_t.device, dtype=dtype)
+        return time_vector(t, x_t)
 
     def features(self, x_t: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """Trunk features ``(B, width)`` and the time embedding ``(B, time_dim)``."""

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gm import GaussianMixture
-from .embeddings import TimestepEmbedding
+from .embeddings import TimestepEmbedding, time_vector
 from .heads import LogStdHead, _at_least_fp32, kaiming_linear_
 
 __all__ = ["SmallUNet"]
@@ -256,17 +256,7 @@ class SmallUNet(nn.Module):
             raise ValueError(
                 f"x_t spatial size {h}x{w} must be non-empty and divisible by 2**(len(mults)-1)={self.factor}"
             )
-        b = x_t.shape[0]
-        dtype = torch.promote_types(x_t.dtype, torch.float32)
-        if isinstance(t, Real) and not isinstance(t, bool):
-            return torch.full((b,), float(t), dtype=dtype, device=x_t.device)
-        if not isinstance(t, Tensor):
-            raise TypeError(f"t must be a float, a 0-d tensor or a (B,) tensor, got {type(t).__name__}")
-        if t.ndim == 0:
-            t = t.expand(b)
-        elif t.shape != (b,):
-            raise ValueError(f"t must have shape ({b},) to match x_t, or be a scalar; got {tuple(t.shape)}")
-        return t.to(device=x_t.device, dtype=dtype)
+        return time_vector(t, x_t)
 
     def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor | GaussianMixture:
         """``x_t (B, C, H, W)``, ``t (B,)`` / scalar in [0, 1] -> u ``(B, C, H, W)`` or its pixel-wise GM."""
