@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
             "benchmarks:\n"
             "  toy2d   FM vs GMFlow (K = 1, 8, 64) on the checkerboard, all solvers and NFEs\n"
             "  oracle  every solver with the exact posterior of a ring GMM (no training)\n"
-            "  reflow  Simple ReFlow ablation ladder (checkerboard, ring GMM, digits)\n\n"
+            "  reflow  Simple ReFlow ablation ladder (checkerboard, ring GMM, digits)\n"
+            "  pairs   ReFlow pair accuracy vs cost: GMFlow teacher + gm-ode vs FM teacher\n\n"
             "examples:\n"
             "  gmflow bench toy2d --preset quick --out runs/toy2d-quick\n"
             "  gmflow bench oracle --out runs/oracle",
@@ -422,7 +423,7 @@ def _print_row(row: dict[str, Any], header: bool, checker: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------ bench
-BENCHMARKS = ("toy2d", "oracle", "reflow")
+BENCHMARKS = ("toy2d", "oracle", "reflow", "pairs")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -115,9 +115,10 @@ PRESETS: dict[str, BenchPreset] = {
         digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 200, 200, width=16),
     ),
     "full": BenchPreset(
-        "about an hour on 2 cores: 4x256 MLPs, a base-32 UNet, longer runs, more samples",
+        "about an hour on 2 cores: 4x256 MLPs and 6x longer teachers on 2-D, a longer-trained base-16 "
+        "UNet on digits, more pairs and samples",
         toy=Sizes(6000, 3000, 1024, 1024, 1e-3, 3e-4, 100000, 30000, 64, 20000, 5000, width=256, depth=4),
-        digits=Sizes(4000, 1000, 128, 128, 1e-3, 2e-4, 10000, 1437, 32, 1000, 500, width=32),
+        digits=Sizes(3000, 500, 128, 128, 2e-3, 5e-4, 8192, 1437, 24, 1000, 500, width=16),
         image_sweeps=True,
     ),
     "smoke": BenchPreset(
