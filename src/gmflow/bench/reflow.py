@@ -61,10 +61,19 @@ import torch
 from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
 from ..sampling import sample
 from .oracle import write_json_atomic, write_text_atomic
+from .reflow_report import (
+    IMAGE_ONLY,
+    LADDER,
+    TRAIN_RUNGS,
+    add_relative_changes,
+    figures,
+    headline,
+    results_markdown,
+)
 
-TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
-LADDER = ("teacher", *TRAIN_RUNGS, "+sigmoid", "+dpm", "full")
-IMAGE_ONLY = ("+hpf", "+dropout")
+__all__ = ["PRESETS", "LADDER", "TRAIN_RUNGS", "IMAGE_ONLY", "add_arguments", "run", "run_dataset",
+           "add_relative_changes", "headline", "results_markdown"]  # fmt: skip
+
 REF_SEED = 20251121
 
 
@@ -231,10 +240,6 @@ def _metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
     if name == "checkerboard":
         rec["in_support"] = in_support_fraction(x)
     return rec
-
-
-def _metric_name(name: str) -> str:
-    return "fd" if name == "digits" else "sw2"
 
 
 # ------------------------------------------------------------------------------------------ pairs
@@ -444,166 +449,6 @@ def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[
     return out
 
 
-# ------------------------------------------------------------------------------------------ report
-def add_relative_changes(records: list[dict[str, Any]]) -> None:
-    """``prev_variant`` and signed ``rel_change = (m - m_prev) / m_prev`` of each rung vs the previous one."""
-    by = {(r["dataset"], r["variant"], r["nfe"]): r for r in records}
-    for r in records:
-        metric = _metric_name(r["dataset"])
-        i = LADDER.index(r["variant"])
-        prev = next((v for v in reversed(LADDER[:i]) if (r["dataset"], v, r["nfe"]) in by), None)
-        r["prev_variant"] = prev
-        r["rel_change"] = None
-        if prev is not None:
-            p = by[(r["dataset"], prev, r["nfe"])][metric]
-            r["rel_change"] = (
-                (r[metric] - p) / p if p and math.isfinite(p) and math.isfinite(r[metric]) else None
-            )
-
-
-def _rel(a: float, b: float) -> str:
-    return f"{100.0 * (a - b) / b:+.1f}%" if b and math.isfinite(a) and math.isfinite(b) else "n/a"
-
-
-def headline(records: list[dict[str, Any]]) -> list[str]:
-    """Full recipe (and the unguided ``+dpm`` rung) vs 2rf at NFE 1 and 2 per data set (negative = better)."""
-    lines = []
-    for ds in dict.fromkeys(r["dataset"] for r in records):
-        metric = _metric_name(ds)
-        get = {(r["variant"], r["nfe"]): r[metric] for r in records if r["dataset"] == ds}
-        parts = []
-        for k in (1, 2):
-            if ("2rf", k) in get and ("full", k) in get:
-                a, b = get[("full", k)], get[("2rf", k)]
-                dpm = (
-                    f", unguided +dpm {get[('+dpm', k)]:.4g} ({_rel(get[('+dpm', k)], b)})"
-                    if ("+dpm", k) in get
-                    else ""
-                )
-                parts.append(f"NFE {k}: 2rf {b:.4g} -> full {a:.4g} ({_rel(a, b)}{dpm})")
-        if parts:
-            lines.append(f"{ds} ({metric}): " + "; ".join(parts))
-    return lines
-
-
-def results_markdown(
-    records: list[dict[str, Any]], diags: dict[str, Any], pr: BenchPreset, preset: str
-) -> str:
-    lines = [f"# gmflow bench reflow — preset `{preset}`", "", pr.description, ""]
-    lines += ["## Headline: full recipe vs 2-rectified flow (negative = better)", ""]
-    lines += [f"- {h}" for h in headline(records)] + [""]
-    lines += [
-        f"Knobs: rho {pr.rho}, projection alpha {pr.alpha} (pool {pr.pool}), sigmoid kappa {pr.kappa}, "
-        f"DPM-Solver-2 r {pr.r}, "
-        f"AutoGuidance w {pr.guidance} (EDM2 lerp: 1 = none), HPF lambda {pr.hpf_lambda}, dropout "
-        f"{pr.teacher_dropout} -> {pr.student_dropout} (digits). Each cell: metric (signed change vs the "
-        "previous rung; negative = better).",
-        "",
-    ]
-    for ds in dict.fromkeys(r["dataset"] for r in records):
-        metric = _metric_name(ds)
-        rows = [r for r in records if r["dataset"] == ds]
-        floor = rows[0].get(f"{metric}_floor")
-        lines += [f"## {ds}: {metric} (floor {floor:.4g}; lower is better)", ""]
-        lines += [
-            "| rung | " + " | ".join(f"NFE {k}" for k in pr.nfes) + " |",
-            "|---|" + "---|" * len(pr.nfes),
-        ]
-        for v in LADDER:
-            cells = {r["nfe"]: r for r in rows if r["variant"] == v}
-            if not cells:
-                continue
-            fmt = []
-            for k in pr.nfes:
-                c = cells.get(k)
-                ch = "" if c is None or c.get("rel_change") is None else f" ({100 * c['rel_change']:+.1f}%)"
-                fmt.append("" if c is None else f"{c[metric]:.4g}{ch}")
-            lines.append(f"| {v} | " + " | ".join(fmt) + " |")
-        d = diags.get(ds)
-        if d:
-            s, e = d["straightness"], d["one_step_error"]
-            rl = d["relative_loss"]
-            lines += [
-                "",
-                f"Diagnostics ({ds}): straightness (Euler, 16 steps) teacher {s['teacher']:.4g}, 2rf "
-                f"{s['2rf']:.4g}, full {s['full']:.4g}; one-step error vs held-out teacher pairs: teacher "
-                f"{e['teacher']:.4g}, 2rf {e['2rf']:.4g}, full {e['full']:.4g}.",
-                "",
-                "Per-t relative loss spread (max / min of l_i / mean l; Simple ReFlow Fig. 1): teacher FM on "
-                "the independent coupling vs 2rf on its pairs",
-                "",
-                "| t | " + " | ".join(f"{t:g}" for t in rl["reflow_2rf_pairs"]["t"]) + " |",
-                "|---|" + "---|" * len(rl["reflow_2rf_pairs"]["t"]),
-            ]
-            for label, k in (("teacher FM", "teacher_fm_independent"), ("2rf ReFlow", "reflow_2rf_pairs")):
-                mx, mn = rl[k]["max"], rl[k]["min"]
-                lines.append(
-                    f"| {label} max/min | "
-                    + " | ".join(f"{a / max(b, 1e-30):.3g}" for a, b in zip(mx, mn))
-                    + " |"
-                )
-            sw = d.get("sweeps")
-            if sw:
-                lines += ["", f"Inference sweeps on the final student (eval only; {metric}):", ""]
-                lines += ["| knob | NFE | values |", "|---|---|---|"]
-                for knob, k in dict.fromkeys((r["knob"], r["nfe"]) for r in sw):
-                    vals = ", ".join(
-                        f"{r['value']:g}: {r[metric]:.4g}" for r in sw if (r["knob"], r["nfe"]) == (knob, k)
-                    )
-                    lines.append(f"| {knob} | {k} | {vals} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _relative_loss_figure(diag: dict[str, Any], path: Path, title: str) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.0, 3.4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for (label, k), c in zip(
-        (("teacher FM (independent)", "teacher_fm_independent"), ("2rf (pairs)", "reflow_2rf_pairs")),
-        ("C0", "C3"),
-    ):
-        d = diag["relative_loss"][k]
-        ax.fill_between(d["t"], d["min"], d["max"], color=c, alpha=0.2)
-        ax.plot(d["t"], d["max"], color=c, label=f"{label} max")
-        ax.plot(d["t"], d["min"], color=c, linestyle="--", label=f"{label} min")
-    ax.set_yscale("log")
-    ax.set_xlabel("t")
-    ax.set_ylabel("per-sample loss / mean loss")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    tmp.replace(path)
-    return path
-
-
-def _figures(name: str, records, diag, samples, pr: BenchPreset, out: Path) -> list[Path]:
-    from ..viz import histogram_grid, image_grid, metric_curves
-
-    metric = _metric_name(name)
-    recs = [r for r in records if r["dataset"] == name]
-    figs = [
-        metric_curves(recs, out / f"{name}_{metric}_vs_nfe.png", metric=metric, group_keys=("variant",),
-                      floor=recs[0].get(f"{metric}_floor"), title=f"{name}: {metric} vs NFE per rung"),
-        _relative_loss_figure(diag, out / f"{name}_relative_loss.png", f"{name}: per-t relative loss spread"),
-    ]  # fmt: skip
-    if name == "digits":
-        for v, by_nfe in samples.items():
-            grid = torch.cat([by_nfe[k] for k in pr.nfes])
-            figs.append(image_grid(grid, out / f"digits_samples_{v}.png", nrow=10))
-    else:
-        ring = name == "ring"
-        figs.append(histogram_grid(
-            samples, out / f"{name}_histograms.png", nfes=list(pr.nfes), range=5.5 if ring else 4.2,
-            bins=120, ref_density=0.1 if ring else 1.0 / 32.0, title=f"{name}: rows teacher / 2rf / full",
-        ))  # fmt: skip
-    return figs
-
-
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
     from ..train import ConfigError
@@ -637,7 +482,7 @@ def run(args: argparse.Namespace) -> int:
         diags[name] = diag
         add_relative_changes(records)
         write_json_atomic(records, out / "results.json")  # partial results survive an interruption
-        figs += _figures(name, records, diag, samples, pr, out)
+        figs += figures(name, records, diag, samples, pr, out)
     add_relative_changes(records)
     text = results_markdown(records, diags, pr, args.preset)
     text += (
