@@ -80,9 +80,9 @@ PRESETS: dict[str, PairsPreset] = {
         "<= 5 min on 2 idle cores: toy2d-quick teachers, 4096 pairs", "quick", 4096, (1, 2, 4, 8, 16, 32)
     ),  # fmt: skip
     "paper": PairsPreset(
-        "toy2d-paper teachers (5x512, ~20 min to train if not reused), 20k pairs",
+        "toy2d-paper teachers (5x512; ~20 min to train if not reused), 8192 pairs",
         "paper",
-        20000,
+        8192,
         (1, 2, 4, 8, 16, 32),
     ),  # fmt: skip
     "smoke": PairsPreset("smoke test (seconds; not meaningful)", "smoke", 256, (1, 2), ref_nfe=16, repeats=1),
