@@ -178,15 +178,17 @@ def metric_curves(
     title: str | None = None,
     dpi: int = 150,
 ) -> Path:
-    """One line per group of ``records`` (``metric`` against ``x``) on a log2 x-axis.
+    """One line per group of ``records`` (``metric`` against ``x``) on a logarithmic x-axis.
 
     Records are dicts such as ``{"model": "gmflow", "K": 64, "solver": "gm-sde", "order": 2,
     "nfe": 4, "sw2": 0.05}``. Groups are the distinct values of ``group_keys`` (a missing key counts
-    as ``None`` and is left out of the label); points are sorted by ``x``. Records whose ``x`` or
-    ``metric`` is missing, non-numeric or non-finite (or ``x <= 0``) are skipped. The y-axis is
-    logarithmic when ``logy`` and every plotted value (and ``floor``) is positive, else linear.
-    ``floor`` draws a dashed horizontal line (e.g. the sliced-W2 Monte-Carlo floor). The legend sits
-    inside the axes for up to 6 groups, outside on the right otherwise.
+    as ``None`` and is left out of the label); points are sorted by ``x``. Up to 12 distinct integer
+    ``x`` values (NFEs) get a log2 axis with every value labelled, anything else (e.g. milliseconds)
+    a plain log axis. Records whose ``x`` or ``metric`` is missing, non-numeric or non-finite (or
+    ``x <= 0``) are skipped. The y-axis is logarithmic when ``logy`` and every plotted value (and
+    ``floor``) is positive, else linear. ``floor`` draws a dashed horizontal line (e.g. the
+    sliced-W2 Monte-Carlo floor). The legend sits inside the axes for up to 6 groups, outside on
+    the right otherwise.
     """
     groups: dict[tuple[tuple[str, Any], ...], list[tuple[float, float]]] = {}
     for rec in records:
@@ -211,11 +213,14 @@ def metric_curves(
     if floor is not None:
         ax.axhline(floor, color="0.35", linestyle="--", linewidth=1.0, label="floor")
         ys_all.append(float(floor))
-    ax.set_xscale("log", base=2)
     ticks = sorted(xs_all)
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    if len(ticks) <= 12 and all(float(t).is_integer() for t in ticks):  # NFE-like: label every value
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+    else:  # a continuous quantity (e.g. milliseconds): matplotlib's log-scale ticks
+        ax.set_xscale("log")
     if logy and min(ys_all) > 0:
         ax.set_yscale("log")
     ax.set_xlabel(x)
