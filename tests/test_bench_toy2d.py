@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pytest
+
 from gmflow.bench import toy2d
 
 REQUIRED = {"model", "K", "solver", "order", "nfe", "sw2", "sw2_floor", "mmd", "in_support", "cell_kl"}
@@ -26,6 +28,28 @@ def test_smoke_preset_writes_records_tables_and_figures(tmp_path, capsys):
     for name in ("histograms.png", "sw2_vs_nfe.png", "in_support_vs_nfe.png", "cell_kl_vs_nfe.png"):
         assert (out / name).stat().st_size > 1000
     assert "figures:" in capsys.readouterr().out
+
+
+def test_seed_repeats_script_on_a_smoke_run(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    p = argparse.ArgumentParser()
+    toy2d.add_arguments(p)
+    out = tmp_path / "bench"
+    assert toy2d.run(p.parse_args(["--preset", "smoke", "--out", str(out), "--no-progress"])) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy2d_seed_repeats.py"
+    argv = [str(script), "--run", str(out), "--K", "4", "--gm-nfe", "1", "--fm-nfe", "2", "--seeds", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    rep = json.loads((out / "seed_repeats.json").read_text())
+    assert len(rep["records"]) == 8 and all(len(r["seeds"]) == 2 for r in rep["records"])
+    assert all(r["sw2_ratio_mean"] > 0 and r["sw2_ratio_sd"] >= 0 for r in rep["records"])
+    assert "gmflow-k4" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", [str(script), "--run", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="not found"):
+        runpy.run_path(str(script), run_name="__main__")
 
 
 def test_unknown_preset_is_a_config_error(tmp_path):
