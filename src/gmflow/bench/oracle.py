@@ -10,7 +10,6 @@ a GM, so the GM solvers see a perfect GMFlow model and the baselines see the exa
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from ..data.gmm import ring_gmm
 from ..metrics import rbf_mmd, sliced_w2_mean
 from ..sampling import sample
+from .common import write_json_atomic, write_text_atomic
 
 SOLVER_ROWS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -39,17 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=20000, help="samples per configuration (default: 20000)")
     p.add_argument("--nfes", type=int, nargs="+", default=[1, 2, 4, 8], help="NFEs (default: 1 2 4 8)")
     p.add_argument("--seed", type=int, default=0)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """JSON file written atomically (see :func:`gmflow.train.checkpoint.atomic_write_bytes`)."""
-    write_text_atomic(json.dumps(obj, indent=2), path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    from ..train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode(), sync_dir=False)
 
 
 def run_oracle(n: int, nfes: list[int], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:

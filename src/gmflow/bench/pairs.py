@@ -19,8 +19,8 @@ velocity per evaluation (``euler``, ``dpm++2m``). This benchmark measures, at th
 
 Test beds:
 
-* ``checkerboard``: an FM teacher and a GMFlow K = 64 teacher trained with the same trunk, budget and
-  recipe by the toy2d benchmark's configuration (``--teachers DIR`` reuses ``DIR/models/{fm,gmflow-k64}``
+* ``checkerboard``: an FM teacher and a GMFlow K = 64 teacher (smoke: 4) trained with the same trunk, budget
+  and recipe by the toy2d benchmark's configuration (``--teachers DIR`` reuses ``DIR/models/{fm,gmflow-k64}``
   of a finished ``gmflow bench toy2d`` run with the same preset; otherwise they are trained in OUT).
   ``dpm++2m`` / ``euler`` rows of the GMFlow teacher use its mean velocity and separate the teacher
   from the solver.
@@ -48,9 +48,10 @@ import torch
 
 from ..metrics import sliced_w2_mean, sw2_floor
 from ..sampling import sample
-from .oracle import write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
 
 REF_SEED = 20251121
+DATASETS = ("checkerboard", "ring")
 TEACHER_NAMES = ({"fm": "fm", "gm": "gmflow"}, {"fm": "exact-mean", "gm": "exact-gm"})  # [is ring][kind]
 
 # (teacher kind, solver, order): "gm" rows hand the solver the GaussianMixture, "mean" rows its mean
@@ -67,9 +68,10 @@ ROWS: tuple[tuple[str, str, int], ...] = (
 @dataclass(frozen=True)
 class PairsPreset:
     description: str
-    toy2d_preset: str  # the toy2d benchmark preset whose FM / GMFlow K=64 configuration trains the teachers
+    toy2d_preset: str  # the toy2d benchmark preset whose FM / GMFlow configuration trains the teachers
     n_pairs: int
     nfes: tuple[int, ...]
+    components: int = 64  # K of the GMFlow teacher
     ref_nfe: int = 512
     repeats: int = 3
     datasets: tuple[str, ...] = ("checkerboard", "ring")
@@ -85,37 +87,30 @@ PRESETS: dict[str, PairsPreset] = {
         8192,
         (1, 2, 4, 8, 16, 32),
     ),  # fmt: skip
-    "smoke": PairsPreset("smoke test (seconds; not meaningful)", "smoke", 256, (1, 2), ref_nfe=16, repeats=1),
+    "smoke": PairsPreset(
+        "smoke test (seconds; not meaningful)", "smoke", 256, (1, 2), components=4, ref_nfe=16, repeats=1
+    ),
 }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset", default="quick", help=f"benchmark preset: {', '.join(PRESETS)} (default quick)"
-    )
-    p.add_argument("--out", default=None, help="output directory (default: runs/pairs-<preset>)")
+    add_run_arguments(p, "pairs", PRESETS, DATASETS)
     p.add_argument(
         "--teachers",
         default=None,
         metavar="DIR",
         help="a `gmflow bench toy2d` output directory with the same preset whose models/fm and "
-        "models/gmflow-k64 are reused (trained there if missing; default: OUT)",
+        "models/gmflow-k<K> are reused (trained there if missing; default: OUT)",
     )
-    p.add_argument("--datasets", nargs="+", default=None, help="subset of checkerboard, ring")
-    p.add_argument("--seed", type=int, default=0, help="training and noise seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _checkerboard_teachers(pr: PairsPreset, root: Path, seed: int, progress: bool) -> dict[str, Any]:
-    """FM and GMFlow K=64 teachers trained by the toy2d benchmark's configuration (resumed/reused)."""
+    """FM and GMFlow (K = ``pr.components``) teachers trained by the toy2d benchmark's configuration."""
     from ..train import load_model, train
     from .toy2d import PRESETS as TOY_PRESETS
     from .toy2d import _train_configs
 
-    toy = dataclasses.replace(TOY_PRESETS[pr.toy2d_preset], components=(64,), extra_runs=())
-    if pr.toy2d_preset == "smoke":
-        toy = dataclasses.replace(toy, components=(4,))
+    toy = dataclasses.replace(TOY_PRESETS[pr.toy2d_preset], components=(pr.components,), extra_runs=())
     teachers = {}
     for name, base, cfg in _train_configs(toy, root, seed):
         print(f"[bench pairs] teacher {name}: {cfg.out_dir} ({cfg.steps} steps, batch {cfg.batch_size})")
@@ -149,14 +144,17 @@ def pair_records(
     floor = sw2_floor(data, pr.n_pairs, seed=REF_SEED)
     noise = torch.randn(pr.n_pairs, 2, generator=torch.Generator().manual_seed(seed + 11))
     refs: dict[str, Any] = {}
+    by_model: dict[int, dict[str, Any]] = {}  # one exact teacher in two roles gets one reference
     for kind, model in teachers.items():
-        x_ref = sample(model, noise, solver="dpm++2m", nfe=pr.ref_nfe)
-        x_half = sample(model, noise, solver="dpm++2m", nfe=pr.ref_nfe // 2)
-        refs[kind] = {
-            "x0": x_ref,
-            "ref_err": float((x_half - x_ref).square().sum(1).mean().sqrt()),
-            "sw2": sliced_w2_mean(x_ref, held_out),
-        }
+        if id(model) not in by_model:
+            x_ref = sample(model, noise, solver="dpm++2m", nfe=pr.ref_nfe)
+            x_half = sample(model, noise, solver="dpm++2m", nfe=pr.ref_nfe // 2)
+            by_model[id(model)] = {
+                "x0": x_ref,
+                "ref_err": float((x_half - x_ref).square().sum(1).mean().sqrt()),
+                "sw2": sliced_w2_mean(x_ref, held_out),
+            }
+        refs[kind] = by_model[id(model)]
     rows = [
         r
         for r in ROWS
@@ -242,20 +240,9 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import make_toy2d, ring_gmm
-    from ..train import ConfigError
     from ..viz import metric_curves
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(PRESETS)})")
-    pr = PRESETS[args.preset]
-    datasets = tuple(args.datasets or pr.datasets)
-    bad = [d for d in datasets if d not in ("checkerboard", "ring")]
-    if bad:
-        raise ConfigError(f"unknown dataset(s) {bad} for --datasets (available: checkerboard, ring)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out or f"runs/pairs-{args.preset}")
-    out.mkdir(parents=True, exist_ok=True)
+    pr, datasets, out = start_run(args, "pairs", PRESETS, DATASETS)
     progress = not args.no_progress
     t_start = time.perf_counter()
     print(f"[bench pairs] preset {args.preset}: {pr.description}")

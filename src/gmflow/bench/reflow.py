@@ -60,7 +60,7 @@ import torch
 
 from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
 from ..sampling import sample
-from .oracle import write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
 from .reflow_report import (
     IMAGE_ONLY,
     LADDER,
@@ -75,6 +75,7 @@ __all__ = ["PRESETS", "LADDER", "TRAIN_RUNGS", "IMAGE_ONLY", "add_arguments", "r
            "add_relative_changes", "headline", "results_markdown"]  # fmt: skip
 
 REF_SEED = 20251121
+DATASETS = ("checkerboard", "ring", "digits")
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,7 @@ PRESETS: dict[str, BenchPreset] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset", default="quick", help=f"benchmark preset: {', '.join(PRESETS)} (default quick)"
-    )
-    p.add_argument("--out", default=None, help="output directory (default: runs/reflow-<preset>)")
-    p.add_argument("--datasets", nargs="+", default=None, help="subset of checkerboard, ring, digits")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_arguments(p, "reflow", PRESETS, DATASETS)
 
 
 # ------------------------------------------------------------------------------------------ test beds
@@ -451,19 +445,7 @@ def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[
 
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
-    from ..train import ConfigError
-
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(PRESETS)})")
-    pr = PRESETS[args.preset]
-    datasets = tuple(args.datasets or pr.datasets)
-    bad = [d for d in datasets if d not in ("checkerboard", "ring", "digits")]
-    if bad:
-        raise ConfigError(f"--datasets: unknown test bed(s) {bad}; choose from checkerboard, ring, digits")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out or f"runs/reflow-{args.preset}")
-    out.mkdir(parents=True, exist_ok=True)
+    pr, datasets, out = start_run(args, "reflow", PRESETS, DATASETS)
     progress = not args.no_progress
     t0 = time.perf_counter()
     print(f"[bench reflow] preset {args.preset}: {pr.description}\n[bench reflow] output: {out.resolve()}")

@@ -33,7 +33,7 @@ import torch
 from ..data import make_toy2d
 from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean
 from ..sampling import sample
-from .oracle import write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
 
 FM_SOLVERS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -123,13 +123,7 @@ PRESETS: dict[str, BenchPreset] = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--preset", default="quick", help=f"benchmark preset: {', '.join(PRESETS)} (default: quick)"
-    )
-    p.add_argument("--out", default=None, help="output directory (default: runs/toy2d-<preset>)")
-    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_run_arguments(p, "toy2d", PRESETS)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -214,6 +208,17 @@ def step_time_ratio(
 
 
 # ------------------------------------------------------------------------------------------ evaluation
+def reference_set(n: int) -> tuple[torch.Tensor, float]:
+    """The evaluation reference: ``n`` checkerboard points and the sliced-W2 floor (a second draw vs it).
+
+    Both come from one generator seeded with ``REF_SEED`` (research/official_reference.md's protocol).
+    """
+    data = make_toy2d("checkerboard")
+    gref = torch.Generator().manual_seed(REF_SEED)
+    ref = data.sample(n, generator=gref)
+    return ref, sliced_w2_mean(data.sample(n, generator=gref), ref)
+
+
 def evaluate(
     model: Any,
     base: dict[str, Any],
@@ -341,25 +346,16 @@ def results_markdown(records: list[dict[str, Any]], nfes: tuple[int, ...], metri
 
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
-    from ..train import ConfigError, load_model, train
+    from ..train import load_model, train
     from ..viz import histogram_grid, metric_curves
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(PRESETS)})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PRESETS[args.preset]
-    out = Path(args.out or f"runs/toy2d-{args.preset}")
-    out.mkdir(parents=True, exist_ok=True)
+    preset, _, out = start_run(args, "toy2d", PRESETS)
     progress = not args.no_progress
     t_start = time.perf_counter()
     print(f"[bench toy2d] preset {args.preset}: {preset.description}")
     print(f"[bench toy2d] output: {out.resolve()}")
 
-    data = make_toy2d("checkerboard")
-    gref = torch.Generator().manual_seed(REF_SEED)
-    ref = data.sample(preset.n_eval, generator=gref)
-    floor = sliced_w2_mean(data.sample(preset.n_eval, generator=gref), ref)
+    ref, floor = reference_set(preset.n_eval)
     print(f"[bench toy2d] reference: {preset.n_eval} checkerboard points, sliced-W2 floor {floor:.4f}")
 
     timing = step_time_ratio() if args.preset != "smoke" else step_time_ratio(256, 32, 2, 8, 3)

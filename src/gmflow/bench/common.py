@@ -1,0 +1,63 @@
+"""What every preset-driven benchmark shares: its standard options, the run set-up and atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """JSON file written atomically (see :func:`gmflow.train.checkpoint.atomic_write_bytes`)."""
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    from ..train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode(), sync_dir=False)
+
+
+def add_run_arguments(
+    p: argparse.ArgumentParser, bench: str, presets: Mapping[str, Any], datasets: Sequence[str] | None = None
+) -> None:
+    """``--preset --out [--datasets] --seed --threads --no-progress`` of ``gmflow bench <bench>``."""
+    p.add_argument(
+        "--preset", default="quick", help=f"benchmark preset: {', '.join(presets)} (default: quick)"
+    )
+    p.add_argument("--out", default=None, help=f"output directory (default: runs/{bench}-<preset>)")
+    if datasets is not None:
+        p.add_argument("--datasets", nargs="+", default=None, help=f"subset of {', '.join(datasets)}")
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def start_run(
+    args: argparse.Namespace, bench: str, presets: Mapping[str, Any], datasets: Sequence[str] | None = None
+) -> tuple[Any, tuple[str, ...], Path]:
+    """Validate ``args`` (preset, datasets), apply ``--threads`` and create the output directory.
+
+    Returns ``(preset, datasets, out)``; ``datasets`` is ``args.datasets`` or the preset's
+    ``datasets`` (empty when the benchmark has none). Raises ``ConfigError`` naming the bad option.
+    """
+    from ..train import ConfigError
+
+    if args.preset not in presets:
+        raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(presets)})")
+    pr = presets[args.preset]
+    chosen: tuple[str, ...] = ()
+    if datasets is not None:
+        chosen = tuple(args.datasets or pr.datasets)
+        bad = [d for d in chosen if d not in datasets]
+        if bad:
+            raise ConfigError(f"--datasets: unknown test bed(s) {bad}; choose from {', '.join(datasets)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/{bench}-{args.preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    return pr, chosen, out
