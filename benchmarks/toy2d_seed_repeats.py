@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from gmflow.bench.common import write_json_atomic
 from gmflow.bench.toy2d import reference_set
+from gmflow.io import atomic_write_json
 from gmflow.metrics import cell_mass_kl, in_support_fraction, sliced_w2_mean
 from gmflow.sampling import sample
 from gmflow.train import load_model
@@ -76,8 +76,8 @@ def main() -> None:
             f"{name:12s} {solver:13s} {order} {nfe:3d}  {agg['sw2_ratio'][0]:6.2f} ± "
             f"{agg['sw2_ratio'][1]:4.2f}            {agg['cell_kl'][0]:.5f}        {agg['in_support'][0]:.4f}"
         )
-    write_json_atomic(
-        {"floor": floor, "n": n, "seeds": args.seeds, "records": records}, run / "seed_repeats.json"
+    atomic_write_json(
+        run / "seed_repeats.json", {"floor": floor, "n": n, "seeds": args.seeds, "records": records}
     )
     print(f"wrote {run / 'seed_repeats.json'}")
 

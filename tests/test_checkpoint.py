@@ -9,10 +9,10 @@ import stat
 import pytest
 import torch
 
+from gmflow.io import atomic_write_bytes
 from gmflow.train import (
     CheckpointError,
     apply_sets,
-    atomic_write_bytes,
     get_preset,
     load_checkpoint,
     load_model,

@@ -296,7 +296,7 @@ def _save_samples(x, path: Path) -> None:
     import numpy as np
     import torch
 
-    from .train import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     buf = io.BytesIO()
     if path.suffix == ".npy":
@@ -341,8 +341,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .data import make_toy2d
+    from .io import atomic_write_json
     from .metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean, sw2_floor
-    from .train import atomic_write_bytes, read_manifest
+    from .train import read_manifest
 
     model, cfg = _load(args)
     if model.channels != 2:
@@ -403,7 +404,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "sw2_floor": floor,
         "rows": rows,
     }
-    atomic_write_bytes(out, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(out, result)
     print(f"gmflow: sw2 floor {floor:.4f}; wrote {out}", file=sys.stderr)
     return 0
 

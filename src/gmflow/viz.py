@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 from torch import Tensor
 
+from .io import atomic_write
+
 __all__ = ["CHECKERBOARD_DENSITY", "histogram_grid", "image_grid", "metric_curves"]
 
 CHECKERBOARD_DENSITY = 1.0 / 32.0  # uniform density of the scale-4 checkerboard on its support (area 32)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(fileobj)`` on a temp file next to ``path``, then atomically rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
     FigureCanvasAgg(fig)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def _to_numpy_points(x: Any) -> np.ndarray:
@@ -286,4 +270,4 @@ def image_grid(
         # uint8 (H, W) -> mode L, (H, W, 3) -> RGB
         Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)

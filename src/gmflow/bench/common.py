@@ -1,25 +1,13 @@
-"""What every preset-driven benchmark shares: its standard options, the run set-up and atomic writes."""
+"""What every preset-driven benchmark shares: its standard options and the run set-up."""
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """JSON file written atomically (see :func:`gmflow.train.checkpoint.atomic_write_bytes`)."""
-    write_text_atomic(json.dumps(obj, indent=2), path)
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    from ..train.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode(), sync_dir=False)
 
 
 def add_run_arguments(

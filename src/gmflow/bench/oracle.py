@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..data.gmm import ring_gmm
+from ..io import atomic_write_json, atomic_write_text
 from ..metrics import rbf_mmd, sliced_w2_mean
 from ..sampling import sample
-from .common import write_json_atomic, write_text_atomic
 
 SOLVER_ROWS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         "scores about 1):\n\n" + table + "\n"
     )
     print(text)
-    write_json_atomic(records, out / "results.json")
-    write_text_atomic(text, out / "results.md")
+    atomic_write_json(out / "results.json", records)
+    atomic_write_text(out / "results.md", text)
     rows = [k for k in extra["samples"] if k != "data"] + ["data"]
     histogram_grid(
         extra["samples"],

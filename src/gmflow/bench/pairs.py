@@ -46,9 +46,10 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_write_json, atomic_write_text
 from ..metrics import sliced_w2_mean, sw2_floor
 from ..sampling import sample
-from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run
 
 REF_SEED = 20251121
 DATASETS = ("checkerboard", "ring")
@@ -258,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             recs, refs[ds] = pair_records(ds, teachers, data, pr, args.seed, progress)
         records += recs
-        write_json_atomic(records, out / "results.json")
+        atomic_write_json(out / "results.json", records)
     text = "\n".join([
         f"# gmflow bench pairs — preset `{args.preset}`", "", pr.description, "",
         f"{pr.n_pairs} backward pairs per row, same noise for every row; reference: dpm++2m at NFE "
@@ -267,9 +268,9 @@ def run(args: argparse.Namespace) -> int:
         *summary_lines(records), "", results_markdown(records, refs, pr.nfes),
         f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",
     ]) + "\n"  # fmt: skip
-    write_json_atomic({"preset": args.preset, "seed": args.seed, "references": refs,
-                       "config": dataclasses.asdict(pr)}, out / "meta.json")  # fmt: skip
-    write_text_atomic(text, out / "results.md")
+    atomic_write_json(out / "meta.json", {"preset": args.preset, "seed": args.seed, "references": refs,
+                       "config": dataclasses.asdict(pr)})  # fmt: skip
+    atomic_write_text(out / "results.md", text)
     figs = []
     for ds in datasets:
         rows = [{**r, "row": _label(r)} for r in records if r["dataset"] == ds]

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -58,9 +57,10 @@ from typing import Any
 
 import torch
 
+from ..io import atomic_write_json, atomic_write_text, sha256_bytes
 from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
 from ..sampling import sample
-from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run
 from .reflow_report import (
     IMAGE_ONLY,
     LADDER,
@@ -305,14 +305,14 @@ def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | N
 
 def _cached(path: Path, key: dict, compute):
     """``compute()`` once per ``key`` (a JSON-able dict): the result is kept in ``path``."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:16]
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("key") == digest:
             return old["value"]
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"key": digest, "value": value}, path)
+    atomic_write_json(path, {"key": digest, "value": value})
     return value
 
 
@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
         records += recs
         diags[name] = diag
         add_relative_changes(records)
-        write_json_atomic(records, out / "results.json")  # partial results survive an interruption
+        atomic_write_json(out / "results.json", records)  # partial results survive an interruption
         figs += figures(name, records, diag, samples, pr, out)
     add_relative_changes(records)
     text = results_markdown(records, diags, pr, args.preset)
@@ -472,11 +472,11 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items())
         + ").\n"
     )
-    write_json_atomic(records, out / "results.json")
-    write_json_atomic(diags, out / "diagnostics.json")
+    atomic_write_json(out / "results.json", records)
+    atomic_write_json(out / "diagnostics.json", diags)
     meta = {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(pr), "seconds": timing}
-    write_json_atomic(meta, out / "meta.json")
-    write_text_atomic(text, out / "results.md")
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_text(out / "results.md", text)
     print(text)
     print("[bench reflow] headline (full recipe vs 2rf; negative = better):")
     for h in headline(records):

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from ..data import make_toy2d
+from ..io import atomic_write_json, atomic_write_text
 from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean
 from ..sampling import sample
-from .common import add_run_arguments, start_run, write_json_atomic, write_text_atomic
+from .common import add_run_arguments, start_run
 
 FM_SOLVERS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -381,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
         records += evaluate(
             model, base, solvers, preset.nfes, ref, floor, preset.n_eval, args.seed, store, progress
         )
-        write_json_atomic(records, out / "results.json")  # partial results survive an interruption
+        atomic_write_json(out / "results.json", records)  # partial results survive an interruption
 
     # ------------------------------------------------------------------ report
     store["data"] = {preset.nfes[0]: ref}
@@ -420,8 +421,9 @@ def run(args: argparse.Namespace) -> int:
         f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",
     ]
     text = "\n".join(lines) + "\n"
-    write_json_atomic(records, out / "results.json")
-    write_json_atomic(
+    atomic_write_json(out / "results.json", records)
+    atomic_write_json(
+        out / "meta.json",
         {
             "preset": args.preset,
             "seed": args.seed,
@@ -430,9 +432,8 @@ def run(args: argparse.Namespace) -> int:
             "training": train_info,
             "config": dataclasses.asdict(preset),
         },
-        out / "meta.json",
     )
-    write_text_atomic(text, out / "results.md")
+    atomic_write_text(out / "results.md", text)
 
     figs = _figures(records, store, preset, floor, out, histogram_grid, metric_curves)
     print(text)

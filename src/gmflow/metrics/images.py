@@ -18,10 +18,8 @@ Everything statistical runs in float64 on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ..io import atomic_write_bytes, sha256_bytes
 
 __all__ = [
     "DigitClassifier",
@@ -186,7 +186,7 @@ def default_cache_dir() -> Path:
 def _cache_key(size: int, seed: int, arch: dict, train: dict) -> str:
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     blob = dict(format=_CACHE_FORMAT, size=size, seed=seed, arch=arch, train=train, torch=torch_mm)
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_bytes(json.dumps(blob, sort_keys=True).encode())[:16]
 
 
 def _try_load(path: Path, key: str, model: DigitClassifier) -> bool:
@@ -212,19 +212,11 @@ def _try_load(path: Path, key: str, model: DigitClassifier) -> bool:
 
 
 def _atomic_save(path: Path, model: DigitClassifier, key: str) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = dict(key=key, test_accuracy=repr(model.test_accuracy), config=json.dumps(model.config))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, save(state, metadata=meta))
 
 
 def get_classifier(

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..flow import time_grid
+from ..io import atomic_write_bytes, sha256_bytes, sha256_file
 from ..sampling import SOLVERS, num_steps, sample
 
 __all__ = [
@@ -145,15 +146,6 @@ def shard_seed(seed: int, direction: str, index: int) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def _tensor_bytes(t: Tensor) -> bytes:
     t = t.detach().to("cpu").contiguous().reshape(-1)
     return t.view(torch.uint8).numpy().tobytes()
@@ -196,13 +188,7 @@ def teacher_hash(ckpt_dir: str | os.PathLike, *, use_ema: bool = True) -> str:
         p = ema if (use_ema and ema.is_file()) else raw
     if not p.is_file():
         raise PairError(f"teacher checkpoint weights {str(p)!r} not found")
-    return "sha256:" + _sha256_file(p)[1]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    from ..train.checkpoint import atomic_write_bytes  # lazy: keeps gmflow.reflow import-light
-
-    atomic_write_bytes(path, data)
+    return "sha256:" + sha256_file(p)[1]
 
 
 def read_manifest(directory: str | os.PathLike) -> PairManifest:
@@ -227,7 +213,7 @@ def read_manifest(directory: str | os.PathLike) -> PairManifest:
 
 
 def _write_manifest(directory: Path, m: PairManifest) -> None:
-    _atomic_write(directory / MANIFEST, (json.dumps(m.to_dict(), indent=2) + "\n").encode())
+    atomic_write_bytes(directory / MANIFEST, (json.dumps(m.to_dict(), indent=2) + "\n").encode())
 
 
 def load_shard(directory: str | os.PathLike, info: ShardInfo, event_shape: tuple[int, ...], *,
@@ -241,7 +227,7 @@ def load_shard(directory: str | os.PathLike, info: ShardInfo, event_shape: tuple
     data = path.read_bytes()
     if len(data) != info.size:
         raise PairError(f"shard {str(path)!r} is truncated or resized ({len(data)} != {info.size} bytes)")
-    if verify and hashlib.sha256(data).hexdigest() != info.sha256:
+    if verify and sha256_bytes(data) != info.sha256:
         raise PairError(f"shard {str(path)!r} is corrupt: its sha256 does not match the manifest")
     try:
         tensors = load(data)
@@ -441,18 +427,18 @@ def generate_pairs(
             count = min(shard_size, n - i * shard_size)
             listed = m.shards[i] if i < len(m.shards) else None
             path = d / shard_name(direction, i)
-            if listed is not None and path.is_file() and _sha256_file(path) == (listed.size, listed.sha256):
+            if listed is not None and path.is_file() and sha256_file(path) == (listed.size, listed.sha256):
                 continue
             x0, x1 = _make_shard(teacher, m, i, count, data, device, dtype)
             meta = {**m.settings(), "index": i, "count": count, "shard_seed": shard_seed(seed, direction, i)}
             blob = _shard_bytes(x0, x1, meta)
-            info = ShardInfo(shard_name(direction, i), i, count, len(blob), hashlib.sha256(blob).hexdigest())
+            info = ShardInfo(shard_name(direction, i), i, count, len(blob), sha256_bytes(blob))
             if listed is not None and listed != info:
                 raise PairError(
                     f"shard {info.file} in {str(d)!r} is missing or corrupt and regenerates to different "
                     "content (the teacher or platform is not deterministic); delete the directory to restart"
                 )
-            _atomic_write(path, blob)
+            atomic_write_bytes(path, blob)
             if listed is None:
                 m.shards.append(info)
                 _write_manifest(d, m)  # commit point of shard i

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..flow import GRID_KINDS, TIME_SAMPLERS, sample_time
 from ..gm import GaussianMixture
+from ..io import atomic_write_json
 from .dataset import PairDataset
 from .losses import error_distance, normalized
 from .projection import project_pairs
@@ -439,7 +440,7 @@ def train_reflow(
             (default: a deep copy of ``teacher_model``).
     """
     from ..train import train
-    from ..train.checkpoint import atomic_write_bytes, has_checkpoint
+    from ..train.checkpoint import has_checkpoint
     from ..train.config import ConfigError
 
     cfg.validate()
@@ -485,7 +486,7 @@ def train_reflow(
                     f"({'; '.join(diff[:4])}); use another out_dir or delete that directory"
                 )
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(old_path, (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write_json(old_path, record)
     return train(
         cfg.to_train_config(head=head),
         model=student,

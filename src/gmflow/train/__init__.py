@@ -12,7 +12,6 @@ Example::
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
-    atomic_write_bytes,
     build_model,
     has_checkpoint,
     load_checkpoint,
@@ -59,7 +58,6 @@ __all__ = [
     "TrainingInterrupted",
     "apply_overrides",
     "apply_sets",
-    "atomic_write_bytes",
     "build_model",
     "build_optimizer",
     "config_diff",

@@ -19,11 +19,9 @@ any instant and still resume. Loading verifies sizes and SHA-256 against the man
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..io import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
+
 __all__ = [
     "CheckpointError",
     "Checkpoint",
     "MANIFEST",
-    "atomic_write_bytes",
     "save_checkpoint",
     "has_checkpoint",
     "read_manifest",
@@ -45,8 +44,6 @@ __all__ = [
 ]
 
 MANIFEST = "checkpoint.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 FORMAT = "gmflow-checkpoint/1"
 
 
@@ -67,46 +64,6 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------------ writing
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sync_dir: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the file ordinary permissions
-            os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    if sync_dir:
-        _fsync_dir(path.parent)
-    return path
-
-
-def _unlink_quiet(path: str | os.PathLike) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def _pending(directory: Path, name: str) -> Path:
     return directory / f".{name}.pending"
 
@@ -145,16 +102,16 @@ def save_checkpoint(
         files["ema.safetensors"] = _safetensors_bytes(ema_state, step)
     for name, data in files.items():
         atomic_write_bytes(_pending(d, name), data, sync_dir=False)
-    _fsync_dir(d)
+    fsync_dir(d)
     manifest = {
         "format": FORMAT,
         "step": int(step),
-        "files": {n: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()},
+        "files": {n: {"size": len(b), "sha256": sha256_bytes(b)} for n, b in files.items()},
     }
     atomic_write_bytes(d / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())  # commit point
     for name in files:
         os.replace(_pending(d, name), d / name)
-    _fsync_dir(d)
+    fsync_dir(d)
     return d / MANIFEST
 
 
@@ -185,21 +142,11 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
     return m
 
 
-def _digest(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def _matches(path: Path, meta: dict[str, Any]) -> bool:
     try:
         if path.stat().st_size != meta["size"]:
             return False
-        return _digest(path)[1] == meta["sha256"]
+        return sha256_file(path)[1] == meta["sha256"]
     except OSError:
         return False
 
