@@ -9,7 +9,6 @@ checkpoint; a diverged run exits 1.
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
 import os
@@ -340,9 +339,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .data import make_toy2d
     from .io import atomic_write_json
-    from .metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean, sw2_floor
+    from .metrics import (
+        REFERENCE_SEED,
+        cell_mass_kl,
+        in_support_fraction,
+        rbf_mmd,
+        reference_set,
+        sliced_w2_mean,
+    )
     from .train import read_manifest
 
     model, cfg = _load(args)
@@ -354,10 +359,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         _check_solver(cfg, s, args.order if s.startswith("gm-") else 1, None)
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
     _check_writable(out)
-    data = make_toy2d(cfg.data.name)
-    ref_seed = inspect.signature(sw2_floor).parameters["seed"].default
-    reference = data.sample(args.n, generator=torch.Generator().manual_seed(ref_seed))
-    floor = sw2_floor(data, args.n, seed=ref_seed)
+    reference, floor = reference_set(cfg.data.name, args.n)
     checker = cfg.data.name == "checkerboard"
     rows = []
     for solver in solvers:
@@ -400,7 +402,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "data": cfg.data.name,
         "n": args.n,
         "seed": args.seed,
-        "reference_seed": ref_seed,
+        "reference_seed": REFERENCE_SEED,
         "sw2_floor": floor,
         "rows": rows,
     }

@@ -1,4 +1,4 @@
-"""Simple ReFlow data side: teacher pair generation and storage, mixing, coupling projection, diagnostics.
+"""Simple ReFlow: teacher pairs (generation, sharded store), mixing, projection, training, diagnostics.
 
 Example::
 
@@ -18,18 +18,9 @@ Example::
 from .dataset import PairDataset
 from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
 from .losses import error_distance, hpf_operator, normalized, reflow_distance
-from .pairs import (
-    PairError,
-    PairManifest,
-    ShardInfo,
-    generate_pairs,
-    load_shard,
-    read_manifest,
-    shard_name,
-    shard_seed,
-    teacher_hash,
-)
+from .pairs import generate_pairs, shard_seed, teacher_hash
 from .projection import project_pairs
+from .store import PairError, PairManifest, ShardInfo, load_shard, read_manifest, shard_name
 from .train import (
     RECIPES,
     ReflowConfig,

@@ -13,13 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..data import DATASETS, load_dataset
+
 __all__ = [
     "add_pairs_arguments",
     "run_pairs",
     "add_train_arguments",
     "run_train",
     "add_reflow_subparser",
-    "resolve_data",
     "load_teacher",
 ]
 
@@ -44,25 +45,14 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def resolve_data(name: str, n: int | None = None) -> Any:
-    """Real data by name: a toy 2-D set (a sampler) or ``digits8``/``digits16`` (the train split).
-
-    Digits return the image tensor when ``n`` is ``None`` or at most the split size (each real image
-    once, in order), else the :class:`~gmflow.data.digits.Digits` sampler (with replacement).
-    """
-    from ..data import TOY2D_NAMES, make_toy2d
-
-    key = str(name).strip().lower()
-    if key in TOY2D_NAMES:
-        return make_toy2d(key)
-    if key in ("digits8", "digits16"):
-        from ..data.digits import Digits
-
-        ds = Digits(size=int(key[6:]), split="train")
-        return ds.tensor() if n is None or n <= len(ds) else ds
-    raise ValueError(
-        f"--data: unknown data set {name!r}; choose one of {', '.join(TOY2D_NAMES)}, digits8, digits16"
-    )
+def _real_data(name: str, n: int | None, arg: str) -> Any:
+    """:func:`gmflow.data.load_dataset` ``(name)``; a finite set (digits) becomes its image tensor when ``n``
+    is ``None`` or at most its size (each real image once, in order), else stays a sampler."""
+    try:
+        ds = load_dataset(name)
+    except ValueError as e:
+        raise ValueError(f"{arg}: {e}") from None
+    return ds.tensor() if hasattr(ds, "tensor") and (n is None or n <= len(ds)) else ds
 
 
 def load_teacher(path: str | Path, *, use_ema: bool = True, device: str = "cpu") -> Any:
@@ -115,9 +105,7 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default=None, choices=SOLVERS, help="default: dpm++2m backward, heun forward")
     p.add_argument("--nfe", type=int, default=32, help="teacher evaluations per pair (default 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="pair directory (resumed if it exists)")
-    p.add_argument(
-        "--data", default=None, help="real data for forward pairs: toy set name, digits8, digits16"
-    )
+    p.add_argument("--data", default=None, help=f"real data for forward pairs: {', '.join(DATASETS)}")
     p.add_argument("--grid", default="uniform", choices=GRID_KINDS, help="time grid (default uniform)")
     p.add_argument("--kappa", type=float, default=20.0, help="sigmoid-grid kappa > 0 (default 20)")
     p.add_argument("--r", type=float, default=0.5, help="DPM-Solver-2 intermediate point in (0, 1]")
@@ -142,7 +130,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         if args.direction == "forward" and args.data is None:
             raise ValueError("--data: forward pairs start from real data; name the data set")
         if args.data is not None:
-            data = resolve_data(args.data, args.n)
+            data = _real_data(args.data, args.n, "--data")
         kw: dict[str, Any] = {}
         if args.grid == "sigmoid":
             kw["kappa"] = args.kappa
@@ -203,7 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train a ReFlow student from a teacher checkpoint and pair directories; 0 on success, 2 on bad input."""
     from ..train.checkpoint import read_manifest as read_ckpt
     from .dataset import PairDataset
-    from .pairs import read_manifest
+    from .store import read_manifest
     from .train import train_reflow
 
     try:
@@ -221,7 +209,7 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         teacher = load_teacher(args.teacher, use_ema=not args.raw)
         pairs = PairDataset(args.pairs, args.forward_pairs, rho=cfg.rho)
-        real = resolve_data(args.real_data) if args.real_data is not None else None
+        real = _real_data(args.real_data, None, "--real-data") if args.real_data is not None else None
         res = train_reflow(cfg, teacher, pairs, real_data=real, progress=not args.no_progress, verbose=True)
     except (ValueError, TypeError, ImportError) as e:  # ConfigError, PairError, CheckpointError, ReflowError
         return _fail(e)
