@@ -48,7 +48,7 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import sliced_w2_mean, sw2_floor
-from ..sampling import sample
+from ..sampling import SOLVERS, sample
 from .common import add_run_arguments, start_run
 
 REF_SEED = 20251121
@@ -190,7 +190,7 @@ def _label(r: dict[str, Any]) -> str:
     who = {"fm": "FM teacher", "gm": "GMFlow teacher"}[r["kind"]]
     if r["dataset"] == "ring":
         who = {"fm": "exact mean", "gm": "exact GM"}[r["kind"]]
-    return f"{who} {r['solver']}" + (f" o{r['order']}" if r["solver"].startswith("gm-") else "")
+    return f"{who} {r['solver']}" + (f" o{r['order']}" if len(SOLVERS[r["solver"]].orders) > 1 else "")
 
 
 def results_markdown(records: list[dict[str, Any]], refs: dict[str, Any], nfes: tuple[int, ...]) -> str:

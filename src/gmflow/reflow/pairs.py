@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..flow import time_grid
 from ..io import atomic_write_bytes, sha256_bytes, sha256_file
-from ..sampling import SOLVERS, num_steps, sample
+from ..sampling import SOLVERS, get_solver, num_steps, sample
 
 __all__ = [
     "PairError",
@@ -59,8 +59,8 @@ __all__ = [
 FORMAT = "gmflow-pairs/1"
 MANIFEST = "manifest.json"
 DIRECTIONS = ("backward", "forward")
-FORWARD_SOLVERS = ("euler", "heun")
-STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
+FORWARD_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.invertible)
+STOCHASTIC_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.stochastic)
 SOLVER_KWARGS = ("substeps", "times", "shift", "kappa", "r", "variance")
 _META_KEY = "gmflow_pairs"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -375,8 +375,7 @@ def generate_pairs(
     for name, v in (("n", n), ("shard_size", shard_size), ("nfe", nfe)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    get_solver(solver)  # ValueError naming the valid solvers
     if direction == "forward" and solver not in FORWARD_SOLVERS:
         raise ValueError(
             f"forward pairs integrate the teacher ODE upwards (t: 0 -> 1), which only {FORWARD_SOLVERS} "
