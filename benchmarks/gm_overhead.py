@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ms, _ = median_ms(run, args.repeats)
         per_step = ms / nfe
-        sub = gmflow.sampling.gm_solvers.default_substeps(nfe) if solver == "gm-ode" else 1
+        sub = gmflow.sampling.solvers.gm.default_substeps(nfe) if solver == "gm-ode" else 1
         rows.append(
             {
                 "solver": solver,

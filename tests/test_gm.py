@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
+import gmflow.gaussian
+import gmflow.gm
 from gmflow import Gaussian, GaussianMixture, ring_gmm
 from gmflow.data.gmm import GaussianMixtureData
 
@@ -221,3 +223,29 @@ def test_constructor_validates_shapes_and_dtypes():
         GaussianMixture(
             torch.zeros(2, 3, 4, 3), torch.zeros(2, 3, 1, 3), torch.zeros(2, 1, 1, 1)
         ).mul_gaussian(Gaussian(torch.zeros(2, 4, 3), torch.ones(2, 1, 3)))
+
+
+def test_nonfinite_fields_names_each_bad_parameter():
+    gm = random_gm(spatial=(3,))
+    assert gm.nonfinite_fields() == ()
+    nan, inf = float("nan"), float("inf")
+    cases = {
+        "means": (gm.means.clone().index_put_((torch.tensor([1]),), torch.tensor(nan, dtype=D)), "means"),
+        "logstds": (gm.logstds.clone().fill_(inf), "logstds"),
+        "logweights": (gm.logweights.clone().fill_(nan), "logweights"),
+    }
+    for field, (bad, name) in cases.items():
+        parts = {"means": gm.means, "logweights": gm.logweights, "logstds": gm.logstds, field: bad}
+        assert GaussianMixture(**parts).nonfinite_fields() == (name,)
+    both = GaussianMixture(cases["means"][0], gm.logweights, cases["logstds"][0])
+    assert both.nonfinite_fields() == ("means", "logstds")
+    lw = gm.logweights.clone()
+    lw[:, 0] = inf
+    assert GaussianMixture(gm.means, lw, gm.logstds).nonfinite_fields() == ("logweights",)
+    lw[:, 0] = -inf  # a component of weight zero is a valid mixture
+    assert GaussianMixture(gm.means, lw, gm.logstds).nonfinite_fields() == ()
+
+
+def test_gaussian_and_transition_coefficients_are_reexported():
+    assert gmflow.gm.Gaussian is gmflow.gaussian.Gaussian is Gaussian
+    assert gmflow.gm.reverse_transition_coefs is gmflow.gaussian.reverse_transition_coefs

@@ -1,5 +1,7 @@
 """Guidance: CFG (+ orthogonal projection), probabilistic guidance, AutoGuidance, conditional sampling."""
 
+import math
+
 import pytest
 import torch
 
@@ -76,7 +78,7 @@ def test_probabilistic_guidance_properties():
     assert torch.allclose((proj.bias * proj.base.mean).sum(1), torch.zeros(6, dtype=D), atol=1e-9)
 
 
-def test_guided_sampling_runs_for_every_solver_and_counts_one_nfe_per_batched_call():
+def test_guided_sampling_counts_one_nfe_per_batched_call():
     model, _ = two_class_oracle()
     calls = []
 
@@ -100,11 +102,86 @@ def test_guided_sampling_runs_for_every_solver_and_counts_one_nfe_per_batched_ca
             generator=torch.Generator().manual_seed(0),
         )
         assert len(calls) == 4 and all(c == 16 for c in calls)
-        assert torch.isfinite(x).all()
-    x = sample(
-        counting, noise, solver="euler", nfe=4, cond=cond, uncond=uncond, guidance=CFG(2.0, orthogonal=1.0)
+        assert x.shape == noise.shape
+
+
+def _inner(a, b):
+    return (a * b).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("orthogonal", [0.0, 1.0])
+@pytest.mark.parametrize("gm_model", [False, True])
+def test_cfg_one_euler_step_is_the_guided_x0_in_closed_form(gm_model, orthogonal):
+    """From t = 1 one Euler step lands on the guided x0: x0_c + (w - 1) Delta, Delta = x0_c - x0_u
+    (minus its projection on x0_c); a GM model has every component mean shifted by the same bias."""
+    model, _ = two_class_oracle()
+    velocity = (lambda x, t, label: model(x, t, label).mean()) if not gm_model else model  # noqa: E731
+    noise = torch.randn(6, 2, dtype=D)
+    cond, uncond = {"label": torch.zeros(6)}, {"label": torch.full((6,), 2)}
+    w = 2.5
+    out = sample(
+        velocity,
+        noise,
+        solver="euler",
+        nfe=1,
+        cond=cond,
+        uncond=uncond,
+        guidance=CFG(w, orthogonal=orthogonal),
     )
-    assert torch.isfinite(x).all()
+    t1 = torch.ones(6, dtype=D)
+    x0_c = noise - model(noise, t1, cond["label"]).mean()
+    x0_u = noise - model(noise, t1, uncond["label"]).mean()
+    delta = x0_c - x0_u
+    delta = delta - orthogonal * _inner(delta, x0_c) / _inner(x0_c, x0_c) * x0_c
+    assert torch.allclose(out, x0_c + (w - 1) * delta, atol=1e-12)
+
+
+def gaussian_classes():
+    """Two Gaussian classes N(m_y, 0.5^2 I): at t = 1 the x0 posterior is the class itself (K = 1)."""
+    sets = [
+        GaussianMixtureData(torch.tensor([[-2.0, 1.0]], dtype=D), 0.5),
+        GaussianMixtureData(torch.tensor([[1.0, 0.5]], dtype=D), 0.5),
+    ]
+
+    def model(x, t, label):
+        return GaussianMixture.cat([sets[int(y)](x[i : i + 1], t[i : i + 1]) for i, y in enumerate(label)])
+
+    return model, [s.centers[0] for s in sets], 0.5
+
+
+def _pg_bias(m_c, m_u, w, sd, orthogonal):
+    """b: Delta = m_c - m_u (projected off m_c), rescaled to RMS w sd."""
+    delta = m_c - m_u
+    delta = delta - orthogonal * (delta @ m_c) / (m_c @ m_c) * m_c
+    return delta * (sd / delta.square().mean().sqrt()) * w
+
+
+@pytest.mark.parametrize("orthogonal", [0.0, 1.0])
+def test_probabilistic_guidance_on_a_gaussian_shifts_the_mean_and_shrinks_the_variance(orthogonal):
+    """K = 1: N(m_c, s^2) N(m_c + b, (1 - w^2) s^2) / N(m_c, s^2) = N(m_c + b, (1 - w^2) s^2), Eq. 8."""
+    model, (m_c, m_u), sd = gaussian_classes()
+    b = _pg_bias(m_c, m_u, 0.6, sd, orthogonal)
+    noise = torch.randn(5, 2, dtype=D)
+    t1 = torch.ones(5, dtype=D)
+    gm_c = model(noise, t1, torch.zeros(5)).u_to_x0(noise, t1)
+    res = probabilistic_guidance(gm_c, m_u.expand(5, 2), 0.6, orthogonal=orthogonal)
+    assert torch.allclose(res.gm.means[:, 0], (m_c + b).expand(5, 2), atol=1e-12)
+    assert torch.allclose(res.gm.var.flatten(), torch.full((5,), (1 - 0.36) * sd**2, dtype=D), atol=1e-12)
+    # end to end, one step from t = 1: dpm++2m lands on the guided mean, gm-sde on a guided-GM draw
+    kw = dict(
+        nfe=1,
+        cond={"label": torch.zeros(5)},
+        uncond={"label": torch.ones(5)},
+        guidance=ProbabilisticGuidance(0.6, orthogonal=orthogonal),
+    )
+    mean = sample(model, noise, solver="dpm++2m", **kw)
+    assert torch.allclose(mean, (m_c + b).expand(5, 2), atol=1e-12)
+    g = torch.Generator().manual_seed(4)
+    draw = sample(model, noise, solver="gm-sde", generator=g, **kw)
+    g = torch.Generator().manual_seed(4)
+    torch.rand(5, 1, generator=g, dtype=D)  # the component (K = 1)
+    n = torch.randn(5, 2, generator=g, dtype=D)
+    assert torch.allclose(draw, m_c + b + math.sqrt(1 - 0.36) * sd * n, atol=1e-12)
 
 
 def test_guidance_pushes_samples_towards_the_condition():
@@ -140,9 +217,10 @@ def test_autoguidance_scale_one_is_the_main_model_and_scale_is_a_lerp():
     t1 = torch.ones(16, dtype=D)
     x0g, x0b = noise - good.velocity(noise, t1), noise - bad.velocity(noise, t1)
     assert torch.allclose(one, x0b + 1.6 * (x0g - x0b), atol=1e-12)
-    # GM models: means shifted by the guided bias
-    gm_out = sample(good, noise, solver="gm-ode", nfe=2, guidance=AutoGuidance(bad, 1.5))
-    assert torch.isfinite(gm_out).all()
+    # GM models: means shifted by the guided bias; one GM-ODE step from t = 1 lands on the guided mean
+    gm_out = sample(good, noise, solver="gm-ode", nfe=1, substeps=1, guidance=AutoGuidance(bad, 1.5))
+    x0g, x0b = noise - good(noise, t1).mean(), noise - bad(noise, t1).mean()
+    assert torch.allclose(gm_out, x0b + 1.5 * (x0g - x0b), atol=1e-12)
 
 
 def test_guidance_errors():
@@ -168,3 +246,15 @@ def test_guidance_errors():
         )
     with pytest.raises(TypeError, match="callable"):
         AutoGuidance("model", 2.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_guidance_scales_must_be_finite(bad):
+    with pytest.raises(ValueError, match="CFG scale must be finite"):
+        CFG(bad)
+    with pytest.raises(ValueError, match="probabilistic guidance scale must be in"):
+        ProbabilisticGuidance(bad)
+    with pytest.raises(ValueError, match="AutoGuidance scale must be finite"):
+        AutoGuidance(lambda x, t: x, bad)
+    with pytest.raises(ValueError, match="orthogonal must be in"):
+        CFG(2.0, orthogonal=bad)

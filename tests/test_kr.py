@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.distributions import Normal
 
 from gmflow import GaussianMixture
-from gmflow.kr import principal_axes
+from gmflow.kr import gm_to_standard_normal, principal_axes, standard_normal_to_gm
 
 D = torch.float64
 
@@ -21,19 +22,19 @@ def gm_batch(b=2, k=5, c=3, spatial=(4,), seed=0, dtype=D):
 def test_roundtrip_fp64(spatial):
     gm = gm_batch(spatial=spatial)
     z = torch.randn(2, 3, *spatial, dtype=D, generator=torch.Generator().manual_seed(3))
-    x = gm.from_standard_normal(z)
-    z2 = gm.to_standard_normal(x)
+    x = standard_normal_to_gm(gm, z)
+    z2 = gm_to_standard_normal(gm, x)
     assert torch.allclose(z, z2, atol=1e-7)
-    x2 = gm.from_standard_normal(z2)
+    x2 = standard_normal_to_gm(gm, z2)
     assert torch.allclose(x, x2, atol=1e-7)
 
 
 def test_roundtrip_fp32_default_newton_steps():
     gm = gm_batch(dtype=torch.float32)
     z = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
-    x = gm.from_standard_normal(z)
+    x = standard_normal_to_gm(gm, z)
     assert x.dtype == torch.float32
-    assert torch.allclose(gm.to_standard_normal(x), z, atol=2e-3)
+    assert torch.allclose(gm_to_standard_normal(gm, x), z, atol=2e-3)
 
 
 def test_pushforward_of_gaussian_is_the_gm():
@@ -45,7 +46,7 @@ def test_pushforward_of_gaussian_is_the_gm():
     )
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(1, 2, n, generator=gen, dtype=D)
-    x = rep.from_standard_normal(z)
+    x = standard_normal_to_gm(rep, z)
     w = gm.weights[0, :, 0, 0]
     mu = gm.means[0, :, :, 0]
     mean = (w[:, None] * mu).sum(0)
@@ -54,7 +55,7 @@ def test_pushforward_of_gaussian_is_the_gm():
     ] * torch.eye(2, dtype=D)
     assert torch.allclose(x[0].mean(1), mean, atol=0.05)
     assert torch.allclose(torch.cov(x[0]), cov, atol=0.1, rtol=0.05)
-    zz = rep.to_standard_normal(rep.sample(gen))
+    zz = gm_to_standard_normal(rep, rep.sample(gen))
     assert torch.allclose(zz[0].mean(1), torch.zeros(2, dtype=D), atol=0.04)
     assert torch.allclose(torch.cov(zz[0]), torch.eye(2, dtype=D), atol=0.05)
 
@@ -62,9 +63,19 @@ def test_pushforward_of_gaussian_is_the_gm():
 def test_tails_are_finite():
     gm = gm_batch(spatial=(2,))
     z = torch.tensor([-7.5, 0.0, 7.5], dtype=D).reshape(1, 3, 1).expand(2, 3, 2).contiguous()
-    x = gm.from_standard_normal(z)
+    x = standard_normal_to_gm(gm, z)
     assert torch.isfinite(x).all()
-    assert torch.allclose(gm.to_standard_normal(x), z, atol=1e-5)
+    assert torch.allclose(gm_to_standard_normal(gm, x), z, atol=1e-5)
+
+
+def _averaged_covariance(gm):
+    """sum_k A_k (mu_k - m)(mu_k - m)^T averaged over positions, (B, C, C), written out per position."""
+    b, k, c = gm.means.shape[:3]
+    mu = gm.means.reshape(b, k, c, -1)  # (B, K, C, P)
+    w = gm.weights.reshape(b, k, 1, -1)
+    m = (w * mu).sum(1, keepdim=True)
+    d = mu - m
+    return torch.einsum("bkip,bkjp->bij", w * d, d) / mu.shape[-1]
 
 
 def test_principal_axes_are_orthonormal_and_sorted():
@@ -72,3 +83,29 @@ def test_principal_axes_are_orthonormal_and_sorted():
     v = principal_axes(gm)
     eye = torch.eye(3, dtype=D).expand(2, 3, 3)
     assert torch.allclose(v.transpose(1, 2) @ v, eye, atol=1e-10)
+    cov = _averaged_covariance(gm)
+    lam = torch.einsum("bij,bjk,bkl->bil", v.transpose(1, 2), cov, v)  # V^T S V is diagonal ...
+    diag = torch.diagonal(lam, dim1=1, dim2=2)
+    assert torch.allclose(lam, torch.diag_embed(diag), atol=1e-10)
+    assert bool((diag[:, :-1] >= diag[:, 1:]).all())  # ... with descending eigenvalues
+    assert torch.allclose(diag, torch.linalg.eigvalsh(cov).flip(-1), atol=1e-10)
+
+
+def test_forward_map_is_the_conditional_mixture_cdf_chain():
+    """z_j = Phi^{-1}(F_j(x'_j | x'_{<j})) in the principal basis x' = V^T x, with F_j the 1-D mixture
+    CDF whose weights are A_k N(x'_{<j}; mu'_k, s^2) renormalised (written with torch.distributions)."""
+    gm = gm_batch(b=2, k=4, c=3, spatial=(), seed=7)
+    x = gm.sample(torch.Generator().manual_seed(8))
+    v = principal_axes(gm)
+    xr = torch.einsum("bcd,bc->bd", v, x)  # V^T x
+    mur = torch.einsum("bcd,bkc->bkd", v, gm.means)  # rotated component means (B, K, C)
+    s = gm.logstds.exp().reshape(2, 1)
+    std_normal = Normal(torch.zeros((), dtype=D), torch.ones((), dtype=D))
+    logw = gm.logweights[:, :, 0]  # (B, K)
+    want = torch.empty_like(xr)
+    for j in range(3):
+        w = torch.softmax(logw, dim=1)
+        comp = Normal(mur[:, :, j], s)
+        want[:, j] = std_normal.icdf((w * comp.cdf(xr[:, j : j + 1])).sum(1))
+        logw = logw + comp.log_prob(xr[:, j : j + 1])
+    assert torch.allclose(gm_to_standard_normal(gm, x), want, atol=1e-9)

@@ -9,7 +9,7 @@ import gmflow
 from gmflow import GaussianMixture, ring_gmm, sample
 from gmflow.data.gmm import GaussianMixtureData
 from gmflow.metrics import sliced_w2_mean
-from gmflow.sampling.gm_solvers import SecondOrder
+from gmflow.sampling.solvers.gm import ReanchoredMean, SecondOrder
 
 D = torch.float64
 
@@ -92,8 +92,6 @@ def test_second_order_extrapolates_a_stale_model():
 
 
 def test_reanchored_mean_fast_path_matches_reanchor():
-    from gmflow.sampling.gm_solvers import ReanchoredMean
-
     data = GaussianMixtureData(torch.randn(5, 3, dtype=D), 0.3, spatial_shape=(2, 3))
     x = torch.randn(4, 3, 2, 3, dtype=D)
     gm = data.posterior_x0(x, torch.full((4,), 0.7, dtype=D))
@@ -164,6 +162,55 @@ def test_dpmpp2m_matches_independent_reference():
     assert torch.allclose(out, ref, atol=1e-10)
 
 
+def _edm_heun(model, x, ts, n_second):
+    """EDM Algorithm 1 (sigma = t, d = u): Heun correction on the first ``n_second`` intervals."""
+    for i, (t, tn) in enumerate(zip(ts, ts[1:])):
+        d = model(x, torch.full((x.shape[0],), t, dtype=D))
+        x_next = x + (tn - t) * d
+        if i < n_second:
+            d2 = model(x_next, torch.full((x.shape[0],), tn, dtype=D))
+            x_next = x + (tn - t) * 0.5 * (d + d2)
+        x = x_next
+    return x
+
+
+@pytest.mark.parametrize("nfe", [5, 6, 7])
+def test_heun_matches_edm_algorithm(nfe):
+    m = Linear()
+    x = torch.randn(5, 3, dtype=D)
+    steps = nfe // 2 + 1
+    ts = [1 - i / steps for i in range(steps + 1)]
+    out = sample(m, x, solver="heun", nfe=nfe)
+    assert torch.allclose(out, _edm_heun(m, x, ts, nfe - steps), atol=1e-12)
+
+
+def test_dpm_solver2_matches_dpm_solver_pp_2s_reference():
+    """DPM-Solver++(2S) in (alpha, sigma, lambda) form: u = (s_s/s_t) x - a_s (e^{-rh} - 1) D(x, t),
+    D~ = (1 - 1/2r) D(x, t) + D(u, s)/2r, x' = (s_t'/s_t) x - a_t' (e^{-h} - 1) D~; last step x' = D."""
+    m = Linear()
+    x = torch.randn(5, 3, dtype=D)
+    ts, r = [0.9, 0.6, 0.3, 0.0], 0.4
+    out = sample(m, x, solver="dpm-solver-2", nfe=5, times=torch.tensor(ts, dtype=D), r=r)
+
+    def den(y, t):
+        return y - t * m(y, torch.full((5,), t, dtype=D))
+
+    def lam(t):
+        return math.log((1 - t) / t)
+
+    ref = x
+    for t, tn in zip(ts, ts[1:]):
+        if tn == 0:
+            ref = den(ref, t)
+            continue
+        h = lam(tn) - lam(t)
+        s = 1 / (1 + math.exp(lam(t) + r * h))
+        u = (s / t) * ref - (1 - s) * math.expm1(-r * h) * den(ref, t)
+        dd = (1 - 1 / (2 * r)) * den(ref, t) + den(u, s) / (2 * r)
+        ref = (tn / t) * ref - (1 - tn) * math.expm1(-h) * dd
+    assert torch.allclose(out, ref, atol=1e-12)
+
+
 def test_heun_and_dpm_solver2_nfe_accounting():
     for solver in ("heun", "dpm-solver-2"):
         for nfe in (1, 2, 5, 8, 9):
@@ -194,8 +241,17 @@ def test_heun_is_second_order_accurate():
     assert e[16] / e[32] > 3.0
 
 
-def test_ddpm_small_equals_gm_sde_with_delta_gm():
-    """DDPM (small variance) on the mean is GM-SDE with a K = 1, s -> 0 GM: same draws, same result."""
+def _posterior_coefs(t, tn):
+    """DDPM posterior x_t' | x_t, x0 ~ N(c1 x_t + c2 x0, c3 I) for a = 1 - t, written out."""
+    a, an = 1 - t, 1 - tn
+    r = (tn / t) * a / an
+    return (tn / t) ** 2 * a / an, (1 - r * r) * an, (1 - r * r) * tn**2, r
+
+
+def test_ddpm_small_and_gm_sde_with_delta_gm_are_the_same_update_on_different_draws():
+    """DDPM (small variance) on the mean is GM-SDE with a K = 1, s -> 0 GM: both are
+    x' = c1 x + c2 x0^ + sqrt(c3) n; they differ only in the draws (GM-SDE first draws x0^ from the
+    GM: one uniform for the component, one normal for its tiny std). Both match a hand-written loop."""
     data = GaussianMixtureData(torch.randn(3, 2, dtype=D), 0.4)
 
     def delta(x, t):
@@ -207,36 +263,62 @@ def test_ddpm_small_equals_gm_sde_with_delta_gm():
         )
 
     noise = torch.randn(8, 2, dtype=D)
+    ts = [1.0, 0.75, 0.5, 0.25, 0.0]
+
+    def reference(gm_draws: bool):
+        g = torch.Generator().manual_seed(1)
+        x = noise
+        for t, tn in zip(ts, ts[1:]):
+            x0 = x - t * data.velocity(x, torch.full((8,), t, dtype=D))
+            if gm_draws:
+                torch.rand(8, 1, generator=g, dtype=D)  # the (only) component
+                x0 = x0 + math.exp(-40.0) * t * torch.randn(8, 2, generator=g, dtype=D)
+            c1, c2, c3, _ = _posterior_coefs(t, tn)
+            x = c1 * x + c2 * x0
+            if tn > 0:
+                x = x + math.sqrt(c3) * torch.randn(8, 2, generator=g, dtype=D)
+        return x
+
     a = sample(data.velocity, noise, solver="ddpm", nfe=4, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(1)
-    # GM-SDE draws (gumbel, component noise) then the transition noise; rebuild the same stream
-    b = sample(delta, noise, solver="gm-sde", nfe=4, generator=g)
-    assert a.shape == b.shape and torch.isfinite(b).all()
+    b = sample(delta, noise, solver="gm-sde", nfe=4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, reference(False), atol=1e-12, rtol=0)
+    assert torch.allclose(b, reference(True), atol=1e-12, rtol=0)
+    assert not torch.allclose(a, b)  # the draw streams differ
     m_a = sample(data.velocity, noise, solver="ddpm", nfe=1)
     m_b = sample(delta, noise, solver="gm-sde", nfe=1)
     assert torch.allclose(m_a, m_b, atol=1e-9)  # single step to t = 0 is deterministic for both
 
 
-def test_ddpm_large_variance_runs_and_differs():
-    data = GaussianMixtureData(torch.randn(3, 2, dtype=D), 0.4)
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_step_std_follows_the_documented_formula(variance):
+    """Delta data (D = x*): after one step x' - (c1 x + c2 x*) is exactly std * n, with
+    small: std = sqrt(1 - r^2) t'; large: std = sqrt(1 - r^2) t sqrt((a'^2 + t'^2) / (a^2 + t^2))."""
+    x_star = torch.tensor([[1.5, -2.0]], dtype=D)
+
+    def model(x, t):
+        return (x - x_star) / t[:, None]
+
     noise = torch.randn(64, 2, dtype=D)
-    a = sample(
-        data.velocity,
+    t, tn = 0.8, 0.5
+    _, traj = sample(
+        model,
         noise,
         solver="ddpm",
-        nfe=8,
-        variance="small",
+        nfe=2,
+        times=torch.tensor([t, tn, 0.0], dtype=D),
+        variance=variance,
         generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
     )
-    b = sample(
-        data.velocity,
-        noise,
-        solver="ddpm",
-        nfe=8,
-        variance="large",
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert not torch.allclose(a, b)
+    n = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=D)
+    c1, c2, _, r = _posterior_coefs(t, tn)
+    a, an = 1 - t, 1 - tn
+    if variance == "small":
+        std = math.sqrt(1 - r * r) * tn
+    else:
+        std = math.sqrt(1 - r * r) * t * math.sqrt((an**2 + tn**2) / (a**2 + t**2))
+    assert torch.allclose(traj[1], c1 * noise + c2 * x_star + std * n, atol=1e-12, rtol=0)
+    assert torch.allclose(traj[2], x_star.expand(64, 2), atol=1e-12)  # last step: no noise, D = x*
 
 
 def test_gm_ode_substeps_converge_to_the_exact_ode():

@@ -254,15 +254,18 @@ def _load(args: argparse.Namespace):
 
 
 def _check_solver(cfg: Any, solver: str, order: int, substeps: int | None) -> None:
-    gm_solver = solver in ("gm-sde", "gm-ode")
-    if gm_solver and cfg.model.head != "gm":
+    from .sampling import SOLVERS
+
+    cls = SOLVERS[solver]
+    if cls.needs_gm and cfg.model.head != "gm":
+        others = ", ".join(n for n, c in SOLVERS.items() if not c.needs_gm)
         raise UsageError(
-            f"solver {solver!r} needs a GM model; this checkpoint has a velocity head "
-            "(use euler, heun, dpm-solver-2, dpm++2m or ddpm)"
+            f"solver {solver!r} needs a GM model; this checkpoint has a velocity head (use one of {others})"
         )
-    if order == 2 and not gm_solver:
-        raise UsageError(f"--order 2 applies to gm-sde/gm-ode only, not {solver!r}")
-    if substeps is not None and solver != "gm-ode":
+    if order not in cls.orders:
+        which = "/".join(n for n, c in SOLVERS.items() if order in c.orders)
+        raise UsageError(f"--order {order} applies to {which} only, not {solver!r}")
+    if substeps is not None and "substeps" not in cls.options:
         raise UsageError("--substeps applies to --solver gm-ode only")
 
 
@@ -306,11 +309,13 @@ def _save_samples(x, path: Path) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import SOLVERS
+
     model, cfg = _load(args)
     _check_solver(cfg, args.solver, args.order, args.substeps)
     tag = (
         f"{args.solver}_o{args.order}_nfe{args.nfe}"
-        if args.solver.startswith("gm-")
+        if len(SOLVERS[args.solver].orders) > 1
         else f"{args.solver}_nfe{args.nfe}"
     )
     out = Path(args.out) if args.out else Path(args.ckpt) / f"samples_{tag}.pt"
@@ -348,6 +353,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         reference_set,
         sliced_w2_mean,
     )
+    from .sampling import SOLVERS
     from .train import read_manifest
 
     model, cfg = _load(args)
@@ -356,14 +362,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     gm = cfg.model.head == "gm"
     solvers = args.solvers or (["gm-sde", "gm-ode", "euler"] if gm else ["euler", "dpm++2m"])
     for s in solvers:
-        _check_solver(cfg, s, args.order if s.startswith("gm-") else 1, None)
+        _check_solver(cfg, s, args.order if args.order in SOLVERS[s].orders else 1, None)
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
     _check_writable(out)
     reference, floor = reference_set(cfg.data.name, args.n)
     checker = cfg.data.name == "checkerboard"
     rows = []
     for solver in solvers:
-        order = args.order if solver.startswith("gm-") else 1
+        order = args.order if args.order in SOLVERS[solver].orders else 1
         for nfe in args.nfes:
             t0 = time.perf_counter()
             x = _draw(

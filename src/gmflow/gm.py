@@ -1,6 +1,6 @@
 """Gaussian mixtures with a shared isotropic std, and their analytic operations.
 
-Shapes (DESIGN.md, research/gmflow.md §2):
+Shapes (docs/maths/gm.md):
 
 * ``means``      ``(B, K, C, *S)`` — K component means per position; the event is the channel axis C.
 * ``logweights`` ``(B, K, 1, *S)`` — log-softmax-normalised over K (dim 1).
@@ -11,7 +11,9 @@ Every position in ``*S`` is an independent mixture over the C channels (pixel-wi
 All objects are immutable; every operation returns a new object. The one primitive behind products,
 ratios, guidance and the change of noise level is the *exponential tilt* by an isotropic quadratic,
 ``p(x) * exp(-zeta/2 ||x||^2 + nu . x)`` (see :meth:`GaussianMixture.tilt`), written in the
-division-free form so that ``zeta -> 0`` is exact.
+division-free form so that ``zeta -> 0`` is exact. The isotropic :class:`~gmflow.gaussian.Gaussian`
+and the transition coefficients live in :mod:`gmflow.gaussian` (re-exported here); the
+Knothe–Rosenblatt maps to and from ``N(0, I)`` are in :mod:`gmflow.kr`.
 """
 
 from __future__ import annotations
@@ -23,17 +25,11 @@ import torch
 from torch import Tensor
 
 from .flow import expand_t
+from .gaussian import Gaussian, check_float, reverse_transition_coefs
 
 __all__ = ["Gaussian", "GaussianMixture", "reverse_transition_coefs"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _check_float(name: str, x: object) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 # ---------------------------------------------------------------------------------- fast reductions
@@ -65,69 +61,6 @@ def _scalar_shape(means_shape: torch.Size) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, eq=False)
-class Gaussian:
-    """Isotropic Gaussian ``N(mean, var * I)`` per position.
-
-    ``mean`` is ``(B, C, *S)``; ``var`` broadcasts against it with shape ``(B, 1, *S)`` (per position)
-    or ``(B, 1, *[1]*len(S))`` (one value per sample).
-    """
-
-    mean: Tensor
-    var: Tensor
-
-    def __post_init__(self) -> None:
-        _check_float("mean", self.mean)
-        _check_float("var", self.var)
-        if self.mean.dim() < 2:
-            raise ValueError(f"mean must have shape (B, C, *S), got {tuple(self.mean.shape)}")
-        ok = self.var.dim() == self.mean.dim() and self.var.shape[0] == self.mean.shape[0]
-        ok = ok and self.var.shape[1] == 1
-        ok = ok and all(v in (1, m) for v, m in zip(self.var.shape[2:], self.mean.shape[2:]))
-        if not ok:
-            raise ValueError(
-                f"var must have shape (B, 1, *S) or (B, 1, 1, ...) matching mean {tuple(self.mean.shape)}, "
-                f"got {tuple(self.var.shape)}"
-            )
-
-    @property
-    def channels(self) -> int:
-        return self.mean.shape[1]
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """``log N(x; mean, var I)`` summed over channels, shape ``(B, *S)``."""
-        c = self.channels
-        sq = (x - self.mean).square().sum(1, keepdim=True)
-        lp = -0.5 * sq / self.var - 0.5 * c * torch.log(self.var) - 0.5 * c * _LOG_2PI
-        return lp.squeeze(1)
-
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
-        return self.mean + self.var.sqrt() * noise
-
-    def spatial_average(self) -> Gaussian:
-        """Average ``var`` over all positions: one scalar per sample (the whole-image surrogate)."""
-        dims = tuple(range(2, self.var.dim()))
-        var = self.var.mean(dims, keepdim=True) if dims else self.var
-        return Gaussian(self.mean, var)
-
-    def product(self, other: Gaussian, power_self: float = 1.0, power_other: float = 1.0) -> Gaussian:
-        """Normalised ``N1^g1 N2^g2`` (research/gmflow.md §4.5).
-
-        ``norm = g1 w2 + g2 w1``, ``var = w1 w2 / norm``, ``mean = (g1 w2 m1 + g2 w1 m2) / norm``.
-        With powers ``(1, -1)`` this is the ratio ``N1/N2`` (an improper Gaussian when ``w1 > w2``).
-        """
-        w1, w2 = self.var, other.var
-        norm = power_self * w2 + power_other * w1
-        tiny = torch.finfo(norm.dtype).tiny
-        norm = torch.where(norm.abs() < tiny, torch.full_like(norm, tiny), norm)
-        var = w1 * w2 / norm
-        mean = (power_self * w2 * self.mean + power_other * w1 * other.mean) / norm
-        return Gaussian(mean, var)
-
-
-@dataclass(frozen=True, eq=False)
 class GaussianMixture:
     """Pixel-wise Gaussian mixture ``sum_k A_k N(x; mu_k, s^2 I)`` with one ``s`` per sample.
 
@@ -144,7 +77,7 @@ class GaussianMixture:
 
     def __post_init__(self) -> None:
         for name in ("means", "logweights", "logstds"):
-            _check_float(name, getattr(self, name))
+            check_float(name, getattr(self, name))
         m, w, s = self.means, self.logweights, self.logstds
         if m.dim() < 3:
             raise ValueError(f"means must have shape (B, K, C, *S), got {tuple(m.shape)}")
@@ -232,13 +165,29 @@ class GaussianMixture:
             torch.cat([g.logstds for g in gms]),
         )
 
+    def nonfinite_fields(self) -> tuple[str, ...]:
+        """Names of the parameters holding NaN or Inf, e.g. ``("logstds",)``; empty if all are finite.
+
+        ``logweights`` may be ``-inf`` (a component of weight zero). This costs one device sync, so the
+        constructor does not call it (training builds a GM every step and stops on a non-finite loss);
+        the samplers check every model output with it.
+        """
+        ok = torch.stack(
+            [
+                torch.isfinite(self.means).all(),
+                (self.logweights < math.inf).all(),
+                torch.isfinite(self.logstds).all(),
+            ]
+        ).tolist()
+        return tuple(n for n, good in zip(("means", "logweights", "logstds"), ok) if not good)
+
     # ------------------------------------------------------------------ moments / density / sampling
     def mean(self) -> Tensor:
-        """Mixture mean ``sum_k A_k mu_k``, shape ``(B, C, *S)`` (research/gmflow.md §4.1)."""
+        """Mixture mean ``sum_k A_k mu_k``, shape ``(B, C, *S)`` (docs/maths/gm.md)."""
         return weighted_sum_k(self.weights, self.means)
 
     def to_gaussian(self, spatial_average: bool = False) -> Gaussian:
-        """Moment-matched isotropic surrogate (§4.2).
+        """Moment-matched isotropic surrogate (GMFlow App. A.1).
 
         ``m = sum_k A_k mu_k``, ``var = (1/C) sum_k A_k ||mu_k - m||^2 + s^2`` per position; with
         ``spatial_average`` the variance is averaged over positions (one scalar per sample).
@@ -251,11 +200,11 @@ class GaussianMixture:
         return g.spatial_average() if spatial_average else g
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """``log q(x)`` per position, shape ``(B, *S)`` for ``x`` of shape ``(B, C, *S)`` (§4.9).
+        """``log q(x)`` per position, shape ``(B, *S)`` for ``x`` of shape ``(B, C, *S)`` (docs/maths/gm.md).
 
         ``logsumexp_k(a_k - ||x - mu_k||^2 / (2 s^2) - C log s - C/2 log 2 pi)``.
         """
-        _check_float("x", x)
+        check_float("x", x)
         if tuple(x.shape) != (self.batch_size, *self.event_shape):
             raise ValueError(
                 f"x must have shape (B, C, *S) = {(self.batch_size, *self.event_shape)}, got {tuple(x.shape)}"
@@ -274,7 +223,7 @@ class GaussianMixture:
         return idx.movedim(-1, 1).unsqueeze(1)
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """One sample per position, shape ``(B, C, *S)`` (§4.8): pick ``k ~ A``, add ``s * N(0, I)``."""
+        """One sample per position, shape ``(B, C, *S)``: pick ``k ~ A``, add ``s * N(0, I)``."""
         idx = self.sample_components(generator)
         idx = idx.expand(-1, -1, self.channels, *([-1] * (self.means.dim() - 3)))
         chosen = torch.gather(self.means, 1, idx).squeeze(1)
@@ -283,7 +232,7 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ u-space <-> x0-space
     def u_to_x0(self, x_t: Tensor, t: Tensor | float) -> GaussianMixture:
-        """Velocity GM at ``(x_t, t)`` -> x0 GM: ``mu^x_k = x_t - t mu_k``, ``s_x = t s`` (§2).
+        """Velocity GM at ``(x_t, t)`` -> x0 GM: ``mu^x_k = x_t - t mu_k``, ``s_x = t s``.
 
         ``t`` is clamped at 1e-6 inside the log (as in the reference code), so ``t = 0`` gives a
         near-delta GM at ``x_t``.
@@ -311,7 +260,7 @@ class GaussianMixture:
         * ``a_k' = logsoftmax_k(a_k + mu_k . (nu - zeta mu_k / 2) / d)``
         * ``v' = v / d``
 
-        This division-free form is exact at ``zeta = 0`` (research/gmflow.md §4.6).
+        This division-free form is exact at ``zeta = 0`` (docs/maths/gm.md).
         """
         nd = self.means.dim()
         if zeta.dim() > 0:
@@ -341,7 +290,7 @@ class GaussianMixture:
             )
 
     def mul_gaussian(self, g: Gaussian, power_gm: float = 1.0, power_g: float = 1.0) -> GaussianMixture:
-        """Normalised ``q^{g_m} N^{g_g}`` read as ``(q N^{rho})^{g_m}``, ``rho = g_g/g_m`` (§4.4).
+        """Normalised ``q^{g_m} N^{g_g}`` read as ``(q N^{rho})^{g_m}``, ``rho = g_g/g_m`` (GMFlow App. D.2).
 
         Equivalent to tilting by ``zeta = rho / w``, ``nu = rho m / w``; ``g.var`` must be per sample.
         """
@@ -364,7 +313,7 @@ class GaussianMixture:
     def reanchor(
         self, x_src: Tensor, t_src: Tensor | float, x_tgt: Tensor, t_tgt: Tensor | float
     ) -> GaussianMixture:
-        """Change of noise level of an x0 GM (Eq. 10, §4.6).
+        """Change of noise level of an x0 GM (GMFlow Eq. 10, App. C.5).
 
         Given ``q(x0 | x_src)`` at ``t_src``, the implied ``q^(x0 | x_tgt)`` at ``t_tgt < t_src`` is
         ``q(x0|x_src) N(x_tgt; a_t x0, s_t^2) / N(x_src; a_s x0, s_s^2)``, i.e. a tilt with
@@ -380,7 +329,7 @@ class GaussianMixture:
         return self.tilt(zeta.reshape(-1), nu)
 
     def reverse_transition(self, x_t: Tensor, t: Tensor | float, t_next: Tensor | float) -> GaussianMixture:
-        """GM-SDE kernel ``q(x_{t'} | x_t)`` from this x0 GM (Eq. 9, §4.3).
+        """GM-SDE kernel ``q(x_{t'} | x_t)`` from this x0 GM (GMFlow Eq. 9).
 
         ``sum_k A_k N(c1 x_t + c2 mu^x_k, (c3 + c2^2 s_x^2) I)`` with the coefficients of
         :func:`reverse_transition_coefs`.
@@ -392,40 +341,7 @@ class GaussianMixture:
         logstds = 0.5 * torch.logaddexp(2.0 * (self.logstds + torch.log(c2s)), torch.log(c3s))
         return GaussianMixture(means, self.logweights, logstds)
 
-    # ------------------------------------------------------------------ Knothe–Rosenblatt transport
-    def to_standard_normal(self, x: Tensor) -> Tensor:
-        """Knothe–Rosenblatt map ``x ~ q  ->  z ~ N(0, I)`` per position (§4.7, forward)."""
-        from .kr import gm_to_standard_normal
-
-        return gm_to_standard_normal(self, x)
-
-    def from_standard_normal(self, z: Tensor, newton_steps: int | None = None) -> Tensor:
-        """Inverse Knothe–Rosenblatt map ``z ~ N(0, I)  ->  x ~ q`` per position (§4.7, Newton)."""
-        from .kr import standard_normal_to_gm
-
-        return standard_normal_to_gm(self, z, newton_steps=newton_steps)
-
 
 def _as_scalar(c: Tensor, like: Tensor) -> Tensor:
     """Per-sample coefficient ``(B, 1, ...)`` -> GM scalar shape ``(B, 1, 1, ...)``."""
     return c.reshape(c.shape[0], *([1] * (like.dim() - 1)))
-
-
-def reverse_transition_coefs(
-    t: Tensor | float, t_next: Tensor | float, ndim: int, like: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """DDPM posterior coefficients for the linear schedule (research/gmflow.md §4.3).
-
-    ``x_{t'} | x_t, x0 ~ N(c1 x_t + c2 x0, c3 I)`` with ``r = (t'/t)(a/a')``, ``c1 = (t'/t)^2 a/a'``,
-    ``c2 = (1 - r^2) a'``, ``c3 = (1 - r^2) t'^2``, ``a = 1 - t``. Shapes ``(B, 1, ...)`` (ndim dims).
-    """
-    tt = expand_t(t, ndim, like=like).clamp_min(1e-6)
-    tn = expand_t(t_next, ndim, like=like)
-    a, an = 1.0 - tt, (1.0 - tn).clamp_min(1e-6)
-    ratio = tn / tt
-    r = ratio * a / an
-    one_m_r2 = (1.0 - r.square()).clamp_min(0.0)
-    c1 = ratio.square() * a / an
-    c2 = one_m_r2 * an
-    c3 = one_m_r2 * tn.square()
-    return c1, c2, c3

@@ -1,6 +1,6 @@
 """Guidance: classifier-free (with orthogonal projection), GMFlow's probabilistic guidance, AutoGuidance.
 
-Conventions (research/gmflow.md §5.6, §6; research/simple_reflow.md §2.3):
+Conventions (docs/maths/guidance.md):
 
 * :class:`CFG` — ``x0_g = x0_c + (w - 1) * Delta``, ``Delta = x0_c - x0_u`` (``w = 1``: no guidance).
   With ``orthogonal = o``, ``Delta <- Delta - o <Delta, x0_c>/<x0_c, x0_c> x0_c`` (Sadat et al.;
@@ -19,6 +19,7 @@ the same in u- or x0-space, while the projection is defined on the x0 prediction
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gm import Gaussian, GaussianMixture
+from .gaussian import Gaussian
+from .gm import GaussianMixture
 
 __all__ = [
     "CFG",
@@ -60,6 +62,8 @@ class CFG:
     def __post_init__(self) -> None:
         if not isinstance(self.scale, (int, float)):
             raise TypeError(f"CFG scale must be a number, got {type(self.scale).__name__}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"CFG scale must be finite, got {self.scale!r}")
         if not 0.0 <= self.orthogonal <= 1.0:
             raise ValueError(f"CFG orthogonal must be in [0, 1], got {self.orthogonal}")
 
@@ -95,6 +99,8 @@ class AutoGuidance:
             raise TypeError("AutoGuidance guide_model must be callable: model(x_t, t, **cond)")
         if not isinstance(self.scale, (int, float)):
             raise TypeError(f"AutoGuidance scale must be a number, got {type(self.scale).__name__}")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"AutoGuidance scale must be finite, got {self.scale!r}")
 
 
 def cfg_x0(x0_cond: Tensor, x0_uncond: Tensor, scale: float, orthogonal: float = 0.0) -> Tensor:
@@ -108,7 +114,8 @@ class GuidedGM:
     """Result of probabilistic guidance on x0-GMs.
 
     ``gm``: guided GM; ``cond``: the conditional GM; ``base``: its surrogate with spatially averaged
-    variance (``N(mu_c, s_c^2)``); ``bias``: ``b`` (RMS ``w~ s_c``); ``avg_var``: ``s_c^2`` (``(B, 1, *1)``).
+    variance (``N(mu_c, s_c^2)``); ``bias``: ``b`` (RMS ``w~ s_c``); ``avg_var``: ``s_c^2`` (``(B, 1, *1)``);
+    ``scale``: ``w~``.
     """
 
     gm: GaussianMixture
@@ -116,12 +123,13 @@ class GuidedGM:
     base: Gaussian
     bias: Tensor
     avg_var: Tensor
+    scale: float
 
 
 def probabilistic_guidance(
     gm_cond: GaussianMixture, mean_uncond: Tensor, scale: float, orthogonal: float = 1.0
 ) -> GuidedGM:
-    """Probabilistic guidance on x0-GMs (research/gmflow.md §6).
+    """Probabilistic guidance on x0-GMs (GMFlow Eq. 8).
 
     1. ``N(mu_c, s_c^2)``: surrogate of the conditional GM, variance averaged over positions.
     2. ``b = mu_c - mu_u``, orthogonally projected against ``mu_c`` (weight ``orthogonal``),
@@ -134,4 +142,4 @@ def probabilistic_guidance(
     b = b * torch.sqrt(base.var / power.clamp_min(1e-6)) * scale
     target = Gaussian(base.mean + b, base.var * (1.0 - scale**2))
     guided = gm_cond.mul_gaussian_ratio(target, base) if scale > 0 else gm_cond
-    return GuidedGM(guided, gm_cond, base, b, base.var)
+    return GuidedGM(guided, gm_cond, base, b, base.var, scale)

@@ -1,4 +1,4 @@
-"""Knothe–Rosenblatt (KR) transport between a pixel-wise GM and ``N(0, I)`` (research/gmflow.md §4.7).
+"""Knothe–Rosenblatt (KR) transport between a pixel-wise GM and ``N(0, I)`` (docs/maths/kr.md).
 
 Per sample, the GM's full covariance (``sum_k A_k (mu_k - m)(mu_k - m)^T + s^2 I``) is averaged over
 positions and eigendecomposed; coordinates are rotated into its eigenbasis (descending eigenvalues).

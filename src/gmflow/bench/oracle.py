@@ -19,7 +19,7 @@ import torch
 from ..data.gmm import ring_gmm
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import rbf_mmd, reference_set, sliced_w2_mean
-from ..sampling import sample
+from ..sampling import SOLVERS, sample
 
 SOLVER_ROWS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -46,8 +46,8 @@ def run_oracle(n: int, nfes: list[int], seed: int) -> tuple[list[dict[str, Any]]
     ref, floor = reference_set(ring, n, seed=seed)
     records, samples = [], {}
     for i, (solver, order) in enumerate(SOLVER_ROWS):
-        model = ring if solver.startswith("gm-") else ring.velocity
-        label = f"{solver} o{order}" if solver.startswith("gm-") else solver
+        model = ring if SOLVERS[solver].needs_gm else ring.velocity
+        label = f"{solver} o{order}" if len(SOLVERS[solver].orders) > 1 else solver
         for nfe in nfes:
             g = torch.Generator().manual_seed(seed * 1000 + i * 50 + nfe)
             noise = torch.randn(n, 2, generator=g)

@@ -48,7 +48,7 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import reference_set, sliced_w2_mean
-from ..sampling import sample
+from ..sampling import SOLVERS, sample
 from .common import add_run_arguments, start_run
 
 DATASETS = ("checkerboard", "ring")
@@ -187,7 +187,7 @@ def _label(r: dict[str, Any]) -> str:
     who = {"fm": "FM teacher", "gm": "GMFlow teacher"}[r["kind"]]
     if r["dataset"] == "ring":
         who = {"fm": "exact mean", "gm": "exact GM"}[r["kind"]]
-    return f"{who} {r['solver']}" + (f" o{r['order']}" if r["solver"].startswith("gm-") else "")
+    return f"{who} {r['solver']}" + (f" o{r['order']}" if len(SOLVERS[r["solver"]].orders) > 1 else "")
 
 
 def results_markdown(records: list[dict[str, Any]], refs: dict[str, Any], nfes: tuple[int, ...]) -> str:

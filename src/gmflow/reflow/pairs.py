@@ -30,14 +30,14 @@ from tqdm.auto import tqdm
 
 from ..flow import time_grid
 from ..io import sha256_file
-from ..sampling import SOLVERS, num_steps, sample
+from ..sampling import SOLVERS, get_solver, num_steps, sample
 from .store import PairError, PairManifest, commit_shard, open_store, shard_committed
 
 __all__ = ["generate_pairs", "shard_seed", "teacher_hash"]
 
 DIRECTIONS = ("backward", "forward")
-FORWARD_SOLVERS = ("euler", "heun")
-STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
+FORWARD_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.invertible)
+STOCHASTIC_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.stochastic)
 SOLVER_KWARGS = ("substeps", "times", "shift", "kappa", "r", "variance")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -218,8 +218,7 @@ def generate_pairs(
     for name, v in (("n", n), ("shard_size", shard_size), ("nfe", nfe)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    get_solver(solver)  # ValueError naming the valid solvers
     if direction == "forward" and solver not in FORWARD_SOLVERS:
         raise ValueError(
             f"forward pairs integrate the teacher ODE upwards (t: 0 -> 1), which only {FORWARD_SOLVERS} "

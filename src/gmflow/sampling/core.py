@@ -18,7 +18,10 @@ gm-ode         ``nfe`` steps; each runs ``substeps`` (default ``ceil(128/nfe)``)
                sub-steps on one network output
 ============== ============================================================================
 
-``order=2`` (GM solvers only) adds the multistep extrapolation of §5.5 (no extra evaluations).
+``order=2`` (GM solvers only) adds the multistep extrapolation of GMFlow App. A.2 (no extra
+evaluations). Each solver is a class in :mod:`gmflow.sampling.solvers`; :func:`sample` validates its
+inputs, builds the solver from :data:`SOLVERS` and feeds it one model evaluation per
+:meth:`~gmflow.sampling.solvers.Solver.step`.
 """
 
 from __future__ import annotations
@@ -28,50 +31,19 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from ..flow import GRID_KINDS, time_grid
 from ..gm import GaussianMixture
-from ..guidance import ProbabilisticGuidance
 from .evaluator import Evaluator, Guidance
-from .gm_solvers import SecondOrder, default_substeps, gm_ode_step, gm_sde_step
-from .ode import DPMpp2M, ddpm_step, dpm_solver2_step, euler_step, heun_step
+from .solvers import SOLVERS, get_solver
+from .solvers.base import check_int
 
 __all__ = ["sample", "SOLVERS", "num_steps"]
 
-SOLVERS = ("euler", "heun", "dpm-solver-2", "dpm++2m", "ddpm", "gm-sde", "gm-ode")
-_TWO_EVAL = ("heun", "dpm-solver-2")
-_GM_SOLVERS = ("gm-sde", "gm-ode")
-
 
 def num_steps(solver: str, nfe: int) -> int:
-    """Number of grid intervals a solver uses for ``nfe`` evaluations."""
-    return nfe // 2 + 1 if solver in _TWO_EVAL else nfe
-
-
-def _check_int(name: str, v: object, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
-
-
-def _validate_times(times: Tensor, steps: int, solver: str) -> list[float]:
-    ts = [float(v) for v in torch.as_tensor(times, dtype=torch.float64).flatten()]
-    if len(ts) != steps + 1:
-        raise ValueError(
-            f"times must have {steps + 1} entries for solver={solver!r} (its step count + 1), got {len(ts)}"
-        )
-    if any(not 0.0 <= v <= 1.0 for v in ts):
-        raise ValueError("times must lie in [0, 1]")
-    desc = all(a > b for a, b in zip(ts, ts[1:]))
-    asc = all(a < b for a, b in zip(ts, ts[1:]))
-    if solver in ("euler", "heun"):
-        if not (desc or asc):
-            raise ValueError("times must be strictly monotone")
-    elif not desc or ts[-1] != 0.0:
-        raise ValueError(f"times must decrease strictly to 0 for solver={solver!r}")
-    return ts
+    """Number of grid intervals ``solver`` uses for ``nfe`` evaluations."""
+    return get_solver(solver).num_steps(nfe)
 
 
 @torch.no_grad()
@@ -101,15 +73,17 @@ def sample(
     Args:
         model: ``model(x_t, t, **cond)`` returning the velocity ``u`` (tensor shaped like ``x_t``) or a
             :class:`~gmflow.GaussianMixture` over it; ``t`` is a float tensor of shape ``(B,)``.
+            Non-finite outputs raise ValueError naming the solver, step and ``t``.
         noise: ``(B, *event)`` starting point (``N(0, I)`` samples). fp64 noise keeps all maths in
             fp64; otherwise the solver maths is fp32 (the model may run under bf16 autocast).
         solver: one of :data:`SOLVERS`; see the module docstring for how each spends ``nfe``.
         nfe: model evaluations per sample.
-        order: 1 or 2 (2 only for ``gm-sde`` / ``gm-ode``).
+        order: 1 or 2 (2 only for solvers whose ``orders`` include it: ``gm-sde`` / ``gm-ode``).
         substeps: GM-ODE sub-steps per network step (default ``ceil(128/nfe)``).
-        generator: randomness of stochastic solvers (``gm-sde``, ``ddpm``).
-        times: explicit grid of ``num_steps(solver, nfe) + 1`` times (overrides ``grid``); ``euler`` and
-            ``heun`` also accept increasing grids (ODE inversion, data -> noise).
+        generator: randomness of ``stochastic`` solvers (``gm-sde``, ``ddpm``).
+        times: explicit grid of ``num_steps(solver, nfe) + 1`` times (overrides ``grid``);
+            ``invertible`` solvers (``euler``, ``heun``) also accept increasing grids (ODE inversion,
+            data -> noise).
         grid, shift, kappa: grid family when ``times`` is not given (see :func:`gmflow.time_grid`).
         r: DPM-Solver-2 intermediate point in (0, 1].
         variance: DDPM variance, ``"small"`` or ``"large"``.
@@ -119,17 +93,16 @@ def sample(
         progress: show a tqdm bar over steps.
         return_trajectory: also return the states at every grid time, ``(steps + 1, B, *event)``.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    nfe = _check_int("nfe", nfe, 1)
-    if order not in (1, 2) or isinstance(order, bool):
+    cls = get_solver(solver)
+    nfe = check_int("nfe", nfe, 1)
+    if isinstance(order, bool) or order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
-    if order == 2 and solver not in _GM_SOLVERS:
-        raise ValueError(f"order=2 applies to 'gm-sde'/'gm-ode' only; {solver!r} has a fixed order")
-    if substeps is not None:
-        if solver != "gm-ode":
-            raise ValueError(f"substeps applies to solver='gm-ode' only, got solver={solver!r}")
-        substeps = _check_int("substeps", substeps, 1)
+    if order not in cls.orders:
+        which = "/".join(repr(n) for n, c in SOLVERS.items() if order in c.orders)
+        raise ValueError(f"order={order} applies to {which} only; {solver!r} has a fixed order")
+    if substeps is not None and "substeps" not in cls.options:
+        which = "/".join(repr(n) for n, c in SOLVERS.items() if "substeps" in c.options)
+        raise ValueError(f"substeps applies to solver={which} only, got solver={solver!r}")
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -138,64 +111,30 @@ def sample(
         raise ValueError(f"noise must have shape (B, *event) with B >= 1, got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or Inf values")
-    if not 0.0 < r <= 1.0:
-        raise ValueError(f"r must be in (0, 1], got {r}")
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    if grid not in GRID_KINDS:
-        raise ValueError(f"grid must be one of {GRID_KINDS}, got {grid!r}")
-
-    steps = num_steps(solver, nfe)
-    if times is None:
-        times = time_grid(steps, grid, shift=shift, kappa=kappa)
-    ts = _validate_times(times, steps, solver)
-    n_second = nfe - steps if solver in _TWO_EVAL else 0
+    given = {"order": order, "substeps": substeps, "r": r, "variance": variance}
+    s = cls(**{k: given[k] for k in cls.options})
+    s.set_timesteps(nfe, times=times, grid=grid, shift=shift, kappa=kappa)
 
     work = torch.float64 if noise.dtype == torch.float64 else torch.float32
-    ev = Evaluator(model, work, cond=cond, uncond=uncond, guidance=guidance)
+    ev = Evaluator(model, work, cond=cond, uncond=uncond, guidance=guidance, solver=solver)
+    evaluate = ev.x0_gm if cls.needs_gm else ev.predict
     x = noise.to(work)
-    b = x.shape[0]
-
-    def tvec(v: float) -> Tensor:
-        return torch.full((b,), v, device=x.device, dtype=work)
-
-    def predict(xx: Tensor, tt: float) -> tuple[Tensor, Tensor]:
-        return ev.predict(xx, tvec(tt))
-
-    w_tilde = guidance.scale if isinstance(guidance, ProbabilisticGuidance) else 0.0
-    second = SecondOrder(w_tilde) if order == 2 else None
-    dpmpp = DPMpp2M() if solver == "dpm++2m" else None
-    n_sub = substeps or default_substeps(nfe)
-
     traj = [x] if return_trajectory else None
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"sampling ({solver}, nfe={nfe})", leave=False)
-    for i in it:
-        t, t_next = ts[i], ts[i + 1]
-        if solver == "euler":
-            x = euler_step(predict, x, t, t_next)
-        elif solver == "heun":
-            x = heun_step(predict, x, t, t_next, second_order=i < n_second)
-        elif solver == "dpm-solver-2":
-            x = dpm_solver2_step(predict, x, t, t_next, r=r, second_order=i < n_second)
-        elif solver == "dpm++2m":
-            x = dpmpp.step(predict, x, t, t_next)
-        elif solver == "ddpm":
-            x = ddpm_step(predict, x, t, t_next, variance, generator)
-        else:
-            gm, info = ev.x0_gm(x, tvec(t))
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                if second is not None:
-                    gm = second(gm, info, x, t, t_next)
-                if solver == "gm-sde":
-                    x = gm_sde_step(gm, x, t, t_next, generator)
-                else:
-                    x = gm_ode_step(gm, x, t, t_next, n_sub)
-        if traj is not None:
-            traj.append(x)
+    bar = (
+        tqdm(total=len(s.times) - 1, desc=f"sampling ({solver}, nfe={nfe})", leave=False)
+        if progress
+        else None
+    )
+    while not s.done:
+        i, t = s.step_index, s.timestep
+        x = s.step(evaluate(x, t, i), t, x, generator=generator)
+        if s.step_index > i:
+            if traj is not None:
+                traj.append(x)
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     if ev.nfe != nfe:  # pragma: no cover - guards the accounting documented above
         raise RuntimeError(f"internal error: solver {solver!r} used {ev.nfe} evaluations for nfe={nfe}")
     out = x.to(noise.dtype)

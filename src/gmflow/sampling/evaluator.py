@@ -1,4 +1,4 @@
-"""Model evaluation for the samplers: guidance batching, output checks, dtype handling, NFE counting."""
+"""Model evaluation for the samplers: guidance batching, output checks (shape, dtype, NaN/Inf), NFEs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..gm import GaussianMixture
 from ..guidance import CFG, AutoGuidance, GuidedGM, ProbabilisticGuidance, cfg_x0, probabilistic_guidance
+from .solvers import SOLVERS, GMPrediction, MeanPrediction
 
 Guidance = CFG | ProbabilisticGuidance | AutoGuidance
 
@@ -43,6 +44,8 @@ class Evaluator:
         cond: dict[str, Any] | None = None,
         uncond: dict[str, Any] | None = None,
         guidance: Guidance | None = None,
+        *,
+        solver: str,
     ) -> None:
         if not callable(model):
             raise TypeError("model must be callable as model(x_t, t, **cond)")
@@ -58,10 +61,11 @@ class Evaluator:
         self.cond = dict(cond or {})
         self.uncond = None if uncond is None else dict(uncond)
         self.guidance = guidance
+        self.solver = solver
         self.nfe = 0
 
     # ------------------------------------------------------------------ raw calls
-    def _check(self, out: object, x: Tensor, who: str) -> Tensor | GaussianMixture:
+    def _check(self, out: object, x: Tensor, who: str, at: tuple[int, float]) -> Tensor | GaussianMixture:
         if isinstance(out, GaussianMixture):
             if tuple(out.means.shape[:1]) + tuple(out.means.shape[2:]) != tuple(x.shape):
                 raise ValueError(
@@ -85,59 +89,86 @@ class Evaluator:
                 f"{who} returned {dt} for float64 noise; run the model in float64 (e.g. model.double()) "
                 "or pass float32 noise"
             )
+        if isinstance(out, GaussianMixture):
+            bad = " and ".join(out.nonfinite_fields())
+        else:
+            bad = "" if bool(torch.isfinite(out).all()) else "velocity values"
+        if bad:
+            step, t = at
+            raise ValueError(
+                f"solver {self.solver!r}, step {step} (t={t:.6g}): {who} returned non-finite {bad} "
+                "(NaN or Inf)"
+            )
         return out.to(dtype=self.work_dtype)
 
-    def _call(self, model: Callable, x: Tensor, t: Tensor, cond: dict[str, Any], who: str):
-        return self._check(model(x, t, **cond), x, who)
+    def _call(
+        self, model: Callable, x: Tensor, t: Tensor, cond: dict[str, Any], who: str, at: tuple[int, float]
+    ):
+        return self._check(model(x, t, **cond), x, who, at)
 
-    def _raw(self, x: Tensor, t: Tensor) -> tuple[Tensor | GaussianMixture, Tensor | GaussianMixture | None]:
+    def _raw(
+        self, x: Tensor, t: Tensor, at: tuple[int, float]
+    ) -> tuple[Tensor | GaussianMixture, Tensor | GaussianMixture | None]:
         """Returns (main output, reference output) in u-space; reference = uncond or bad model."""
         self.nfe += 1
         g = self.guidance
         if isinstance(g, (CFG, ProbabilisticGuidance)):
             both = self._call(
-                self.model, torch.cat([x, x]), torch.cat([t, t]), _cat_cond(self.cond, self.uncond), "model"
+                self.model,
+                torch.cat([x, x]),
+                torch.cat([t, t]),
+                _cat_cond(self.cond, self.uncond),
+                "model",
+                at,
             )
             b = x.shape[0]
             return both[:b], both[b:]
-        out = self._call(self.model, x, t, self.cond, "model")
+        out = self._call(self.model, x, t, self.cond, "model", at)
         if isinstance(g, AutoGuidance):
             gc = self.cond if g.guide_cond is None else g.guide_cond
-            return out, self._call(g.guide_model, x, t, gc, "guide_model")
+            return out, self._call(g.guide_model, x, t, gc, "guide_model", at)
         return out, None
 
+    def _tvec(self, x: Tensor, t: float) -> Tensor:
+        return torch.full((x.shape[0],), t, device=x.device, dtype=self.work_dtype)
+
     # ------------------------------------------------------------------ x0-space predictions
-    def predict(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Guided ``(x0, u)`` predictions (GM models: the guided GM mean); ``x0 = x - t u``."""
-        out, ref = self._raw(x, t)
-        tb = _tb(t, x)
+    def predict(self, x: Tensor, t: float, step: int) -> MeanPrediction:
+        """Guided ``(x0, u)`` at the scalar time ``t`` (GM models: the guided GM mean); ``x0 = x - t u``.
+
+        ``step`` (the grid interval) only labels errors.
+        """
+        tv = self._tvec(x, t)
+        out, ref = self._raw(x, tv, (step, t))
+        tb = _tb(tv, x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if isinstance(out, GaussianMixture):
                 if ref is None:
                     u = out.mean()
-                    return x - tb * u, u
-                gm = self._guide_gm(out.u_to_x0(x, t), _x0_of(ref, x, t))
+                    return MeanPrediction(x - tb * u, u)
+                gm = self._guide_gm(out.u_to_x0(x, tv), _x0_of(ref, x, tv))
                 x0 = gm.gm.mean() if isinstance(gm, GuidedGM) else gm.mean()
             elif ref is None:
-                return x - tb * out, out
+                return MeanPrediction(x - tb * out, out)
             else:
-                x0 = self._guide_tensor(x - tb * out, _x0_mean_of(ref, x, t))
-            return x0, (x - x0) / tb.clamp_min(1e-6)
+                x0 = self._guide_tensor(x - tb * out, _x0_mean_of(ref, x, tv))
+            return MeanPrediction(x0, (x - x0) / tb.clamp_min(1e-6))
 
-    def x0_gm(self, x: Tensor, t: Tensor) -> tuple[GaussianMixture, GuidedGM | None]:
-        """Guided x0-GM (and the probabilistic-guidance details, if any)."""
-        out, ref = self._raw(x, t)
+    def x0_gm(self, x: Tensor, t: float, step: int) -> GMPrediction:
+        """Guided x0-GM at the scalar time ``t`` (and the probabilistic-guidance details, if any)."""
+        tv = self._tvec(x, t)
+        out, ref = self._raw(x, tv, (step, t))
         if not isinstance(out, GaussianMixture):
+            others = ", ".join(repr(n) for n, c in SOLVERS.items() if not c.needs_gm)
             raise TypeError(
-                "GM solvers ('gm-sde', 'gm-ode') need a model that returns a gmflow.GaussianMixture; "
-                "this model returned a velocity tensor "
-                "(use 'euler', 'heun', 'dpm-solver-2', 'dpm++2m' or 'ddpm')"
+                f"solver {self.solver!r} needs a model that returns a gmflow.GaussianMixture; this model "
+                f"returned a velocity tensor (use one of {others})"
             )
         with torch.autocast(device_type=x.device.type, enabled=False):
-            res = self._guide_gm(out.u_to_x0(x, t), None if ref is None else _x0_of(ref, x, t))
+            res = self._guide_gm(out.u_to_x0(x, tv), None if ref is None else _x0_of(ref, x, tv))
         if isinstance(res, GuidedGM):
-            return res.gm, res
-        return res, None
+            return GMPrediction(res.gm, res)
+        return GMPrediction(res, None)
 
     def _guide_tensor(self, x0: Tensor, x0_ref: Tensor) -> Tensor:
         g = self.guidance
