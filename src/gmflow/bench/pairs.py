@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import sliced_w2_mean, sw2_floor
 from ..sampling import sample
@@ -107,17 +108,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _checkerboard_teachers(pr: PairsPreset, root: Path, seed: int, progress: bool) -> dict[str, Any]:
     """FM and GMFlow (K = ``pr.components``) teachers trained by the toy2d benchmark's configuration."""
-    from ..train import load_model, train
     from .toy2d import PRESETS as TOY_PRESETS
     from .toy2d import _train_configs
 
     toy = dataclasses.replace(TOY_PRESETS[pr.toy2d_preset], components=(pr.components,), extra_runs=())
     teachers = {}
     for name, base, cfg in _train_configs(toy, root, seed):
-        print(f"[bench pairs] teacher {name}: {cfg.out_dir} ({cfg.steps} steps, batch {cfg.batch_size})")
-        train(cfg, progress=progress, verbose=progress)
-        model, _ = load_model(cfg.out_dir)
-        teachers["fm" if base["model"] == "fm" else "gm"] = model.eval()
+        lp = cfg.loop
+        print(f"[bench pairs] teacher {name}: {lp.out_dir} ({lp.steps} steps, batch {lp.batch_size})")
+        run_experiment(cfg, progress=progress, verbose=progress)
+        teachers["fm" if base["model"] == "fm" else "gm"] = load_network(lp.out_dir)
     return teachers
 
 

@@ -57,9 +57,23 @@ from typing import Any
 
 import torch
 
+from ..config import apply_sets
+from ..experiments import (
+    ImageData,
+    ImagesConfig,
+    ReflowConfig,
+    Toy2DConfig,
+    Toy2DData,
+    ToyModel,
+    UNetModel,
+    load_network,
+    run_experiment,
+    train_reflow,
+)
 from ..io import atomic_write_json, atomic_write_text, sha256_bytes
 from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
 from ..sampling import sample
+from ..train import FlowLoss, LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
 from .reflow_report import (
     IMAGE_ONLY,
@@ -159,35 +173,27 @@ def _digits_available() -> str | None:
     return None
 
 
-def _toy_cfg(name: str, s: Sizes, out_dir: Path, seed: int):
-    from ..train import apply_sets, get_preset
-
-    return apply_sets(get_preset("toy-fm"), [
-        f"data.name={name}", f"steps={s.teacher_steps}", f"batch_size={s.batch}", f"lr={s.lr}",
-        f"warmup_steps={max(1, s.teacher_steps // 20)}", f"model.width={s.width}", f"model.depth={s.depth}",
-        "model.time_dim=64", "model.pos_freqs=16", f"seed={seed}", f"out_dir={out_dir}",
-        f"ckpt_every={max(1, s.teacher_steps // 4)}", "log_every=50",
-    ])  # fmt: skip
+def _loop(s: Sizes, out_dir: Path, seed: int) -> LoopConfig:
+    """The teachers' optimisation: AdamW, 5 % warm-up, power EMA (the toy presets' recipe)."""
+    return LoopConfig(
+        steps=s.teacher_steps, batch_size=s.batch, lr=s.lr, warmup_steps=max(1, s.teacher_steps // 20),
+        seed=seed, out_dir=str(out_dir), ckpt_every=max(1, s.teacher_steps // 4), log_every=50,
+    )  # fmt: skip
 
 
 def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
     """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
-    from ..reflow.cli import load_teacher
-    from ..train import train
-    from ..train.objectives import make_batch_fn
-
     d = out / "teachers" / ("ring-init" if name == "ring" else name)
     if name == "digits":
-        from ..nn.unet import SmallUNet
-
         s = pr.digits
-        cfg = _toy_cfg("checkerboard", s, d, seed)  # data.name, model.*: placeholders (model= is given)
-        torch.manual_seed(seed)
-        net = SmallUNet(1, s.width, (1, 2), dropout=pr.teacher_dropout, head="velocity", image_size=16)
-        train(cfg, model=net, batch_fn=make_batch_fn(cfg, bed["data"]), progress=progress, verbose=progress)
+        model = UNetModel(base=s.width, mults=(1, 2), dropout=pr.teacher_dropout)
+        cfg = ImagesConfig(data=ImageData("digits16"), model=model, loop=_loop(s, d, seed))
     else:
-        train(_toy_cfg(name, pr.toy, d, seed), progress=progress, verbose=progress)
-    return load_teacher(d)
+        s = pr.toy
+        model = ToyModel(head="velocity", width=s.width, depth=s.depth, time_dim=64, pos_freqs=16)
+        cfg = Toy2DConfig(data=Toy2DData(name), model=model, loss=FlowLoss(kind="fm"), loop=_loop(s, d, seed))
+    run_experiment(cfg, progress=progress, verbose=progress)
+    return load_network(d)
 
 
 def _setup(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
@@ -255,52 +261,47 @@ def _pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
 
 # ------------------------------------------------------------------------------------------ ladder
 def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
-    from ..reflow import ReflowConfig
-
     s = pr.digits if name == "digits" else pr.toy
-    cfg = ReflowConfig(
-        steps=s.reflow_steps, batch_size=s.reflow_batch, lr=s.reflow_lr,
+    loop = LoopConfig(
+        steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
+    cfg = ReflowConfig(data="digits16" if name == "digits" else name, loop=loop)
     changes = {
-        "2rf": {}, "+norm": {"normalize": True}, "+pow10": {"time_sampler": "pow10"},
-        "+hpf": {"hpf_lambda": pr.hpf_lambda}, "+dropout": {"student_dropout": pr.student_dropout},
-        "+forward": {"rho": pr.rho},
-        "+projection": {"projection_alpha": pr.alpha, "projection_pool": pr.pool},
+        "2rf": [], "+norm": ["loss.normalize=true"], "+pow10": ["loss.time_sampler=pow10"],
+        "+hpf": [f"loss.hpf_lambda={pr.hpf_lambda}"], "+dropout": [f"student_dropout={pr.student_dropout}"],
+        "+forward": [f"pairs.rho={pr.rho}"],
+        "+projection": [f"pairs.projection_alpha={pr.alpha}", f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
     out_cfgs = []
     for rung in TRAIN_RUNGS:
         if name != "digits" and rung in IMAGE_ONLY:
             continue
-        cfg = dataclasses.replace(cfg, **changes[rung])
+        cfg = apply_sets(cfg, changes[rung])
         safe = rung.lstrip("+")
-        out_cfgs.append((rung, dataclasses.replace(cfg, out_dir=str(out / "students" / name / safe))))
+        out_cfgs.append((rung, apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / safe}"])))
     return out_cfgs
 
 
 def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
     """Train one rung (resuming); with ``weak_frac`` also keep the early checkpoint as the weak guide."""
-    from ..reflow import train_reflow
-    from ..reflow.cli import load_teacher
-    from ..train import has_checkpoint, read_manifest
-
-    run, weak = Path(cfg.out_dir), None
+    run, weak = Path(cfg.loop.out_dir), None
     kw = dict(
         real_data=bed["ref"] if bed["shape"] != (2,) else bed["data"], progress=progress, verbose=progress
     )
     if weak_frac is not None:
         wdir = run.with_name(run.name + "-weak")
-        wsteps = max(1, int(cfg.steps * weak_frac))
+        wsteps = max(1, int(cfg.loop.steps * weak_frac))
         if not has_checkpoint(wdir):
             if has_checkpoint(run) and int(read_manifest(run)["step"]) > wsteps:
                 shutil.rmtree(run)  # the early checkpoint was lost: retrain this rung
-            train_reflow(dataclasses.replace(cfg, steps=wsteps), bed["init"], pairs, **kw)
+            train_reflow(apply_sets(cfg, [f"loop.steps={wsteps}"]), bed["init"], pairs, **kw)
             shutil.rmtree(wdir, ignore_errors=True)
             shutil.copytree(run, wdir)
-        weak = load_teacher(wdir)
+        weak = load_network(wdir)
     train_reflow(cfg, bed["init"], pairs, **kw)
-    return load_teacher(run), weak
+    return load_network(run), weak
 
 
 def _cached(path: Path, key: dict, compute):
@@ -404,14 +405,14 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     cfgs = _rung_configs(name, pr, out, seed)
     weak = student = None
     for i, (rung, cfg) in enumerate(cfgs):
-        print(f"[bench reflow] {name}: rung {rung} ({cfg.steps} steps)")
+        print(f"[bench reflow] {name}: rung {rung} ({cfg.loop.steps} steps)")
         last = i == len(cfgs) - 1
         student, w = _train_rung(rung, cfg, bed, pairs, pr.weak_frac if last else None, progress)
         weak = w if last else weak
         models[rung] = (student, euler)
-        ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.out_dir)}
+        ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir)}
         records += _evaluate(name, bed, student, rung, pr.nfes, euler, cache, {**key, **ids})
-    full_cfg = {**ids, "weak": teacher_hash(Path(cfgs[-1][1].out_dir + "-weak"))}
+    full_cfg = {**ids, "weak": teacher_hash(Path(cfgs[-1][1].loop.out_dir + "-weak"))}
     infer = [
         ("+sigmoid", {"solver": "euler", "grid": "sigmoid", "kappa": pr.kappa}),
         ("+dpm", {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa, "r": pr.r}),
@@ -422,13 +423,13 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
         records += _evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
         models[rung] = (student, kw)
     print(f"[bench reflow] {name}: diagnostics")
-    dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].out_dir), "teacher": tid}
+    dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
     diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
     if name != "digits" or pr.image_sweeps:
         skey = {**dkey, "kappa": pr.kappa, "r": pr.r}
         diag["sweeps"] = _cached(cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr))
     diag["training"] = {
-        rung: json.loads((Path(c.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
+        rung: json.loads((Path(c.loop.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
     }
     samples = _figure_samples(name, bed, models, pr.nfes)
     return records, diag, samples

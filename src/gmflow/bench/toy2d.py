@@ -30,10 +30,14 @@ from typing import Any
 
 import torch
 
+from ..config import apply_sets
 from ..data import make_toy2d
+from ..experiments import get_preset, load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean
+from ..nn import ToyMLP
 from ..sampling import sample
+from ..train import flow_objective
 from .common import add_run_arguments, start_run
 
 FM_SOLVERS: list[tuple[str, int]] = [
@@ -117,7 +121,7 @@ PRESETS: dict[str, BenchPreset] = {
         gm_solvers=(("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)),
         extra_runs=(
             ("official-minimal", "toy-official-minimal", ()),
-            ("ours-full", "toy-gmflow", ("warmup_steps=500", "grad_clip=10.0")),
+            ("ours-full", "toy-gmflow", ("loop.warmup_steps=500", "loop.grad_clip=10.0")),
         ),
     ),
 }
@@ -129,32 +133,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ training
 def _train_configs(preset: BenchPreset, out: Path, seed: int) -> list[tuple[str, dict[str, Any], Any]]:
-    """(run name, record fields, TrainConfig) for every model of the preset."""
-    from ..train import apply_sets, get_preset
-
+    """(run name, record fields, Toy2DConfig) for every model of the preset."""
     common = [
-        f"steps={preset.steps}",
-        f"batch_size={preset.batch_size}",
+        f"loop.steps={preset.steps}",
+        f"loop.batch_size={preset.batch_size}",
         f"model.width={preset.width}",
         f"model.depth={preset.depth}",
-        f"seed={seed}",
+        f"loop.seed={seed}",
         "data.name=checkerboard",
-        "ckpt_every=500",
-        "log_every=50",
+        "loop.ckpt_every=500",
+        "loop.log_every=50",
     ]
-    recipe = [f"lr={preset.lr}", f"warmup_steps={preset.warmup_steps}"]
+    recipe = [f"loop.lr={preset.lr}", f"loop.warmup_steps={preset.warmup_steps}"]
     runs = []
     if preset.include_fm:
-        cfg = apply_sets(get_preset("toy-fm"), [*common, *recipe, f"out_dir={out / 'models' / 'fm'}"])
+        cfg = apply_sets(get_preset("toy-fm"), [*common, *recipe, f"loop.out_dir={out / 'models' / 'fm'}"])
         runs.append(("fm", {"model": "fm", "K": None}, cfg))
     for k in preset.components:
         cfg = apply_sets(
             get_preset("toy-gmflow"),
-            [*common, *recipe, f"model.num_components={k}", f"out_dir={out / 'models' / f'gmflow-k{k}'}"],
+            [
+                *common,
+                *recipe,
+                f"model.num_components={k}",
+                f"loop.out_dir={out / 'models' / f'gmflow-k{k}'}",
+            ],
         )
         runs.append((f"gmflow-k{k}", {"model": "gmflow", "K": k}, cfg))
     for name, train_preset, sets in preset.extra_runs:
-        cfg = apply_sets(get_preset(train_preset), [*common, *sets, f"out_dir={out / 'models' / name}"])
+        cfg = apply_sets(get_preset(train_preset), [*common, *sets, f"loop.out_dir={out / 'models' / name}"])
         runs.append((name, {"model": "gmflow", "K": cfg.model.num_components, "recipe": name}, cfg))
     return runs
 
@@ -168,20 +175,17 @@ def step_time_ratio(
     makes slow drifts of a shared machine hit both equally; the medians over ``steps`` steps each
     are compared.
     """
-    from ..nn import ToyMLP
-    from ..train import apply_sets, get_preset
-    from ..train.objectives import make_objective
 
     def build(head: str, preset_name: str):
         cfg = apply_sets(
             get_preset(preset_name),
-            [f"batch_size={batch_size}", f"model.width={width}", f"model.depth={depth}"]
+            [f"loop.batch_size={batch_size}", f"model.width={width}", f"model.depth={depth}"]
             + ([f"model.num_components={components}"] if head == "gm" else []),
         )
         torch.manual_seed(0)
-        model = ToyMLP(**cfg.model_kwargs(channels=2))
+        model = ToyMLP(**cfg.model_kwargs())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        return model, opt, make_objective(cfg)
+        return model, opt, flow_objective(cfg.loss)
 
     data = make_toy2d("checkerboard")
     models = {"fm": build("velocity", "toy-fm"), "gmflow": build("gm", "toy-gmflow")}
@@ -347,7 +351,6 @@ def results_markdown(records: list[dict[str, Any]], nfes: tuple[int, ...], metri
 
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_model, train
     from ..viz import histogram_grid, metric_curves
 
     preset, _, out = start_run(args, "toy2d", PRESETS)
@@ -371,12 +374,13 @@ def run(args: argparse.Namespace) -> int:
     store: dict[str, dict[int, torch.Tensor]] = {}
     train_info = {}
     for name, base, cfg in _train_configs(preset, out, args.seed):
-        print(f"[bench toy2d] training {name}: {cfg.steps} steps, batch {cfg.batch_size}, loss {cfg.loss}")
-        res = train(cfg, progress=progress, verbose=True)
-        model, _ = load_model(cfg.out_dir)  # EMA weights when the recipe keeps an EMA
+        lp = cfg.loop
+        print(f"[bench toy2d] training {name}: {lp.steps} steps, batch {lp.batch_size}, loss {cfg.loss.kind}")
+        res = run_experiment(cfg, progress=progress, verbose=True)
+        model = load_network(lp.out_dir)  # EMA weights when the recipe keeps an EMA
         step_ms, last_loss = res.median_step_ms, res.last_loss
         if step_ms != step_ms:  # NaN: trained in an earlier run (nothing to do now); read its log
-            step_ms, last_loss = _logged_training(Path(cfg.out_dir))
+            step_ms, last_loss = _logged_training(Path(lp.out_dir))
         train_info[name] = {"median_step_ms": step_ms, "last_loss": last_loss, "steps": res.step}
         solvers = preset.fm_solvers if base["model"] == "fm" else preset.gm_solvers
         records += evaluate(
