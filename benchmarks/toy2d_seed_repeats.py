@@ -10,7 +10,7 @@ run and re-evaluates the headline rows with ``--seeds`` fresh noise draws each:
 
 It prints mean ± sd of sliced-W2 / floor, cell-mass KL and in-support per row and writes
 ``seed_repeats.json`` next to the run's ``results.json``. The reference set and floor are the
-benchmark's (:func:`gmflow.bench.toy2d.reference_set`, same number of samples).
+benchmark's (:func:`gmflow.metrics.reference_set` of the checkerboard, same number of samples).
 
     python benchmarks/toy2d_seed_repeats.py --run runs/toy2d-paper --gm-nfe 2 --fm-nfe 16 --seeds 5
 """
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from gmflow.bench.toy2d import reference_set
 from gmflow.experiments import load_network
 from gmflow.io import atomic_write_json
-from gmflow.metrics import cell_mass_kl, in_support_fraction, sliced_w2_mean
+from gmflow.metrics import cell_mass_kl, in_support_fraction, reference_set, sliced_w2_mean
 from gmflow.sampling import sample
 
 GM_ROWS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
@@ -47,7 +46,7 @@ def main() -> None:
     if not meta_path.is_file():
         raise SystemExit(f"error: {meta_path} not found; --run must be a finished toy2d benchmark directory")
     n = json.loads(meta_path.read_text())["config"]["n_eval"]
-    ref, floor = reference_set(n)
+    ref, floor = reference_set("checkerboard", n)
     rows = [("fm", s, o, args.fm_nfe) for s, o in FM_ROWS]
     rows += [(f"gmflow-k{args.K}", s, o, args.gm_nfe) for s, o in GM_ROWS]
     records = []

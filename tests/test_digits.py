@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmflow.data import load_dataset
 from gmflow.data.digits import Digits, load_digits_arrays
 
 
@@ -105,3 +106,11 @@ def test_bad_sample_count(n):
 def test_config_round_trip():
     ds = Digits(16, "test", test_fraction=0.3, seed=5)
     assert torch.equal(Digits(**ds.config).tensor(), ds.tensor())
+
+
+def test_load_dataset_digits_splits():
+    train, test = load_dataset("digits16"), load_dataset("digits16", split="test")
+    assert isinstance(train, Digits) and train.split == "train" and train.size == 16
+    assert torch.equal(train.tensor(), Digits(16, "train").tensor())
+    assert torch.equal(test.tensor(), Digits(16, "test").tensor())
+    assert load_dataset("digits8").size == 8

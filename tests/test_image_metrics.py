@@ -1,4 +1,4 @@
-"""Tests for gmflow.metrics.images: Fréchet distance, k-NN precision/recall, the cached digit classifier."""
+"""gmflow.metrics.images (Fréchet distance, k-NN precision/recall) and metrics.classifier (the cache)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import scipy.linalg
 import torch
 
 from gmflow.data.digits import Digits
-from gmflow.metrics import images as im
+from gmflow.metrics import classifier as cm
+from gmflow.metrics.classifier import DigitClassifier, default_cache_dir, get_classifier
 from gmflow.metrics.images import (
-    DigitClassifier,
-    default_cache_dir,
     feature_stats,
     frechet_distance,
     frechet_distance_from_stats,
-    get_classifier,
     image_metrics,
     knn_precision_recall,
 )
@@ -172,14 +170,14 @@ def test_cache_hit_loads_identical_weights(cache, clf8):
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not list(cache.glob("*.tmp"))  # atomic write left no temp file
     # the key depends on the seed and on the training budget
-    assert im._cache_key(8, 1, clf8.config, {**im.DEFAULT_TRAIN, **FAST}) not in clf8.cache_path.name
-    assert im._cache_key(8, 0, clf8.config, {**im.DEFAULT_TRAIN, **FAST}) in clf8.cache_path.name
-    assert im._cache_key(8, 0, clf8.config, {**im.DEFAULT_TRAIN, "epochs": 7}) not in clf8.cache_path.name
+    assert cm._cache_key(8, 1, clf8.config, {**cm.DEFAULT_TRAIN, **FAST}) not in clf8.cache_path.name
+    assert cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, **FAST}) in clf8.cache_path.name
+    assert cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, "epochs": 7}) not in clf8.cache_path.name
 
 
 def test_corrupt_cache_is_retrained(tmp_path, clf8):
     tiny = dict(epochs=1)  # any budget: this test only needs the file name and a retrain
-    key = im._cache_key(8, 0, clf8.config, {**im.DEFAULT_TRAIN, **tiny})
+    key = cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, **tiny})
     path = tmp_path / f"digits_classifier_8_{key}.safetensors"
     path.write_bytes(clf8.cache_path.read_bytes()[:100] + b"garbage")
     with pytest.warns(UserWarning, match="retraining"):
@@ -194,8 +192,8 @@ def test_corrupt_cache_is_retrained(tmp_path, clf8):
 
 
 def test_training_is_seeded():
-    a, b = im.train_classifier(8, 3, epochs=1), im.train_classifier(8, 3, epochs=1)
-    c = im.train_classifier(8, 4, epochs=1)
+    a, b = cm.train_classifier(8, 3, epochs=1), cm.train_classifier(8, 3, epochs=1)
+    c = cm.train_classifier(8, 4, epochs=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["trunk.0.weight"], sc["trunk.0.weight"])
@@ -210,15 +208,15 @@ def test_untrusted_cache_files_are_rejected(tmp_path, clf8):
     bad = tmp_path / "nan.safetensors"
     save_file(state, str(bad), metadata=dict(key=key, test_accuracy="0.9"))
     with pytest.warns(UserWarning, match="non-finite"):
-        assert not im._try_load(bad, key, DigitClassifier(8))
+        assert not cm._try_load(bad, key, DigitClassifier(8))
     good = {k: v.clone() for k, v in clf8.state_dict().items()}
     wrong_key = tmp_path / "key.safetensors"
     save_file(good, str(wrong_key), metadata=dict(key="0" * 16, test_accuracy="0.9"))
     with pytest.warns(UserWarning, match="key mismatch"):
-        assert not im._try_load(wrong_key, key, DigitClassifier(8))
+        assert not cm._try_load(wrong_key, key, DigitClassifier(8))
     ok = tmp_path / "ok.safetensors"
     save_file(good, str(ok), metadata=dict(key=key, test_accuracy="0.9"))
-    assert im._try_load(ok, key, DigitClassifier(8))
+    assert cm._try_load(ok, key, DigitClassifier(8))
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from gmflow.data import Checkerboard
 from gmflow.metrics import (
+    REFERENCE_SEED,
     cell_mass_chi2,
     cell_mass_kl,
     cell_masses,
@@ -13,6 +14,7 @@ from gmflow.metrics import (
     histogram_kl,
     in_support_fraction,
     rbf_mmd,
+    reference_set,
     sliced_w2,
     sliced_w2_mean,
     sw2_floor,
@@ -126,6 +128,25 @@ def test_sw2_floor_matches_manual_protocol():
     assert sw2_floor(cb, 2000, seed=7, repeats=3) > 0
     with pytest.raises(ValueError):
         sw2_floor(cb, 1)
+
+
+def test_reference_set_is_the_seeded_protocol():
+    assert REFERENCE_SEED == 20251121  # the protocol's seed: every published floor depends on it
+    cb = Checkerboard()
+    ref, floor = reference_set(cb, 500)
+    g = _gen(REFERENCE_SEED)
+    want = cb.sample(500, generator=g)
+    assert torch.equal(ref, want)
+    assert floor == sliced_w2_mean(cb.sample(500, generator=g), want)
+    by_name = reference_set("checkerboard", 500)
+    assert torch.equal(by_name[0], ref) and by_name[1] == floor
+    assert sw2_floor(cb, 500) == floor
+    other, floor3 = reference_set(cb, 500, seed=3, repeats=2)
+    assert not torch.equal(other, ref) and floor3 > 0
+    with pytest.raises(ValueError, match="unknown data set"):
+        reference_set("checkers", 500)
+    with pytest.raises(ValueError, match="repeats"):
+        reference_set(cb, 500, repeats=0)
 
 
 # ---------------------------------------------------------------- MMD

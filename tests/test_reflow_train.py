@@ -129,6 +129,36 @@ def test_batch_fn_mixing_and_projection(ring_pairs):
         reflow_batch_fn(pairs, cfg)
 
 
+@pytest.mark.parametrize("rho, world_size", [(0.0, 1), (0.4, 1), (0.4, 2), (1.0, 1)])
+def test_pair_draw_reproduces_the_batch_fn(ring_pairs, rho, world_size):
+    """PairDataset.draw consumes the generator exactly as reflow_batch_fn (without projection) does."""
+    pairs = PairDataset(ring_pairs / "bwd", ring_pairs / "fwd")
+    fn = reflow_batch_fn(pairs, ReflowConfig(batch_size=64, rho=rho))
+    g_batch, g_draw = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for step in range(3):  # the generators stay in step across calls
+        batch = fn(step, 0, world_size, g_batch)
+        x0, x1, is_fwd = pairs.draw(64 // world_size, rho, generator=g_draw)
+        assert torch.equal(batch, torch.stack([x0, x1], dim=1))
+    assert torch.equal(g_batch.get_state(), g_draw.get_state())
+    fwd_x0 = {tuple(v.tolist()) for v in pairs.forward[0]}
+    assert [tuple(v.tolist()) in fwd_x0 for v in x0] == is_fwd.tolist()
+    if rho == 0.4:
+        assert 0 < int(is_fwd.sum()) < len(is_fwd)
+
+
+def test_pair_sample_is_draw_with_the_dataset_rho(ring_pairs):
+    pairs = PairDataset(ring_pairs / "bwd", ring_pairs / "fwd", rho=0.4)
+    x0, x1 = pairs.sample(50, generator=torch.Generator().manual_seed(2))
+    d0, d1, _ = pairs.draw(50, 0.4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(x0, d0) and torch.equal(x1, d1)
+    with pytest.raises(ValueError, match="rho"):
+        pairs.draw(4, 1.5)
+    with pytest.raises(ValueError, match="n must be"):
+        pairs.draw(0)
+    with pytest.raises(ValueError, match="no forward_dir"):
+        PairDataset(ring_pairs / "bwd").draw(4, 0.5)
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_teacher_student_and_pair_mismatch(ring_pairs, tmp_path):
     pairs = PairDataset(ring_pairs / "bwd")
@@ -246,6 +276,10 @@ def test_cli_pairs_and_train_end_to_end(teacher_ckpt, tmp_path, capsys):
         (dict(r=0), "r must be in"),
         (dict(r=1.5), "r must be in"),
         (dict(direction="forward"), "--data"),
+        (
+            dict(direction="forward", data="moon"),
+            "--data: unknown data set 'moon'; valid names: checkerboard",
+        ),
     ],
 )
 def test_cli_pairs_bad_input(teacher_ckpt, tmp_path, capsys, kw, match):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from gmflow.data import TOY2D_NAMES, Checkerboard, SwissRoll, TwoMoons, make_toy2d
+from gmflow.data import DATASETS, TOY2D_NAMES, Checkerboard, SwissRoll, TwoMoons, load_dataset, make_toy2d
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -128,3 +128,13 @@ def test_ring_via_gmm_module():
     r = x.double().norm(dim=1)
     assert abs(float(r.mean()) - 4.0) < 0.1
     assert torch.equal(x, ds.sample(4000, generator=_gen(0)))
+
+
+def test_load_dataset_by_name():
+    assert set(TOY2D_NAMES) <= set(DATASETS)
+    cb = load_dataset(" Checkerboard ", scale=2.0)
+    assert isinstance(cb, Checkerboard) and cb.scale == 2.0
+    ring = load_dataset("ring")
+    assert torch.equal(ring.sample(5, generator=_gen(1)), make_toy2d("ring").sample(5, generator=_gen(1)))
+    with pytest.raises(ValueError, match="unknown data set 'moon'; valid names: checkerboard, moons"):
+        load_dataset("moon")

@@ -18,7 +18,7 @@ import torch
 
 from ..data.gmm import ring_gmm
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import rbf_mmd, sliced_w2_mean
+from ..metrics import rbf_mmd, reference_set, sliced_w2_mean
 from ..sampling import sample
 
 SOLVER_ROWS: list[tuple[str, int]] = [
@@ -43,10 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_oracle(n: int, nfes: list[int], seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     ring = ring_gmm()
-    gen = torch.Generator().manual_seed(seed)
-    ref = ring.sample(n, generator=gen)
-    floor_set = ring.sample(n, generator=gen)
-    floor = sliced_w2_mean(floor_set, ref)
+    ref, floor = reference_set(ring, n, seed=seed)
     records, samples = [], {}
     for i, (solver, order) in enumerate(SOLVER_ROWS):
         model = ring if solver.startswith("gm-") else ring.velocity

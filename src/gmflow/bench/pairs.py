@@ -48,11 +48,10 @@ import torch
 
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import sliced_w2_mean, sw2_floor
+from ..metrics import reference_set, sliced_w2_mean
 from ..sampling import sample
 from .common import add_run_arguments, start_run
 
-REF_SEED = 20251121
 DATASETS = ("checkerboard", "ring")
 TEACHER_NAMES = ({"fm": "fm", "gm": "gmflow"}, {"fm": "exact-mean", "gm": "exact-gm"})  # [is ring][kind]
 
@@ -140,9 +139,7 @@ def pair_records(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every row of :data:`ROWS` at every NFE of ``pr`` for one test bed; returns (records, references)."""
-    gen = torch.Generator().manual_seed(REF_SEED)
-    held_out = data.sample(pr.n_pairs, generator=gen)
-    floor = sw2_floor(data, pr.n_pairs, seed=REF_SEED)
+    held_out, floor = reference_set(data, pr.n_pairs)
     noise = torch.randn(pr.n_pairs, 2, generator=torch.Generator().manual_seed(seed + 11))
     refs: dict[str, Any] = {}
     by_model: dict[int, dict[str, Any]] = {}  # one exact teacher in two roles gets one reference

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from ..config import apply_sets
+from ..data import load_dataset
 from ..experiments import (
     ImageData,
     ImagesConfig,
@@ -71,7 +72,14 @@ from ..experiments import (
     train_reflow,
 )
 from ..io import atomic_write_json, atomic_write_text, sha256_bytes
-from ..metrics import in_support_fraction, sliced_w2_mean, sw2_floor
+from ..metrics import (
+    frechet_distance,
+    get_classifier,
+    image_metrics,
+    in_support_fraction,
+    reference_set,
+    sliced_w2_mean,
+)
 from ..sampling import sample
 from ..train import FlowLoss, LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
@@ -88,7 +96,6 @@ from .reflow_report import (
 __all__ = ["PRESETS", "LADDER", "TRAIN_RUNGS", "IMAGE_ONLY", "add_arguments", "run", "run_dataset",
            "add_relative_changes", "headline", "results_markdown"]  # fmt: skip
 
-REF_SEED = 20251121
 DATASETS = ("checkerboard", "ring", "digits")
 
 
@@ -165,8 +172,6 @@ def _digits_available() -> str | None:
     try:
         import sklearn  # noqa: F401
 
-        from ..data.digits import Digits  # noqa: F401
-        from ..metrics.images import get_classifier, image_metrics  # noqa: F401
         from ..nn.unet import SmallUNet  # noqa: F401
     except ImportError as e:
         return str(e)
@@ -197,24 +202,17 @@ def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, 
 
 
 def _setup(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
-    from ..data import make_toy2d
-
-    g = torch.Generator().manual_seed(REF_SEED)
     if name == "digits":
-        from ..data.digits import Digits
-        from ..metrics.images import frechet_distance, get_classifier
-
-        data = Digits(16, "train")
+        data = load_dataset("digits16")
         clf = get_classifier(16, cache_dir=out / "classifier", epochs=pr.classifier_epochs)
-        ref = data.tensor()
-        floor = frechet_distance(clf.features(ref), clf.features(Digits(16, "test").tensor()))
+        ref, test = data.tensor(), load_dataset("digits16", split="test").tensor()
+        floor = frechet_distance(clf.features(ref), clf.features(test))
         bed = dict(data=data, sizes=pr.digits, ref=ref, floor=floor, clf=clf, shape=(1, 16, 16))
         bed["fwd_data"] = ref[: pr.digits.n_fwd]
     else:
-        data = make_toy2d(name)
+        data = load_dataset(name)
         s = pr.toy
-        ref = data.sample(s.n_eval, generator=g)
-        floor = sw2_floor(data, s.n_eval, seed=REF_SEED)
+        ref, floor = reference_set(data, s.n_eval)
         bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data)
     net = _train_teacher(name, bed, pr, out, seed, progress)
     bed["init"] = net  # the network every student starts from
@@ -229,8 +227,6 @@ def _metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
     finite = torch.isfinite(x.flatten(1)).all(1)
     rec: dict[str, Any] = {"nonfinite": int((~finite).sum())}
     if name == "digits":
-        from ..metrics.images import image_metrics
-
         m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), bed["ref"], bed["clf"])
         rec.update(fd=m["fd"], fd_floor=bed["floor"], precision=m["precision"], recall=m["recall"])
         return rec

@@ -34,7 +34,7 @@ from ..config import apply_sets
 from ..data import make_toy2d
 from ..experiments import get_preset, load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean
+from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, reference_set, sliced_w2_mean
 from ..nn import ToyMLP
 from ..sampling import sample
 from ..train import flow_objective
@@ -48,7 +48,6 @@ FM_SOLVERS: list[tuple[str, int]] = [
     ("ddpm", 1),
 ]
 GM_SOLVERS: list[tuple[str, int]] = [("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)]
-REF_SEED = 20251121  # reference/floor sets as in research/official_reference.md
 
 
 @dataclass(frozen=True)
@@ -213,17 +212,6 @@ def step_time_ratio(
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def reference_set(n: int) -> tuple[torch.Tensor, float]:
-    """The evaluation reference: ``n`` checkerboard points and the sliced-W2 floor (a second draw vs it).
-
-    Both come from one generator seeded with ``REF_SEED`` (research/official_reference.md's protocol).
-    """
-    data = make_toy2d("checkerboard")
-    gref = torch.Generator().manual_seed(REF_SEED)
-    ref = data.sample(n, generator=gref)
-    return ref, sliced_w2_mean(data.sample(n, generator=gref), ref)
-
-
 def evaluate(
     model: Any,
     base: dict[str, Any],
@@ -359,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[bench toy2d] preset {args.preset}: {preset.description}")
     print(f"[bench toy2d] output: {out.resolve()}")
 
-    ref, floor = reference_set(preset.n_eval)
+    ref, floor = reference_set("checkerboard", preset.n_eval)
     print(f"[bench toy2d] reference: {preset.n_eval} checkerboard points, sliced-W2 floor {floor:.4f}")
 
     timing = step_time_ratio() if args.preset != "smoke" else step_time_ratio(256, 32, 2, 8, 3)

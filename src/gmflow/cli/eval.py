@@ -19,9 +19,16 @@ import torch
 
 from ..experiments import Run
 from ..io import atomic_write_json
-from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, sliced_w2_mean, sw2_floor
-from ..metrics.images import get_classifier, image_metrics
-from ..metrics.toy2d import _REFERENCE_SEED
+from ..metrics import (
+    REFERENCE_SEED,
+    cell_mass_kl,
+    get_classifier,
+    image_metrics,
+    in_support_fraction,
+    rbf_mmd,
+    reference_set,
+    sliced_w2_mean,
+)
 from ..sampling import SOLVERS
 from .common import UsageError, check_writable, draw_samples, fmt, positive
 from .sample import add_run_arguments, check_solver, load_run_args
@@ -71,13 +78,11 @@ class _ToyScorer:
 
     def __init__(self, run: Run, n: int) -> None:
         self.name = run.config.data_name
-        data = run.config.dataset("test")
-        self.reference = data.sample(n, generator=torch.Generator().manual_seed(_REFERENCE_SEED))
-        self.floor = sw2_floor(data, n, seed=_REFERENCE_SEED)
+        self.reference, self.floor = reference_set(run.config.dataset("test"), n)
         self.columns = ["sw2", "sw2_ratio", "mmd"] + (
             ["in_support", "cell_kl"] if self.name == "checkerboard" else []
         )
-        self.info = {"reference_seed": _REFERENCE_SEED, "sw2_floor": self.floor}
+        self.info = {"reference_seed": REFERENCE_SEED, "sw2_floor": self.floor}
         self.summary = f"sw2 floor {self.floor:.4f}; "
 
     def __call__(self, x: torch.Tensor) -> dict[str, Any]:

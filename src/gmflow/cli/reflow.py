@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import apply_sets
-from ..experiments import RECIPES, dataset_by_name, load_network, run_experiment
+from ..data import DATASETS, load_dataset
+from ..experiments import RECIPES, load_network, run_experiment
 from ..flow import GRID_KINDS
 from ..reflow import generate_pairs, read_manifest, teacher_hash
 from ..sampling import SOLVERS
@@ -53,12 +54,13 @@ def _event_shape(model: Any) -> tuple[int, ...]:
 
 
 def _forward_data(name: str, n: int) -> Any:
-    """Real data for forward pairs: an image split as a tensor (each image once) if ``n`` fits, else a
-    sampler."""
-    ds = dataset_by_name(name, "train")
-    if hasattr(ds, "tensor") and n <= len(ds):
-        return ds.tensor()
-    return ds
+    """Real data for forward pairs: a finite set (digits) as its image tensor when ``n`` fits (each real
+    image once, in order), else the data set as a sampler."""
+    try:
+        ds = load_dataset(name)
+    except ValueError as e:
+        raise ValueError(f"--data: {e}") from None
+    return ds.tensor() if hasattr(ds, "tensor") and n <= len(ds) else ds
 
 
 def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,9 +72,7 @@ def add_pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default=None, choices=SOLVERS, help="default: dpm++2m backward, heun forward")
     p.add_argument("--nfe", type=int, default=32, help="teacher evaluations per pair (default 32)")
     p.add_argument("--out", required=True, metavar="DIR", help="pair directory (resumed if it exists)")
-    p.add_argument(
-        "--data", default=None, help="real data for forward pairs: toy set name, digits8, digits16"
-    )
+    p.add_argument("--data", default=None, help=f"real data for forward pairs: {', '.join(DATASETS)}")
     p.add_argument("--grid", default="uniform", choices=GRID_KINDS, help="time grid (default uniform)")
     p.add_argument("--kappa", type=float, default=20.0, help="sigmoid-grid kappa > 0 (default 20)")
     p.add_argument("--r", type=float, default=0.5, help="DPM-Solver-2 intermediate point in (0, 1]")
@@ -125,7 +125,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--real-data",
         dest="data",
         default=None,
-        help="the real data set (recorded for eval; projection target): toy set name, digits8, digits16",
+        help=f"the real data set (recorded for eval; projection target): {', '.join(DATASETS)}",
     )
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (resumed if it exists)")
     p.add_argument("--recipe", default="2rf", choices=tuple(RECIPES), help="starting config (default 2rf)")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .gmm import ring_gmm
+
 __all__ = ["TOY2D_NAMES", "Checkerboard", "SwissRoll", "Toy2D", "TwoMoons", "make_toy2d"]
 
 TOY2D_NAMES: tuple[str, ...] = ("checkerboard", "moons", "swissroll", "ring")
@@ -201,7 +203,5 @@ def make_toy2d(name: str, **kwargs: Any):
     if key == "swissroll":
         return SwissRoll(**kwargs)
     if key == "ring":
-        from gmflow.data.gmm import ring_gmm  # lazy: optional sibling module
-
         return ring_gmm(**kwargs)
     raise ValueError(f"unknown toy 2-D data set {name!r}; valid names: {', '.join(TOY2D_NAMES)}")

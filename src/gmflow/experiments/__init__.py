@@ -24,13 +24,12 @@ import difflib
 
 from ..config import ConfigError
 from .base import Experiment, run_experiment
-from .images import IMAGE_DATASETS, IMAGES_PRESETS, ImageData, ImagesConfig, UNetModel, image_dataset
+from .images import IMAGE_DATASETS, IMAGES_PRESETS, ImageData, ImagesConfig, UNetModel
 from .network import build_model, load_network, network_from_checkpoint
 from .reflow import (
     RECIPES,
     ReflowConfig,
     ReflowSampling,
-    dataset_by_name,
     pairs_record,
     prepare_student,
     set_dropout,
@@ -70,10 +69,8 @@ __all__ = [
     "ToyModel",
     "UNetModel",
     "build_model",
-    "dataset_by_name",
     "experiment_from_record",
     "get_preset",
-    "image_dataset",
     "load_model",
     "load_network",
     "load_run",

@@ -13,21 +13,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import need
-from ..data import Digits
+from ..data import Digits, load_dataset
 from ..nn import SmallUNet
 from ..train import FlowLoss, LoopConfig, dataset_batch_fn, flow_objective
 from .base import Experiment
 
-__all__ = ["IMAGE_DATASETS", "IMAGES_PRESETS", "ImageData", "ImagesConfig", "UNetModel", "image_dataset"]
+__all__ = ["IMAGE_DATASETS", "IMAGES_PRESETS", "ImageData", "ImagesConfig", "UNetModel"]
 
 IMAGE_DATASETS = ("digits8", "digits16")
-
-
-def image_dataset(name: str, split: str = "train") -> Digits:
-    """The image data set ``name`` (one of :data:`IMAGE_DATASETS`), split ``"train"`` or ``"test"``."""
-    if name not in IMAGE_DATASETS:
-        raise ValueError(f"unknown image data set {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
-    return Digits(size=int(name.removeprefix("digits")), split=split)
 
 
 @dataclass
@@ -85,7 +78,7 @@ class ImagesConfig(Experiment):
         return self.data.name
 
     def dataset(self, split: str = "train") -> Digits:
-        return image_dataset(self.data.name, split)
+        return load_dataset(self.data.name, split)
 
     def build(self):
         data = self.dataset("train")

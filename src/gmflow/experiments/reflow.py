@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..data import TOY2D_NAMES, make_toy2d
+from ..data import DATASETS, load_dataset
 from ..flow import GRID_KINDS, TIME_SAMPLERS
 from ..gm import GaussianMixture
 from ..reflow import PairDataset, read_manifest
@@ -35,14 +35,12 @@ from ..reflow.objective import (
 )
 from ..train import LoopConfig, TrainResult, train
 from .base import Experiment
-from .images import IMAGE_DATASETS, image_dataset
 from .network import load_network
 
 __all__ = [
     "RECIPES",
     "ReflowConfig",
     "ReflowSampling",
-    "dataset_by_name",
     "pairs_record",
     "prepare_student",
     "set_dropout",
@@ -50,15 +48,6 @@ __all__ = [
 ]
 
 SAMPLE_SOLVERS = ("euler", "heun", "dpm-solver-2", "dpm++2m")
-
-
-def dataset_by_name(name: str, split: str = "train") -> Any:
-    """A toy 2-D set (a sampler; every split is the same distribution) or an image data set split."""
-    if name in TOY2D_NAMES:
-        return make_toy2d(name)
-    if name in IMAGE_DATASETS:
-        return image_dataset(name, split)
-    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(TOY2D_NAMES + IMAGE_DATASETS)}")
 
 
 @dataclass
@@ -144,9 +133,8 @@ class ReflowConfig(Experiment):
                 continue
             if not _within(float(v), spec):
                 raise ConfigError(f"{key}: {_WHAT.get(key, '')}must be a number in {spec}, got {v!r}")
-        names = TOY2D_NAMES + IMAGE_DATASETS
-        if self.data is not None and self.data not in names:
-            raise ConfigError(f"data: unknown data set {self.data!r}; choose one of {', '.join(names)}")
+        if self.data is not None and self.data not in DATASETS:
+            raise ConfigError(f"data: unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         self.loop.validate()
         return self
 
@@ -157,7 +145,7 @@ class ReflowConfig(Experiment):
     def dataset(self, split: str = "train") -> Any:
         if self.data is None:
             raise ConfigError("data: this ReFlow run records no data set (set data=NAME when training)")
-        return dataset_by_name(self.data, split)
+        return load_dataset(self.data, split)
 
     def real_data(self) -> Any:
         """Real ``x0`` for the projection: toy sets as samplers, image sets as the train-split tensor."""

@@ -3,11 +3,12 @@
 All functions take ``(n, 2)`` tensors (or array-likes) of any float dtype and device, compute in
 float64 on the CPU and return Python floats (``cell_masses`` returns a tensor).
 
-What they measure (see ``research/official_reference.md``):
+What they measure (``docs/maths/evaluation.md``):
 
 * ``sliced_w2`` — distance between two point clouds; on the checkerboard it is dominated by the mass
   split over the 8 squares, and its Monte-Carlo floor (two draws of real data) is not zero. Report it
-  relative to :func:`sw2_floor`. Its seed-to-seed noise is large (sd ~25 % of the floor at 20k points).
+  relative to the floor of :func:`gmflow.metrics.reference_set`. Its seed-to-seed noise is large
+  (sd ~25 % of the floor at 20k points).
 * ``in_support_fraction`` — fraction of points inside the 8 squares: a stable sharpness signal.
 * ``cell_masses`` / ``cell_mass_kl`` / ``cell_mass_chi2`` — the mass split over the 8 squares.
 * ``rbf_mmd`` and ``histogram_kl`` — general two-sample discrepancies.
@@ -16,7 +17,7 @@ What they measure (see ``research/official_reference.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,7 @@ __all__ = [
     "rbf_mmd",
     "sliced_w2",
     "sliced_w2_mean",
-    "sw2_floor",
 ]
-
-_REFERENCE_SEED = 20251121  # data seed of the reference metric protocol (official_reference.md)
 
 
 def _points(x: Any, name: str, *, min_n: int = 2, finite: bool = True) -> Tensor:
@@ -119,49 +117,6 @@ def sliced_w2_mean(x: Tensor, y: Tensor, seeds: Sequence[int] = (0, 1, 2), n_pro
         raise ValueError("seeds must not be empty")
     xp, yp = _points(x, "x"), _points(y, "y")
     return sum(sliced_w2(xp, yp, n_projections=n_projections, seed=s) for s in seeds) / len(seeds)
-
-
-def _draw(sampler: Any, n: int, generator: torch.Generator) -> Tensor:
-    if hasattr(sampler, "sample"):
-        return sampler.sample(n, generator=generator)
-    if callable(sampler):
-        return sampler(n, generator)
-    raise ValueError(
-        "sampler must be callable as sampler(n, generator) or have a .sample(n, generator=) method"
-    )
-
-
-def sw2_floor(
-    sampler: Callable[[int, torch.Generator], Tensor] | Any,
-    n: int,
-    *,
-    seed: int = _REFERENCE_SEED,
-    seeds: Sequence[int] = (0, 1, 2),
-    n_projections: int = 256,
-    repeats: int = 1,
-) -> float:
-    """Monte-Carlo floor of the sliced-W2: independent ``n``-point draws of the data itself.
-
-    One generator seeded with ``seed`` gives the reference set (first draw), then ``repeats`` floor
-    sets (further draws); the result is the mean over floor sets of
-    ``sliced_w2_mean(floor_set, reference, seeds, n_projections)``. ``repeats=1`` is the reference
-    protocol (second draw against first draw). One pair is itself noisy (sd ~25 % at n = 20,000 on
-    the checkerboard); ``repeats > 1`` estimates what a perfect sampler scores against this reference.
-    ``sampler`` is a callable ``sampler(n, generator)`` or an object with ``.sample(n, generator=...)``
-    (e.g. :class:`gmflow.data.Checkerboard`). Pass the same ``seed`` to draw the reference elsewhere:
-    ``reference = sampler.sample(n, generator=torch.Generator().manual_seed(seed))``.
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got n={n!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got repeats={repeats!r}")
-    g = torch.Generator().manual_seed(int(seed))
-    ref = _points(_draw(sampler, n, g), "reference")
-    vals = [
-        sliced_w2_mean(_draw(sampler, n, g), ref, seeds=seeds, n_projections=n_projections)
-        for _ in range(repeats)
-    ]
-    return sum(vals) / repeats
 
 
 def _subsample(x: Tensor, max_points: int, g: torch.Generator) -> Tensor:

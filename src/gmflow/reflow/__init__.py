@@ -1,4 +1,4 @@
-"""Simple ReFlow data side: teacher pair generation and storage, mixing, coupling projection, diagnostics.
+"""Simple ReFlow: teacher pairs (generation, sharded store), mixing, projection, training, diagnostics.
 
 Example::
 
@@ -26,18 +26,9 @@ from .objective import (
     reflow_batch_fn,
     reflow_objective,
 )
-from .pairs import (
-    PairError,
-    PairManifest,
-    ShardInfo,
-    generate_pairs,
-    load_shard,
-    read_manifest,
-    shard_name,
-    shard_seed,
-    teacher_hash,
-)
+from .pairs import generate_pairs, shard_seed, teacher_hash
 from .projection import project_pairs
+from .store import PairError, PairManifest, ShardInfo, load_shard, read_manifest, shard_name
 
 __all__ = [
     "PROJECTION_METHODS",

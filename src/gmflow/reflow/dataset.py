@@ -7,7 +7,7 @@ import os
 import torch
 from torch import Tensor
 
-from .pairs import PairError, PairManifest, load_shard, read_manifest
+from .store import PairError, PairManifest, load_shard, read_manifest
 
 __all__ = ["PairDataset"]
 
@@ -15,9 +15,9 @@ __all__ = ["PairDataset"]
 class PairDataset:
     """All pairs of a backward directory (and optionally a forward one), verified, in memory.
 
-    ``sample(n)`` draws every element from the forward pairs with probability ``rho`` and from the
-    backward pairs otherwise (Simple ReFlow §2.2(5), mixing ratio rho; 0.4 for CIFAR10), uniformly with
-    replacement inside each set.
+    :meth:`draw` (and :meth:`sample`, which drops the mask) takes every element from the forward pairs
+    with probability ``rho`` and from the backward pairs otherwise (Simple ReFlow §2.2(5), mixing ratio
+    rho; 0.4 for CIFAR10; ``docs/maths/reflow.md``), uniformly with replacement inside each set.
 
     Attributes:
         backward, forward: ``(x0, x1)`` tensors of each set (``forward`` is ``None`` without forward_dir).
@@ -74,23 +74,38 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.backward[0]) + (0 if self.forward is None else len(self.forward[0]))
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``(x0, x1)`` of ``n`` pairs; element i is forward with probability ``rho`` (CPU generator)."""
+    def draw(
+        self, n: int, rho: float | None = None, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x0, x1, is_forward)`` of ``n`` pairs mixed with ratio ``rho`` (default :attr:`rho`).
+
+        ``x0``, ``x1``: ``(n, *event_shape)`` on the pairs' device; ``is_forward``: ``(n,)`` bool, which
+        elements are forward pairs. Draws from the CPU ``generator``, in this order (training and the
+        benchmarks depend on it)::
+
+            is_forward = rand(n) < rho
+            ib = randint(len(backward), (n,))                  # one backward index per element
+            jf = randint(len(forward), (is_forward.sum(),))    # only if some element is forward
+            x0, x1 = backward[ib];  x0[is_forward], x1[is_forward] = forward[jf]
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        is_fwd = torch.rand(n, generator=generator) < self.rho
-        ib = torch.randint(len(self.backward[0]), (n,), generator=generator)
-        x0, x1 = (
-            self.backward[0][ib.to(self.backward[0].device)],
-            self.backward[1][ib.to(self.backward[0].device)],
-        )
+        rho = self.rho if rho is None else rho
+        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and 0.0 <= float(rho) <= 1.0):
+            raise ValueError(f"rho (forward-pair mixing ratio) must be in [0, 1], got {rho!r}")
+        if rho > 0 and self.forward is None:
+            raise ValueError(f"rho={rho} > 0 draws forward pairs, but this PairDataset has no forward_dir")
+        dev = self.backward[0].device
+        is_fwd = torch.rand(n, generator=generator) < rho
+        ib = torch.randint(len(self.backward[0]), (n,), generator=generator).to(dev)
+        x0, x1 = self.backward[0][ib], self.backward[1][ib]
+        is_fwd = is_fwd.to(dev)
         if self.forward is not None and bool(is_fwd.any()):
-            f_idx = torch.randint(len(self.forward[0]), (n,), generator=generator)[is_fwd]
-            dev = x0.device
-            sel = is_fwd.nonzero().squeeze(1).to(dev)
-            x0[sel] = self.forward[0][f_idx.to(dev)]
-            x1[sel] = self.forward[1][f_idx.to(dev)]
+            jf = torch.randint(len(self.forward[0]), (int(is_fwd.sum()),), generator=generator).to(dev)
+            x0[is_fwd], x1[is_fwd] = self.forward[0][jf], self.forward[1][jf]
+        return x0, x1, is_fwd
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(x0, x1)`` of :meth:`draw` with ratio :attr:`rho`."""
+        x0, x1, _ = self.draw(n, generator=generator)
         return x0, x1
-
-
-# ------------------------------------------------------------------------------------------ projection

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..flow import time_grid
 from ..gm import GaussianMixture
 from ..sampling import sample
 
@@ -62,8 +63,6 @@ def straightness(
     steps = traj.shape[0] - 1
     times = sample_kwargs.get("times")
     if times is None:
-        from ..flow import time_grid
-
         times = time_grid(
             steps, sample_kwargs.get("grid", "uniform"),
             shift=sample_kwargs.get("shift", 1.0), kappa=sample_kwargs.get("kappa", 20.0),

@@ -135,7 +135,7 @@ def reflow_batch_fn(pairs: PairDataset, mixing: PairMixing, batch_size: int, rea
     """``batch_fn(step, rank, world_size, generator) -> (B_local, 2, *event)`` of ``pairs``.
 
     Each element is a forward pair with probability ``mixing.rho`` and a backward pair otherwise
-    (uniform with replacement inside each set). With ``mixing.projection_alpha > 0`` the backward part
+    (uniform with replacement inside each set; :meth:`PairDataset.draw`). With ``mixing.projection_alpha > 0`` the backward part
     is projected onto the data marginal with :func:`~gmflow.reflow.project_pairs` against
     ``ceil(projection_pool * n_backward)`` fresh draws of ``real_data`` (a tensor ``(N, *event)`` or an
     object with ``.sample(n, generator=)``).
@@ -149,12 +149,7 @@ def reflow_batch_fn(pairs: PairDataset, mixing: PairMixing, batch_size: int, rea
     def batch_fn(step: int, rank: int, world_size: int, generator: torch.Generator) -> Tensor:
         n = global_batch // world_size
         g = _cpu_generator(generator)
-        is_fwd = torch.rand(n, generator=g) < mixing.rho
-        ib = torch.randint(len(pairs.backward[0]), (n,), generator=g)
-        x0, x1 = pairs.backward[0][ib].clone(), pairs.backward[1][ib].clone()
-        if pairs.forward is not None and bool(is_fwd.any()):
-            jf = torch.randint(len(pairs.forward[0]), (int(is_fwd.sum()),), generator=g)
-            x0[is_fwd], x1[is_fwd] = pairs.forward[0][jf], pairs.forward[1][jf]
+        x0, x1, is_fwd = pairs.draw(n, mixing.rho, generator=g)
         bwd = ~is_fwd
         if mixing.projection_alpha > 0 and bool(bwd.any()):
             real = _real(real_data, math.ceil(mixing.projection_pool * int(bwd.sum())), g).to(x0)

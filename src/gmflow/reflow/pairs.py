@@ -1,6 +1,6 @@
-"""ReFlow training pairs: resumable sharded generation, verified loading, rho-mixing and OT projection.
+"""ReFlow training pairs: deterministic teacher pair generation into a resumable sharded store.
 
-Naming (research/simple_reflow.md §0, t = 1 is noise, t = 0 is data):
+Naming (Simple ReFlow §2; ``docs/maths/reflow.md``; t = 1 is noise, t = 0 is data):
 
 * **backward pairs** — ``x1 ~ N(0, I)``, ``x0 = Phi_{1->0}(x1)``: the teacher ODE integrated down from
   noise (any solver of :func:`gmflow.sample`; ``gm-sde``/``ddpm`` make the coupling stochastic and
@@ -9,137 +9,40 @@ Naming (research/simple_reflow.md §0, t = 1 is noise, t = 0 is data):
   reversed (increasing) grid with ``euler`` or ``heun`` (inversion). Exact data marginal, approximate
   noise marginal.
 
-Directory layout (one direction per directory)::
-
-    pairs-{direction}-{index:05d}.safetensors   tensors x0, x1 (float32, (count, *event_shape)) and one
-                                                metadata key "gmflow_pairs" (sorted JSON: shard settings)
-    manifest.json                               format, settings (teacher_id, solver, nfe, order, grid,
-                                                solver_kwargs, seed, n, shard_size, event_shape, ...)
-                                                and per shard {file, index, count, size, sha256}
-
 Shard ``i`` is a pure function of ``(settings, i)``: its random draws come from a generator seeded by
-``sha256(seed, direction, i)``. Every shard and then the manifest are written atomically (temp file,
-fsync, ``os.replace``); the manifest is the commit point, so an interrupted run resumes after its last
-listed shard and ends bit-identical to an uninterrupted one (a shard written but not yet listed is
-regenerated).
+``sha256(seed, direction, i)`` (:func:`shard_seed`). Files, manifest and resume live in
+:mod:`gmflow.reflow.store`, so an interrupted run resumes after its last listed shard and ends
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..flow import time_grid
-from ..io import atomic_write_bytes, sha256_bytes, sha256_file
+from ..io import sha256_file
 from ..sampling import SOLVERS, num_steps, sample
+from .store import PairError, PairManifest, commit_shard, open_store, shard_committed
 
-__all__ = [
-    "PairError",
-    "PairManifest",
-    "ShardInfo",
-    "generate_pairs",
-    "read_manifest",
-    "teacher_hash",
-    "shard_seed",
-    "shard_name",
-    "load_shard",
-    "MANIFEST",
-    "FORMAT",
-]
+__all__ = ["generate_pairs", "shard_seed", "teacher_hash"]
 
-FORMAT = "gmflow-pairs/1"
-MANIFEST = "manifest.json"
 DIRECTIONS = ("backward", "forward")
 FORWARD_SOLVERS = ("euler", "heun")
 STOCHASTIC_SOLVERS = ("gm-sde", "ddpm")
 SOLVER_KWARGS = ("substeps", "times", "shift", "kappa", "r", "variance")
-_META_KEY = "gmflow_pairs"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class PairError(ValueError):
-    """Missing, corrupt or inconsistent pair files, or a resume with different settings."""
-
-
-@dataclass
-class ShardInfo:
-    """One committed shard: file name, shard index, number of pairs, byte size and SHA-256."""
-
-    file: str
-    index: int
-    count: int
-    size: int
-    sha256: str
-
-
-@dataclass
-class PairManifest:
-    """Settings of a pair directory plus its committed shards (``manifest.json``)."""
-
-    direction: str
-    teacher_id: str | None
-    solver: str
-    nfe: int
-    order: int
-    grid: str
-    solver_kwargs: dict[str, Any]
-    seed: int
-    n: int
-    shard_size: int
-    event_shape: tuple[int, ...]
-    dtype: str = "float32"
-    data_id: str | None = None
-    stochastic: bool = False
-    format: str = FORMAT
-    shards: list[ShardInfo] = field(default_factory=list)
-
-    SETTINGS = (
-        "format", "direction", "teacher_id", "data_id", "solver", "nfe", "order", "grid",
-        "solver_kwargs", "seed", "n", "shard_size", "event_shape", "dtype", "stochastic",
-    )  # fmt: skip
-
-    @property
-    def num_shards(self) -> int:
-        return math.ceil(self.n / self.shard_size)
-
-    @property
-    def count(self) -> int:
-        """Pairs committed so far."""
-        return sum(s.count for s in self.shards)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.shards) == self.num_shards and self.count == self.n
-
-    def settings(self) -> dict[str, Any]:
-        """The settings as JSON values (what a resume must match)."""
-        d = json.loads(json.dumps(asdict(self)))
-        return {k: d[k] for k in self.SETTINGS}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.settings(), "complete": self.complete, "shards": [asdict(s) for s in self.shards]}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PairManifest:
-        kw = {k: d[k] for k in cls.SETTINGS}
-        kw["event_shape"] = tuple(int(v) for v in kw["event_shape"])
-        return cls(**kw, shards=[ShardInfo(**s) for s in d["shards"]])
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def shard_name(direction: str, index: int) -> str:
-    return f"pairs-{direction}-{index:05d}.safetensors"
-
-
+# ------------------------------------------------------------------------------------------ identity
 def shard_seed(seed: int, direction: str, index: int) -> int:
     """Per-shard seed ``int(sha256("gmflow-pairs/{seed}/{direction}/{index}")[:8]) mod 2^63``."""
     h = hashlib.sha256(f"gmflow-pairs/{int(seed)}/{direction}/{int(index)}".encode()).digest()
@@ -189,66 +92,6 @@ def teacher_hash(ckpt_dir: str | os.PathLike, *, use_ema: bool = True) -> str:
     if not p.is_file():
         raise PairError(f"teacher checkpoint weights {str(p)!r} not found")
     return "sha256:" + sha256_file(p)[1]
-
-
-def read_manifest(directory: str | os.PathLike) -> PairManifest:
-    """Parse ``directory/manifest.json`` (no shard verification)."""
-    d = Path(directory)
-    p = d / MANIFEST
-    if not d.is_dir():
-        raise PairError(f"pair directory {str(d)!r} does not exist")
-    if not p.is_file():
-        raise PairError(f"pair directory {str(d)!r} is empty or not a pair directory ({MANIFEST} missing)")
-    try:
-        d_ = json.loads(p.read_text(encoding="utf-8"))
-        if d_.get("format") != FORMAT:
-            raise ValueError(f"unknown format {d_.get('format')!r} (expected {FORMAT!r})")
-        m = PairManifest.from_dict(d_)
-    except (ValueError, KeyError, TypeError, OSError) as e:
-        raise PairError(f"corrupt pair manifest {str(p)!r}: {e}") from None
-    for i, s in enumerate(m.shards):
-        if s.index != i or s.file != shard_name(m.direction, i):
-            raise PairError(f"corrupt pair manifest {str(p)!r}: shard entry {i} is {s.file!r}")
-    return m
-
-
-def _write_manifest(directory: Path, m: PairManifest) -> None:
-    atomic_write_bytes(directory / MANIFEST, (json.dumps(m.to_dict(), indent=2) + "\n").encode())
-
-
-def load_shard(directory: str | os.PathLike, info: ShardInfo, event_shape: tuple[int, ...], *,
-               verify: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Load one shard as ``(x0, x1)`` after checking it against its manifest entry (``PairError`` if not)."""
-    from safetensors.torch import load
-
-    path = Path(directory) / info.file
-    if not path.is_file():
-        raise PairError(f"shard {info.file} listed in {str(Path(directory) / MANIFEST)!r} is missing")
-    data = path.read_bytes()
-    if len(data) != info.size:
-        raise PairError(f"shard {str(path)!r} is truncated or resized ({len(data)} != {info.size} bytes)")
-    if verify and sha256_bytes(data) != info.sha256:
-        raise PairError(f"shard {str(path)!r} is corrupt: its sha256 does not match the manifest")
-    try:
-        tensors = load(data)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise PairError(f"cannot read shard {str(path)!r}: {' '.join(str(e).split())}") from None
-    want = (info.count, *event_shape)
-    for k in ("x0", "x1"):
-        if k not in tensors:
-            raise PairError(f"shard {str(path)!r} has no tensor {k!r}")
-        if tuple(tensors[k].shape) != want:
-            raise PairError(f"shard {str(path)!r}: {k} has shape {tuple(tensors[k].shape)}, expected {want}")
-    return tensors["x0"], tensors["x1"]
-
-
-def _shard_bytes(x0: Tensor, x1: Tensor, meta: dict[str, Any]) -> bytes:
-    from safetensors.torch import save
-
-    t = {"x0": x0.detach().to("cpu", torch.float32).contiguous(), "x1": x1.detach().to("cpu", torch.float32)}
-    t["x1"] = t["x1"].contiguous()
-    # a single metadata key: safetensors writes a multi-key metadata map in random order (Rust HashMap)
-    return save(t, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -404,48 +247,17 @@ def generate_pairs(
         shard_size=shard_size, event_shape=shape, dtype=str(dtype).removeprefix("torch."), data_id=data_id,
         stochastic=solver in STOCHASTIC_SOLVERS,
     )  # fmt: skip
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    if (d / MANIFEST).exists():
-        old = read_manifest(d)
-        new_s, old_s = m.settings(), old.settings()
-        for k in PairManifest.SETTINGS:
-            if new_s[k] != old_s[k]:
-                raise PairError(
-                    f"{str(d)!r} holds pairs generated with {k}={old_s[k]!r}, but this call has "
-                    f"{k}={new_s[k]!r}; use matching arguments to resume, or another out_dir"
-                )
-        m.shards = old.shards
-    for stale in d.glob(".*.tmp"):  # temp files of writes killed before their rename
-        stale.unlink(missing_ok=True)
-
-    from tqdm.auto import tqdm
-
+    d = open_store(out_dir, m)
     bar = tqdm(total=n, initial=m.count, unit="pair", desc=f"{direction} pairs", disable=not progress)
     try:
         for i in range(m.num_shards):
-            count = min(shard_size, n - i * shard_size)
-            listed = m.shards[i] if i < len(m.shards) else None
-            path = d / shard_name(direction, i)
-            if listed is not None and path.is_file() and sha256_file(path) == (listed.size, listed.sha256):
+            if shard_committed(d, m, i):
                 continue
+            count = min(shard_size, n - i * shard_size)
             x0, x1 = _make_shard(teacher, m, i, count, data, device, dtype)
             meta = {**m.settings(), "index": i, "count": count, "shard_seed": shard_seed(seed, direction, i)}
-            blob = _shard_bytes(x0, x1, meta)
-            info = ShardInfo(shard_name(direction, i), i, count, len(blob), sha256_bytes(blob))
-            if listed is not None and listed != info:
-                raise PairError(
-                    f"shard {info.file} in {str(d)!r} is missing or corrupt and regenerates to different "
-                    "content (the teacher or platform is not deterministic); delete the directory to restart"
-                )
-            atomic_write_bytes(path, blob)
-            if listed is None:
-                m.shards.append(info)
-                _write_manifest(d, m)  # commit point of shard i
+            if commit_shard(d, m, i, x0, x1, meta):  # the manifest write is the commit point of shard i
                 bar.update(count)
     finally:
         bar.close()
     return m
-
-
-# ------------------------------------------------------------------------------------------ dataset
