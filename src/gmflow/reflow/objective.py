@@ -135,10 +135,10 @@ def reflow_batch_fn(pairs: PairDataset, mixing: PairMixing, batch_size: int, rea
     """``batch_fn(step, rank, world_size, generator) -> (B_local, 2, *event)`` of ``pairs``.
 
     Each element is a forward pair with probability ``mixing.rho`` and a backward pair otherwise
-    (uniform with replacement inside each set; :meth:`PairDataset.draw`). With ``mixing.projection_alpha > 0`` the backward part
-    is projected onto the data marginal with :func:`~gmflow.reflow.project_pairs` against
-    ``ceil(projection_pool * n_backward)`` fresh draws of ``real_data`` (a tensor ``(N, *event)`` or an
-    object with ``.sample(n, generator=)``).
+    (uniform with replacement inside each set; :meth:`PairDataset.draw`). With
+    ``mixing.projection_alpha > 0`` the backward part is projected onto the data marginal with
+    :func:`~gmflow.reflow.project_pairs` against ``ceil(projection_pool * n_backward)`` fresh draws
+    of ``real_data`` (a tensor ``(N, *event)`` or an object with ``.sample(n, generator=)``).
     """
     if mixing.rho > 0 and pairs.forward is None:
         raise ReflowError(f"rho={mixing.rho} > 0 draws forward pairs, but pairs has no forward pairs")
