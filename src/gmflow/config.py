@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -208,8 +210,6 @@ def load_overrides(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
     suffix = p.suffix.lower()
     if suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
