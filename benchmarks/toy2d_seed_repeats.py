@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
+from gmflow.experiments import load_network
 from gmflow.io import atomic_write_json
 from gmflow.metrics import cell_mass_kl, in_support_fraction, reference_set, sliced_w2_mean
 from gmflow.sampling import sample
-from gmflow.train import load_model
 
 GM_ROWS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
 FM_ROWS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1))
@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{n} samples per draw, {args.seeds} draws per row, floor {floor:.4f}")
     print(f"{'model':12s} {'solver':13s} o NFE  sw2/floor (mean ± sd)   cell KL (mean)  in-support (mean)")
     for name, solver, order, nfe in rows:
-        model, _ = load_model(run / "models" / name)
+        model = load_network(run / "models" / name)
         per_seed = []
         for s in range(args.seeds):
             g = torch.Generator().manual_seed(777_000 + 1000 * s + nfe)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
+
 
 def add_run_arguments(
     p: argparse.ArgumentParser, bench: str, presets: Mapping[str, Any], datasets: Sequence[str] | None = None
@@ -33,8 +35,6 @@ def start_run(
     Returns ``(preset, datasets, out)``; ``datasets`` is ``args.datasets`` or the preset's
     ``datasets`` (empty when the benchmark has none). Raises ``ConfigError`` naming the bad option.
     """
-    from ..train import ConfigError
-
     if args.preset not in presets:
         raise ConfigError(f"unknown benchmark preset {args.preset!r} (available: {', '.join(presets)})")
     pr = presets[args.preset]

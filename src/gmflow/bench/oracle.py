@@ -20,6 +20,7 @@ from ..data.gmm import ring_gmm
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import rbf_mmd, reference_set, sliced_w2_mean
 from ..sampling import SOLVERS, sample
+from ..viz import histogram_grid, metric_curves
 
 SOLVER_ROWS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -88,8 +89,6 @@ def format_table(records: list[dict[str, Any]], nfes: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..viz import histogram_grid, metric_curves
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, extra = run_oracle(args.n, list(args.nfes), args.seed)

@@ -46,10 +46,15 @@ from typing import Any
 
 import torch
 
+from ..data import make_toy2d, ring_gmm
+from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import reference_set, sliced_w2_mean
 from ..sampling import SOLVERS, sample
+from ..viz import metric_curves
 from .common import add_run_arguments, start_run
+from .toy2d import PRESETS as TOY_PRESETS
+from .toy2d import train_configs
 
 DATASETS = ("checkerboard", "ring")
 TEACHER_NAMES = ({"fm": "fm", "gm": "gmflow"}, {"fm": "exact-mean", "gm": "exact-gm"})  # [is ring][kind]
@@ -78,15 +83,19 @@ class PairsPreset:
 
 
 PRESETS: dict[str, PairsPreset] = {
+    # Measured (docs/RESULTS.md §6): gm-ode NFE 4 pair RMSE 0.17 vs FM dpm++2m 0.71 (cost ratio 4.3x).
     "quick": PairsPreset(
         "<= 5 min on 2 idle cores: toy2d-quick teachers, 4096 pairs", "quick", 4096, (1, 2, 4, 8, 16, 32)
     ),  # fmt: skip
+    # Measured (§6, 10.5 min): GMFlow + gm-ode o2 pairs 17x (NFE 1) to 2.5x (NFE 8) closer to the teacher's
+    # converged ODE than FM + dpm++2m at the same NFE; equal accuracy at ~0.5x the time (NFE 4 vs 16).
     "paper": PairsPreset(
         "toy2d-paper teachers (5x512; ~20 min to train if not reused), 8192 pairs",
         "paper",
         8192,
         (1, 2, 4, 8, 16, 32),
     ),  # fmt: skip
+    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": PairsPreset(
         "smoke test (seconds; not meaningful)", "smoke", 256, (1, 2), components=4, ref_nfe=16, repeats=1
     ),
@@ -106,17 +115,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _checkerboard_teachers(pr: PairsPreset, root: Path, seed: int, progress: bool) -> dict[str, Any]:
     """FM and GMFlow (K = ``pr.components``) teachers trained by the toy2d benchmark's configuration."""
-    from ..train import load_model, train
-    from .toy2d import PRESETS as TOY_PRESETS
-    from .toy2d import _train_configs
 
     toy = dataclasses.replace(TOY_PRESETS[pr.toy2d_preset], components=(pr.components,), extra_runs=())
     teachers = {}
-    for name, base, cfg in _train_configs(toy, root, seed):
-        print(f"[bench pairs] teacher {name}: {cfg.out_dir} ({cfg.steps} steps, batch {cfg.batch_size})")
-        train(cfg, progress=progress, verbose=progress)
-        model, _ = load_model(cfg.out_dir)
-        teachers["fm" if base["model"] == "fm" else "gm"] = model.eval()
+    for name, base, cfg in train_configs(toy, root, seed):
+        lp = cfg.loop
+        print(f"[bench pairs] teacher {name}: {lp.out_dir} ({lp.steps} steps, batch {lp.batch_size})")
+        run_experiment(cfg, progress=progress, verbose=progress)
+        teachers["fm" if base["model"] == "fm" else "gm"] = load_network(lp.out_dir)
     return teachers
 
 
@@ -237,9 +243,6 @@ def summary_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import make_toy2d, ring_gmm
-    from ..viz import metric_curves
-
     pr, datasets, out = start_run(args, "pairs", PRESETS, DATASETS)
     progress = not args.no_progress
     t_start = time.perf_counter()

@@ -2,7 +2,7 @@
 
     gmflow bench reflow --preset quick --out runs/reflow-quick     # run again to reuse finished work
 
-Test beds (research/simple_reflow.md §6.1):
+Test beds (:mod:`gmflow.bench.reflow_beds`):
 
 * ``checkerboard``: the teacher is an FM ToyMLP trained here with the shared trainer (OUT/teachers).
 * ``ring`` (8-mode GMM): the teacher is the EXACT GMM velocity ``ring_gmm().velocity``, so the pairs
@@ -31,7 +31,7 @@ full            + AutoGuidance: weak model = the +projection student's checkpoin
                 The guide costs one extra network call per step, which NFE does not count (EDM2).
 =============== ===========================================================================================
 
-Choices that are ours (research/simple_reflow.md tags them [R]): the projection is a minibatch-OT
+Choices that are ours (reconstructions; ``docs/maths/reflow.md``): the projection is a minibatch-OT
 stand-in (exact assignment of each batch's generated x0 to ``pool`` times as many real draws); it
 hurt in every setting we tried (alpha 0.05-1, pool 1-8; e.g. digits quick NFE 1 FD +9 % at alpha 0.05,
 +89 % at 0.5), so the ladder uses a mild alpha = 0.1. kappa = 5, not the paper's 20: with 4 or 5
@@ -48,27 +48,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import load_dataset
-from ..io import atomic_write_json, atomic_write_text, sha256_bytes
-from ..metrics import (
-    frechet_distance,
-    get_classifier,
-    image_metrics,
-    in_support_fraction,
-    reference_set,
-    sliced_w2_mean,
+from ..config import apply_sets
+from ..experiments import (
+    ReflowConfig,
+    load_network,
+    train_reflow,
 )
+from ..guidance import AutoGuidance
+from ..io import atomic_write_json, atomic_write_text, sha256_bytes
+from ..reflow import one_step_error, per_t_relative_loss, straightness, teacher_hash
 from ..sampling import sample
+from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
+from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_metrics, digits_available, make_pairs, setup_bed
 from .reflow_report import (
     IMAGE_ONLY,
     LADDER,
@@ -82,221 +81,54 @@ from .reflow_report import (
 __all__ = ["PRESETS", "LADDER", "TRAIN_RUNGS", "IMAGE_ONLY", "add_arguments", "run", "run_dataset",
            "add_relative_changes", "headline", "results_markdown"]  # fmt: skip
 
-DATASETS = ("checkerboard", "ring", "digits")
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Budget of one test bed: teacher training, pairs, ReFlow training and evaluation."""
-
-    teacher_steps: int
-    reflow_steps: int
-    batch: int
-    reflow_batch: int
-    lr: float
-    reflow_lr: float
-    n_bwd: int
-    n_fwd: int
-    pair_nfe: int
-    n_eval: int
-    n_diag: int  # held-out test pairs and diagnostic samples
-    width: int = 128  # toy MLP width / UNet base
-    depth: int = 3
-
-
-@dataclass(frozen=True)
-class BenchPreset:
-    description: str
-    toy: Sizes
-    digits: Sizes
-    datasets: tuple[str, ...] = ("checkerboard", "ring", "digits")
-    nfes: tuple[int, ...] = (1, 2, 4, 9)
-    rho: float = 0.4
-    alpha: float = 0.1  # projection strength; larger values hurt more in our tests (see the module docstring)
-    pool: float = 4.0  # real draws per projected pair
-    kappa: float = 5.0
-    r: float = 0.4
-    guidance: float = 1.6
-    hpf_lambda: float = 10.0
-    teacher_dropout: float = 0.13
-    student_dropout: float = 0.05
-    weak_frac: float = 0.1
-    classifier_epochs: int = 15
-    image_sweeps: bool = False  # inference sweeps on digits too (always on 2-D)
-
-
-PRESETS: dict[str, BenchPreset] = {
-    "quick": BenchPreset(
-        "<= 10 min on 2 idle cores: 3x128 MLPs, a base-16 UNet, short runs",
-        toy=Sizes(1500, 600, 512, 512, 2e-3, 5e-4, 20000, 10000, 32, 5000, 2000),
-        digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 200, 200, width=16),
-    ),
-    "full": BenchPreset(
-        "about an hour on 2 cores: 4x256 MLPs and 6x longer teachers on 2-D, a longer-trained base-16 "
-        "UNet on digits, more pairs and samples",
-        toy=Sizes(6000, 3000, 1024, 1024, 1e-3, 3e-4, 100000, 30000, 64, 20000, 5000, width=256, depth=4),
-        digits=Sizes(3000, 500, 128, 128, 2e-3, 5e-4, 8192, 1437, 24, 1000, 500, width=16),
-        image_sweeps=True,
-    ),
-    "smoke": BenchPreset(
-        "smoke test (seconds; not meaningful)",
-        toy=Sizes(20, 10, 128, 128, 1e-3, 1e-3, 256, 128, 4, 400, 100, width=32, depth=2),
-        digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 80, 80, width=8),
-        datasets=("checkerboard", "ring"),
-        nfes=(1, 2),
-        classifier_epochs=1,
-    ),
-}
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "reflow", PRESETS, DATASETS)
 
 
-# ------------------------------------------------------------------------------------------ test beds
-def _digits_available() -> str | None:
-    try:
-        import sklearn  # noqa: F401
-
-        from ..nn.unet import SmallUNet  # noqa: F401
-    except ImportError as e:
-        return str(e)
-    return None
-
-
-def _toy_cfg(name: str, s: Sizes, out_dir: Path, seed: int):
-    from ..train import apply_sets, get_preset
-
-    return apply_sets(get_preset("toy-fm"), [
-        f"data.name={name}", f"steps={s.teacher_steps}", f"batch_size={s.batch}", f"lr={s.lr}",
-        f"warmup_steps={max(1, s.teacher_steps // 20)}", f"model.width={s.width}", f"model.depth={s.depth}",
-        "model.time_dim=64", "model.pos_freqs=16", f"seed={seed}", f"out_dir={out_dir}",
-        f"ckpt_every={max(1, s.teacher_steps // 4)}", "log_every=50",
-    ])  # fmt: skip
-
-
-def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
-    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
-    from ..reflow.cli import load_teacher
-    from ..train import train
-    from ..train.objectives import make_batch_fn
-
-    d = out / "teachers" / ("ring-init" if name == "ring" else name)
-    if name == "digits":
-        from ..nn.unet import SmallUNet
-
-        s = pr.digits
-        cfg = _toy_cfg("checkerboard", s, d, seed)  # data.name, model.*: placeholders (model= is given)
-        torch.manual_seed(seed)
-        net = SmallUNet(1, s.width, (1, 2), dropout=pr.teacher_dropout, head="velocity", image_size=16)
-        train(cfg, model=net, batch_fn=make_batch_fn(cfg, bed["data"]), progress=progress, verbose=progress)
-    else:
-        train(_toy_cfg(name, pr.toy, d, seed), progress=progress, verbose=progress)
-    return load_teacher(d)
-
-
-def _setup(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
-    if name == "digits":
-        data = load_dataset("digits16")
-        clf = get_classifier(16, cache_dir=out / "classifier", epochs=pr.classifier_epochs)
-        ref, test = data.tensor(), load_dataset("digits16", split="test").tensor()
-        floor = frechet_distance(clf.features(ref), clf.features(test))
-        bed = dict(data=data, sizes=pr.digits, ref=ref, floor=floor, clf=clf, shape=(1, 16, 16))
-        bed["fwd_data"] = ref[: pr.digits.n_fwd]
-    else:
-        data = load_dataset(name)
-        s = pr.toy
-        ref, floor = reference_set(data, s.n_eval)
-        bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data)
-    net = _train_teacher(name, bed, pr, out, seed, progress)
-    bed["init"] = net  # the network every student starts from
-    bed["teacher"] = data if name == "ring" else net  # exact GM teacher for the ring
-    bed["noise"] = torch.randn(
-        bed["sizes"].n_eval, *bed["shape"], generator=torch.Generator().manual_seed(seed + 7)
-    )
-    return bed
-
-
-def _metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
-    finite = torch.isfinite(x.flatten(1)).all(1)
-    rec: dict[str, Any] = {"nonfinite": int((~finite).sum())}
-    if name == "digits":
-        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), bed["ref"], bed["clf"])
-        rec.update(fd=m["fd"], fd_floor=bed["floor"], precision=m["precision"], recall=m["recall"])
-        return rec
-    xf = x[finite]
-    sw2 = sliced_w2_mean(xf, bed["ref"]) if len(xf) >= 2 else math.inf
-    rec.update(sw2=sw2, sw2_floor=bed["floor"], sw2_ratio=sw2 / bed["floor"])
-    if name == "checkerboard":
-        rec["in_support"] = in_support_fraction(x)
-    return rec
-
-
-# ------------------------------------------------------------------------------------------ pairs
-def _pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
-    from ..reflow import PairDataset, generate_pairs
-
-    s, d = bed["sizes"], out / "pairs" / name
-    teacher = bed["teacher"]
-    common = dict(shard_size=4096, progress=progress)
-    generate_pairs(teacher, d / "backward", direction="backward", n=s.n_bwd, solver="dpm++2m",
-                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
-    generate_pairs(teacher, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
-                   nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
-    generate_pairs(teacher, d / "test", direction="backward", n=s.n_diag, solver="dpm++2m",
-                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed + 1, **common)  # fmt: skip
-    test = PairDataset(d / "test")
-    return PairDataset(d / "backward", d / "forward"), test.backward
-
-
 # ------------------------------------------------------------------------------------------ ladder
 def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
-    from ..reflow import ReflowConfig
-
     s = pr.digits if name == "digits" else pr.toy
-    cfg = ReflowConfig(
-        steps=s.reflow_steps, batch_size=s.reflow_batch, lr=s.reflow_lr,
+    loop = LoopConfig(
+        steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
+    cfg = ReflowConfig(data="digits16" if name == "digits" else name, loop=loop)
     changes = {
-        "2rf": {}, "+norm": {"normalize": True}, "+pow10": {"time_sampler": "pow10"},
-        "+hpf": {"hpf_lambda": pr.hpf_lambda}, "+dropout": {"student_dropout": pr.student_dropout},
-        "+forward": {"rho": pr.rho},
-        "+projection": {"projection_alpha": pr.alpha, "projection_pool": pr.pool},
+        "2rf": [], "+norm": ["loss.normalize=true"], "+pow10": ["loss.time_sampler=pow10"],
+        "+hpf": [f"loss.hpf_lambda={pr.hpf_lambda}"], "+dropout": [f"student_dropout={pr.student_dropout}"],
+        "+forward": [f"pairs.rho={pr.rho}"],
+        "+projection": [f"pairs.projection_alpha={pr.alpha}", f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
     out_cfgs = []
     for rung in TRAIN_RUNGS:
         if name != "digits" and rung in IMAGE_ONLY:
             continue
-        cfg = dataclasses.replace(cfg, **changes[rung])
+        cfg = apply_sets(cfg, changes[rung])
         safe = rung.lstrip("+")
-        out_cfgs.append((rung, dataclasses.replace(cfg, out_dir=str(out / "students" / name / safe))))
+        out_cfgs.append((rung, apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / safe}"])))
     return out_cfgs
 
 
 def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
     """Train one rung (resuming); with ``weak_frac`` also keep the early checkpoint as the weak guide."""
-    from ..reflow import train_reflow
-    from ..reflow.cli import load_teacher
-    from ..train import has_checkpoint, read_manifest
-
-    run, weak = Path(cfg.out_dir), None
+    run, weak = Path(cfg.loop.out_dir), None
     kw = dict(
         real_data=bed["ref"] if bed["shape"] != (2,) else bed["data"], progress=progress, verbose=progress
     )
     if weak_frac is not None:
         wdir = run.with_name(run.name + "-weak")
-        wsteps = max(1, int(cfg.steps * weak_frac))
+        wsteps = max(1, int(cfg.loop.steps * weak_frac))
         if not has_checkpoint(wdir):
             if has_checkpoint(run) and int(read_manifest(run)["step"]) > wsteps:
                 shutil.rmtree(run)  # the early checkpoint was lost: retrain this rung
-            train_reflow(dataclasses.replace(cfg, steps=wsteps), bed["init"], pairs, **kw)
+            train_reflow(apply_sets(cfg, [f"loop.steps={wsteps}"]), bed["init"], pairs, **kw)
             shutil.rmtree(wdir, ignore_errors=True)
             shutil.copytree(run, wdir)
-        weak = load_teacher(wdir)
+        weak = load_network(wdir)
     train_reflow(cfg, bed["init"], pairs, **kw)
-    return load_teacher(run), weak
+    return load_network(run), weak
 
 
 def _cached(path: Path, key: dict, compute):
@@ -321,7 +153,7 @@ def _run_items(name: str, bed: dict, model: Any, items: list[tuple[dict, dict]])
         ms = (time.perf_counter() - t0) * 1e3
         g = kw.get("guidance")
         rec = {"dataset": name, **fields, "solver": kw["solver"], "grid": kw.get("grid")}
-        rec.update(guidance=None if g is None else g.scale, **_metrics(name, bed, x), ms=ms)
+        rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x), ms=ms)
         records.append(rec)
     return records
 
@@ -333,8 +165,6 @@ def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, ca
 
 def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset) -> list[dict[str, Any]]:
     """Inference-only sweeps on the final student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
-    from ..guidance import AutoGuidance
-
     nfes = [k for k in pr.nfes if k >= 4] or [max(pr.nfes)]
     dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa}
     items = [
@@ -358,8 +188,6 @@ def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset) -> l
 
 
 def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
-    from ..reflow import one_step_error, per_t_relative_loss, straightness
-
     g = torch.Generator().manual_seed(123)
     n = min(bed["sizes"].n_diag, len(test[0]))
     noise = torch.randn(n, *bed["shape"], generator=g)
@@ -381,13 +209,10 @@ def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPrese
 
 def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, progress: bool):
     """Train, evaluate and diagnose the ladder on one test bed; returns (records, diagnostics, samples)."""
-    from ..guidance import AutoGuidance
-    from ..reflow import teacher_hash
-
     print(f"[bench reflow] {name}: teacher / init network")
-    bed = _setup(name, pr, out, seed, progress)
+    bed = setup_bed(name, pr, out, seed, progress)
     print(f"[bench reflow] {name}: pairs")
-    pairs, test = _pairs(name, bed, out, seed, progress)
+    pairs, test = make_pairs(name, bed, out, seed, progress)
     cache = out / "cache" / name
     euler = {"solver": "euler", "grid": "uniform"}
     key = {"preset": preset, "seed": seed, "nfes": pr.nfes, "dataset": name}
@@ -400,14 +225,14 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     cfgs = _rung_configs(name, pr, out, seed)
     weak = student = None
     for i, (rung, cfg) in enumerate(cfgs):
-        print(f"[bench reflow] {name}: rung {rung} ({cfg.steps} steps)")
+        print(f"[bench reflow] {name}: rung {rung} ({cfg.loop.steps} steps)")
         last = i == len(cfgs) - 1
         student, w = _train_rung(rung, cfg, bed, pairs, pr.weak_frac if last else None, progress)
         weak = w if last else weak
         models[rung] = (student, euler)
-        ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.out_dir)}
+        ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir)}
         records += _evaluate(name, bed, student, rung, pr.nfes, euler, cache, {**key, **ids})
-    full_cfg = {**ids, "weak": teacher_hash(Path(cfgs[-1][1].out_dir + "-weak"))}
+    full_cfg = {**ids, "weak": teacher_hash(Path(cfgs[-1][1].loop.out_dir + "-weak"))}
     infer = [
         ("+sigmoid", {"solver": "euler", "grid": "sigmoid", "kappa": pr.kappa}),
         ("+dpm", {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa, "r": pr.r}),
@@ -418,13 +243,13 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
         records += _evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
         models[rung] = (student, kw)
     print(f"[bench reflow] {name}: diagnostics")
-    dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].out_dir), "teacher": tid}
+    dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
     diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
     if name != "digits" or pr.image_sweeps:
         skey = {**dkey, "kappa": pr.kappa, "r": pr.r}
         diag["sweeps"] = _cached(cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr))
     diag["training"] = {
-        rung: json.loads((Path(c.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
+        rung: json.loads((Path(c.loop.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
     }
     samples = _figure_samples(name, bed, models, pr.nfes)
     return records, diag, samples
@@ -450,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     figs: list[Path] = []
     timing: dict[str, float] = {}
     for name in datasets:
-        if name == "digits" and (why := _digits_available()) is not None:
+        if name == "digits" and (why := digits_available()) is not None:
             print(f"[bench reflow] note: skipping digits (its modules are missing: {why})")
             continue
         t1 = time.perf_counter()

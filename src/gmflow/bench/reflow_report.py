@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .reflow import BenchPreset
+from ..viz import histogram_grid, image_grid, metric_curves
+from .reflow_beds import BenchPreset
 
 TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
 LADDER = ("teacher", *TRAIN_RUNGS, "+sigmoid", "+dpm", "full")
@@ -161,8 +161,6 @@ def _relative_loss_figure(diag: dict[str, Any], path: Path, title: str) -> Path:
 
 
 def figures(name: str, records, diag, samples, pr: BenchPreset, out: Path) -> list[Path]:
-    from ..viz import histogram_grid, image_grid, metric_curves
-
     metric = metric_name(name)
     recs = [r for r in records if r["dataset"] == name]
     figs = [

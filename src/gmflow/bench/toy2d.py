@@ -13,7 +13,7 @@ model x solver x order x NFE), ``results.md``, histogram grids and NFE-vs-metric
 Presets (see :data:`PRESETS`): ``quick`` (<= 5 min on 2 cores, the ``make demo`` run), ``paper``
 (the strongest setting that fits about an hour), ``official`` (the official minimal trainer's budget
 — K = 64, batch 4096, Adam 2e-4, 5000 iterations, no EMA — next to our full recipe at the same
-budget, evaluated with the protocol of research/official_reference.md).
+budget, evaluated with the reference protocol of ``docs/maths/evaluation.md``).
 
 Re-running with the same ``--out`` resumes: trained models are reloaded from their checkpoints.
 """
@@ -21,6 +21,7 @@ Re-running with the same ``--out`` resumes: trained models are reloaded from the
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import statistics
 import time
@@ -30,11 +31,15 @@ from typing import Any
 
 import torch
 
+from ..config import apply_sets
 from ..data import make_toy2d
+from ..experiments import get_preset, load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import cell_mass_kl, in_support_fraction, rbf_mmd, reference_set, sliced_w2_mean
-from ..sampling import sample
+from ..metrics import reference_set
+from ..nn import ToyMLP
+from ..train import flow_objective
 from .common import add_run_arguments, start_run
+from .toy2d_report import evaluate, figures, results_markdown, summary_lines
 
 FM_SOLVERS: list[tuple[str, int]] = [
     ("euler", 1),
@@ -67,59 +72,39 @@ class BenchPreset:
 
 
 PRESETS: dict[str, BenchPreset] = {
+    # Measured (docs/RESULTS.md §3): GMFlow K=64 gm-sde o2 at NFE 2 1.49 x the sliced-W2 floor vs the best
+    # FM solver at NFE 8 (heun) 2.52 x; over 5 noise draws 1.63 ± 0.29 vs 2.47 ± 0.18. About 5 min.
     "quick": BenchPreset(
         description="<= 5 min on 2 idle cores: 3x256 trunk, batch 1024, 1500 steps per model, 6k samples",
-        steps=1500,
-        batch_size=1024,
-        width=256,
-        depth=3,
-        n_eval=6000,
-        nfes=(1, 2, 4, 8, 16, 32),
-        lr=1e-3,
-        warmup_steps=100,
+        steps=1500, batch_size=1024, width=256, depth=3, n_eval=6000, nfes=(1, 2, 4, 8, 16, 32),
+        lr=1e-3, warmup_steps=100,
     ),
+    # Measured (§3b, 52.6 min): GMFlow K=64 gm-sde o2 at NFE 2 1.80 ± 0.44 x floor (5 draws) vs the best FM
+    # solver at NFE 16 (dpm-solver-2) 1.83 ± 0.08 x; cell-mass KL 0.00020 vs 0.00038; in-support 0.89 vs 0.97.
     "paper": BenchPreset(
         description="about an hour on 2 cores: the paper's 5x512 trunk, batch 2048, 4000 steps, 20k samples",
-        steps=4000,
-        batch_size=2048,
-        width=512,
-        depth=5,
-        n_eval=20000,
-        nfes=(1, 2, 4, 8, 16, 32),
-        lr=5e-4,
-        warmup_steps=400,
+        steps=4000, batch_size=2048, width=512, depth=5, n_eval=20000, nfes=(1, 2, 4, 8, 16, 32),
+        lr=5e-4, warmup_steps=400,
     ),
-    # seconds-long end-to-end run for tests (not meaningful as a benchmark)
+    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": BenchPreset(
         description="smoke test: tiny models, a few steps",
-        steps=30,
-        batch_size=256,
-        width=32,
-        depth=2,
-        n_eval=1000,
-        nfes=(1, 2),
-        components=(1, 4),
-        lr=1e-3,
-        warmup_steps=5,
+        steps=30, batch_size=256, width=32, depth=2, n_eval=1000, nfes=(1, 2), components=(1, 4),
+        lr=1e-3, warmup_steps=5,
     ),
+    # Measured (§4): gm-sde o2 in-support 0.870 / 0.882 / 0.920 / 0.954 at NFE 1 / 2 / 4 / 8 with the
+    # minimal recipe (official code: 0.870 / 0.883 / 0.916 / 0.951); our full recipe 0.886 at NFE 1.
     "official": BenchPreset(
         description="the official minimal trainer's budget (K=64, batch 4096, Adam 2e-4, 5000 it., no EMA) "
         "vs our full recipe at the same budget; official evaluation protocol",
-        steps=5000,
-        batch_size=4096,
-        width=512,
-        depth=5,
-        n_eval=20000,
-        nfes=(1, 2, 4, 8),
-        components=(),
-        include_fm=False,
-        gm_solvers=(("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)),
+        steps=5000, batch_size=4096, width=512, depth=5, n_eval=20000, nfes=(1, 2, 4, 8), components=(),
+        include_fm=False, gm_solvers=(("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2)),
         extra_runs=(
             ("official-minimal", "toy-official-minimal", ()),
-            ("ours-full", "toy-gmflow", ("warmup_steps=500", "grad_clip=10.0")),
+            ("ours-full", "toy-gmflow", ("loop.warmup_steps=500", "loop.grad_clip=10.0")),
         ),
     ),
-}
+}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,33 +112,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _train_configs(preset: BenchPreset, out: Path, seed: int) -> list[tuple[str, dict[str, Any], Any]]:
-    """(run name, record fields, TrainConfig) for every model of the preset."""
-    from ..train import apply_sets, get_preset
-
+def train_configs(preset: BenchPreset, out: Path, seed: int) -> list[tuple[str, dict[str, Any], Any]]:
+    """(run name, record fields, Toy2DConfig) for every model of the preset."""
     common = [
-        f"steps={preset.steps}",
-        f"batch_size={preset.batch_size}",
+        f"loop.steps={preset.steps}",
+        f"loop.batch_size={preset.batch_size}",
         f"model.width={preset.width}",
         f"model.depth={preset.depth}",
-        f"seed={seed}",
+        f"loop.seed={seed}",
         "data.name=checkerboard",
-        "ckpt_every=500",
-        "log_every=50",
+        "loop.ckpt_every=500",
+        "loop.log_every=50",
     ]
-    recipe = [f"lr={preset.lr}", f"warmup_steps={preset.warmup_steps}"]
+    recipe = [f"loop.lr={preset.lr}", f"loop.warmup_steps={preset.warmup_steps}"]
     runs = []
     if preset.include_fm:
-        cfg = apply_sets(get_preset("toy-fm"), [*common, *recipe, f"out_dir={out / 'models' / 'fm'}"])
+        cfg = apply_sets(get_preset("toy-fm"), [*common, *recipe, f"loop.out_dir={out / 'models' / 'fm'}"])
         runs.append(("fm", {"model": "fm", "K": None}, cfg))
     for k in preset.components:
         cfg = apply_sets(
             get_preset("toy-gmflow"),
-            [*common, *recipe, f"model.num_components={k}", f"out_dir={out / 'models' / f'gmflow-k{k}'}"],
+            [
+                *common,
+                *recipe,
+                f"model.num_components={k}",
+                f"loop.out_dir={out / 'models' / f'gmflow-k{k}'}",
+            ],
         )
         runs.append((f"gmflow-k{k}", {"model": "gmflow", "K": k}, cfg))
     for name, train_preset, sets in preset.extra_runs:
-        cfg = apply_sets(get_preset(train_preset), [*common, *sets, f"out_dir={out / 'models' / name}"])
+        cfg = apply_sets(get_preset(train_preset), [*common, *sets, f"loop.out_dir={out / 'models' / name}"])
         runs.append((name, {"model": "gmflow", "K": cfg.model.num_components, "recipe": name}, cfg))
     return runs
 
@@ -167,20 +155,17 @@ def step_time_ratio(
     makes slow drifts of a shared machine hit both equally; the medians over ``steps`` steps each
     are compared.
     """
-    from ..nn import ToyMLP
-    from ..train import apply_sets, get_preset
-    from ..train.objectives import make_objective
 
     def build(head: str, preset_name: str):
         cfg = apply_sets(
             get_preset(preset_name),
-            [f"batch_size={batch_size}", f"model.width={width}", f"model.depth={depth}"]
+            [f"loop.batch_size={batch_size}", f"model.width={width}", f"model.depth={depth}"]
             + ([f"model.num_components={components}"] if head == "gm" else []),
         )
         torch.manual_seed(0)
-        model = ToyMLP(**cfg.model_kwargs(channels=2))
+        model = ToyMLP(**cfg.model_kwargs())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        return model, opt, make_objective(cfg)
+        return model, opt, flow_objective(cfg.loss)
 
     data = make_toy2d("checkerboard")
     models = {"fm": build("velocity", "toy-fm"), "gmflow": build("gm", "toy-gmflow")}
@@ -207,62 +192,8 @@ def step_time_ratio(
     }
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-def evaluate(
-    model: Any,
-    base: dict[str, Any],
-    solvers: tuple[tuple[str, int], ...],
-    nfes: tuple[int, ...],
-    ref: torch.Tensor,
-    floor: float,
-    n: int,
-    seed: int,
-    store: dict[str, dict[int, torch.Tensor]],
-    progress: bool,
-) -> list[dict[str, Any]]:
-    records = []
-    items = [(s, o, k) for s, o in solvers for k in nfes]
-    it = items
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(
-            items, desc=f"eval {base['model']}{'' if base.get('K') is None else ' K=' + str(base['K'])}"
-        )
-    for ci, (solver, order, nfe) in enumerate(it):
-        g = torch.Generator().manual_seed(seed * 100003 + ci)
-        noise = torch.randn(n, 2, generator=g)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            x = sample(model, noise, solver=solver, nfe=nfe, order=order, generator=g)
-        ms = (time.perf_counter() - t0) * 1e3
-        finite = torch.isfinite(x).all(1)
-        xf = x[finite]
-        sw2 = sliced_w2_mean(xf, ref) if len(xf) >= 2 else float("inf")
-        rec = dict(base)
-        rec.update(
-            solver=solver,
-            order=order,
-            nfe=nfe,
-            sw2=sw2,
-            sw2_floor=floor,
-            sw2_ratio=sw2 / floor,
-            mmd=rbf_mmd(xf, ref, max_points=2000) if len(xf) >= 2 else float("inf"),
-            in_support=in_support_fraction(x),
-            cell_kl=cell_mass_kl(xf) if len(xf) else float("inf"),
-            nonfinite=int((~finite).sum()),
-            ms=ms,
-        )
-        records.append(rec)
-        label = _row_label(rec)
-        store.setdefault(label, {})[nfe] = x
-    return records
-
-
 def _logged_training(run_dir: Path) -> tuple[float, float]:
     """Median logged ms/step and last logged loss of a finished run (``log.csv``)."""
-    import csv
-
     try:
         with open(run_dir / "log.csv", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step_ms") and r.get("loss")]
@@ -273,71 +204,8 @@ def _logged_training(run_dir: Path) -> tuple[float, float]:
     return statistics.median(float(r["step_ms"]) for r in rows), float(rows[-1]["loss"])
 
 
-def _row_label(rec: dict[str, Any]) -> str:
-    if rec["model"] == "fm":
-        return f"FM {rec['solver']}"
-    name = rec.get("recipe") or f"K={rec['K']}"
-    return f"GM {name} {rec['solver']}{'' if rec['order'] == 1 else ' o2'}"
-
-
-def best_by_nfe(records: list[dict[str, Any]], model: str, metric: str, **match: Any) -> dict[int, dict]:
-    """Best record (lowest ``metric``, or highest for in_support) per NFE among matching records."""
-    out: dict[int, dict] = {}
-    sign = -1.0 if metric == "in_support" else 1.0
-    for r in records:
-        if r["model"] != model or any(r.get(k) != v for k, v in match.items()):
-            continue
-        cur = out.get(r["nfe"])
-        if cur is None or sign * r[metric] < sign * cur[metric]:
-            out[r["nfe"]] = r
-    return out
-
-
-def summary_lines(records: list[dict[str, Any]], preset_name: str) -> list[str]:
-    lines = []
-    fm_nfe = 16 if preset_name == "paper" else 8
-    fm_best = best_by_nfe(records, "fm", "sw2")
-    gm_best = best_by_nfe(records, "gmflow", "sw2", K=64)
-    if fm_best and gm_best and 2 in gm_best and fm_nfe in fm_best:
-        g, f = gm_best[2], fm_best[fm_nfe]
-        fkl = best_by_nfe(records, "fm", "cell_kl")[fm_nfe]
-        gkl = best_by_nfe(records, "gmflow", "cell_kl", K=64)[2]
-        lines.append(
-            f"GMFlow K=64 at NFE 2 ({g['solver']} o{g['order']}): sw2/floor {g['sw2_ratio']:.2f} "
-            "vs FM best at "
-            f"NFE {fm_nfe} ({f['solver']}): {f['sw2_ratio']:.2f} -> "
-            f"{'GMFlow better' if g['sw2'] < f['sw2'] else 'FM better'}"
-        )
-        lines.append(
-            f"cell-mass KL: GMFlow K=64 NFE 2 best {gkl['cell_kl']:.4f} ({gkl['solver']} o{gkl['order']}) vs "
-            f"FM NFE {fm_nfe} best {fkl['cell_kl']:.4f} ({fkl['solver']}) -> "
-            f"{'GMFlow better' if gkl['cell_kl'] < fkl['cell_kl'] else 'FM better'}"
-        )
-    return lines
-
-
-def _table_key(r: dict[str, Any]) -> tuple[str, str, int]:
-    """Row of the markdown tables: (model label, solver, order)."""
-    model = _row_label(r).split(" ")[0] + " " + (r.get("recipe") or ("" if r["K"] is None else f"K={r['K']}"))
-    return model.strip(), r["solver"], r["order"]
-
-
-def results_markdown(records: list[dict[str, Any]], nfes: tuple[int, ...], metric: str, fmt: str) -> str:
-    head = "| model | solver | order | " + " | ".join(f"NFE {k}" for k in nfes) + " |"
-    lines = [head, "|---|---|---|" + "---|" * len(nfes)]
-    keys = list(dict.fromkeys(_table_key(r) for r in records))
-    for key in keys:
-        vals = {r["nfe"]: r[metric] for r in records if _table_key(r) == key}
-        cells = [format(vals[k], fmt) if k in vals else "" for k in nfes]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_model, train
-    from ..viz import histogram_grid, metric_curves
-
     preset, _, out = start_run(args, "toy2d", PRESETS)
     progress = not args.no_progress
     t_start = time.perf_counter()
@@ -358,13 +226,14 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     store: dict[str, dict[int, torch.Tensor]] = {}
     train_info = {}
-    for name, base, cfg in _train_configs(preset, out, args.seed):
-        print(f"[bench toy2d] training {name}: {cfg.steps} steps, batch {cfg.batch_size}, loss {cfg.loss}")
-        res = train(cfg, progress=progress, verbose=True)
-        model, _ = load_model(cfg.out_dir)  # EMA weights when the recipe keeps an EMA
+    for name, base, cfg in train_configs(preset, out, args.seed):
+        lp = cfg.loop
+        print(f"[bench toy2d] training {name}: {lp.steps} steps, batch {lp.batch_size}, loss {cfg.loss.kind}")
+        res = run_experiment(cfg, progress=progress, verbose=True)
+        model = load_network(lp.out_dir)  # EMA weights when the recipe keeps an EMA
         step_ms, last_loss = res.median_step_ms, res.last_loss
         if step_ms != step_ms:  # NaN: trained in an earlier run (nothing to do now); read its log
-            step_ms, last_loss = _logged_training(Path(cfg.out_dir))
+            step_ms, last_loss = _logged_training(Path(lp.out_dir))
         train_info[name] = {"median_step_ms": step_ms, "last_loss": last_loss, "steps": res.step}
         solvers = preset.fm_solvers if base["model"] == "fm" else preset.gm_solvers
         records += evaluate(
@@ -423,53 +292,9 @@ def run(args: argparse.Namespace) -> int:
     )
     atomic_write_text(out / "results.md", text)
 
-    figs = _figures(records, store, preset, floor, out, histogram_grid, metric_curves)
+    figs = figures(records, store, preset, floor, out)
     print(text)
     print("[bench toy2d] figures:")
     for f in figs:
         print(f"  {f}")
     return 0
-
-
-def _figures(records, store, preset, floor, out, histogram_grid, metric_curves) -> list[Path]:
-    figs = []
-    nfes = list(preset.nfes)
-    rows = [k for k in store if k.startswith("FM ")]
-    big = max(preset.components) if preset.components else None
-    if big is not None:
-        rows += [k for k in store if k.startswith(f"GM K={big} ")]
-    rows += [k for k in store if k.startswith("GM ") and "K=" not in k]
-    rows.append("data")
-    path = out / "histograms.png"
-    bins = 100 if preset.n_eval < 100000 else 200  # fewer samples, coarser bins (less speckle)
-    histogram_grid(
-        store,
-        path,
-        nfes=nfes,
-        row_labels=rows,
-        bins=bins,
-        title="Checkerboard samples (rows: model/solver; columns: NFE)",
-    )
-    figs.append(path)
-    if len(preset.components) > 1:
-        krows = [k for k in store if k.startswith("GM K=") and (k.endswith("o2"))] + ["data"]
-        path = out / "histograms_k_sweep.png"
-        histogram_grid(
-            store, path, nfes=nfes, row_labels=krows, bins=bins, title="GMFlow K sweep (second-order solvers)"
-        )
-        figs.append(path)
-    for metric, logy in (("sw2", True), ("in_support", False), ("cell_kl", True)):
-        path = out / f"{metric}_vs_nfe.png"
-        metric_curves(
-            records,
-            path,
-            metric=metric,
-            group_keys=("model", "K", "solver", "order")
-            if not preset.extra_runs
-            else ("recipe", "solver", "order"),
-            logy=logy,
-            floor=floor if metric == "sw2" else None,
-            title=f"Checkerboard: {metric} vs NFE" + (" (dashed: MC floor)" if metric == "sw2" else ""),
-        )
-        figs.append(path)
-    return figs

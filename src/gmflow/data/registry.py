@@ -25,13 +25,14 @@ _LOADERS: dict[str, Callable[..., Any]] = {
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
 
-def load_dataset(name: str, **kwargs: Any) -> Any:
+def load_dataset(name: str, split: str = "train", **kwargs: Any) -> Any:
     """The data set called ``name`` (one of :data:`DATASETS`, case and surrounding blanks ignored).
 
     * toy 2-D names (``checkerboard``, ``moons``, ``swissroll``, ``ring``): the infinite sampler of
       :func:`~gmflow.data.make_toy2d` (``ring`` is the exact GM oracle :func:`~gmflow.data.ring_gmm`);
-    * ``digits8`` / ``digits16``: :class:`~gmflow.data.Digits` of that size, the ``"train"`` split unless
-      ``split=`` says otherwise; a finite set with ``.tensor()`` and ``len()``.
+      every ``split`` is the same distribution;
+    * ``digits8`` / ``digits16``: :class:`~gmflow.data.Digits` of that size and ``split`` (``"train"``,
+      ``"test"``, ``"all"``); a finite set with ``.tensor()`` and ``len()``.
 
     Every data set has ``.sample(n, generator=, device=, dtype=)``. ``kwargs`` go to the constructor.
     Raises ``ValueError`` naming the valid names for an unknown ``name``.
@@ -39,4 +40,6 @@ def load_dataset(name: str, **kwargs: Any) -> Any:
     key = str(name).strip().lower()
     if key not in _LOADERS:
         raise ValueError(f"unknown data set {name!r}; valid names: {', '.join(DATASETS)}")
-    return _LOADERS[key](**kwargs)
+    if key in TOY2D_NAMES:
+        return _LOADERS[key](**kwargs)
+    return _LOADERS[key](split=split, **kwargs)

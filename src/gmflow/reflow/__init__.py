@@ -11,40 +11,37 @@ Example::
     ds = PairDataset("pairs/bwd", "pairs/fwd", rho=0.4)   # rerun generate_pairs to resume a killed run
     x0, x1 = ds.sample(256, generator=g)
 
-    cfg = ReflowConfig(normalize=True, time_sampler="pow10", rho=0.4, steps=5000, out_dir="runs/srf")
-    result = train_reflow(cfg, teacher_net, ds)   # student = copy of teacher_net; run again to resume
+Training the student is the ReFlow experiment, :mod:`gmflow.experiments.reflow` (``train_reflow``).
 """
 
 from .dataset import PairDataset
 from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
 from .losses import error_distance, hpf_operator, normalized, reflow_distance
+from .objective import (
+    PROJECTION_METHODS,
+    WEIGHTS,
+    PairMixing,
+    ReflowError,
+    ReflowLoss,
+    reflow_batch_fn,
+    reflow_objective,
+)
 from .pairs import generate_pairs, shard_seed, teacher_hash
 from .projection import project_pairs
 from .store import PairError, PairManifest, ShardInfo, load_shard, read_manifest, shard_name
-from .train import (
-    RECIPES,
-    ReflowConfig,
-    ReflowError,
-    apply_reflow_sets,
-    reflow_batch_fn,
-    reflow_objective,
-    set_dropout,
-    train_reflow,
-)
 
 __all__ = [
-    "RECIPES",
-    "ReflowConfig",
+    "PROJECTION_METHODS",
+    "PairMixing",
+    "ReflowLoss",
+    "WEIGHTS",
     "ReflowError",
-    "apply_reflow_sets",
     "error_distance",
     "hpf_operator",
     "normalized",
     "reflow_batch_fn",
     "reflow_distance",
     "reflow_objective",
-    "set_dropout",
-    "train_reflow",
     "PairDataset",
     "PairError",
     "PairManifest",

@@ -1,77 +1,72 @@
-"""Training: config/presets, trainer, EMA, checkpoints and torchrun/DDP helpers.
+"""The generic training loop and its parts: loop config, optimizer, EMA, checkpoints, run log, DDP.
 
-Example::
+Example (any model, objective and batches; experiments in :mod:`gmflow.experiments` build these)::
 
-    from gmflow.train import get_preset, apply_sets, train, load_model
+    import torch
+    from gmflow.data import make_toy2d
+    from gmflow.nn import ToyMLP
+    from gmflow.train import FlowLoss, LoopConfig, dataset_batch_fn, flow_objective, train
 
-    cfg = apply_sets(get_preset("toy-gmflow"), ["steps=2000", "out_dir=runs/k64"])
-    result = train(cfg)                   # run it again to resume
-    model, cfg = load_model("runs/k64")   # EMA weights by default
+    loop = LoopConfig(steps=2000, batch_size=1024, out_dir="runs/k64")
+    torch.manual_seed(loop.seed)
+    result = train(loop, ToyMLP(channels=2), flow_objective(FlowLoss()),
+                   dataset_batch_fn(make_toy2d("checkerboard"), loop.batch_size))   # rerun to resume
 """
 
 from .checkpoint import (
+    RUN_FORMAT,
     Checkpoint,
     CheckpointError,
-    build_model,
     has_checkpoint,
     load_checkpoint,
-    load_model,
     read_manifest,
     save_checkpoint,
 )
-from .config import (
-    PRESETS,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    apply_sets,
-    config_diff,
-    get_preset,
-    load_overrides,
-)
+from .config import LOOP_NON_TRAINING, LoopConfig
 from .distributed import DistInfo, distributed, init_distributed
 from .ema import EMA, ema_beta
-from .objectives import make_batch_fn, make_objective, objective, step_generator, step_seed
-from .trainer import (
-    TrainingDivergedError,
-    TrainingInterrupted,
-    TrainResult,
-    build_optimizer,
-    train,
-    warmup_factor,
+from .loop import TrainingDivergedError, TrainingInterrupted, TrainResult, train
+from .objectives import (
+    LOSSES,
+    BatchFn,
+    FlowLoss,
+    Objective,
+    dataset_batch_fn,
+    flow_loss,
+    flow_objective,
+    step_generator,
+    step_seed,
 )
+from .optim import build_optimizer, grad_norm_and_clip, warmup_factor
+from .runlog import LOG_COLUMNS, RunLog
 
 __all__ = [
+    "BatchFn",
     "Checkpoint",
     "CheckpointError",
-    "ConfigError",
-    "DataConfig",
     "DistInfo",
     "EMA",
-    "ModelConfig",
-    "PRESETS",
-    "TrainConfig",
+    "FlowLoss",
+    "LOG_COLUMNS",
+    "LOOP_NON_TRAINING",
+    "LOSSES",
+    "LoopConfig",
+    "Objective",
+    "RUN_FORMAT",
+    "RunLog",
     "TrainResult",
     "TrainingDivergedError",
     "TrainingInterrupted",
-    "apply_overrides",
-    "apply_sets",
-    "build_model",
     "build_optimizer",
-    "config_diff",
+    "dataset_batch_fn",
     "distributed",
     "ema_beta",
-    "get_preset",
+    "flow_loss",
+    "flow_objective",
+    "grad_norm_and_clip",
     "has_checkpoint",
     "init_distributed",
     "load_checkpoint",
-    "load_model",
-    "load_overrides",
-    "make_batch_fn",
-    "make_objective",
-    "objective",
     "read_manifest",
     "save_checkpoint",
     "step_generator",

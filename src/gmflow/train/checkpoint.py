@@ -4,7 +4,8 @@ Layout of a run directory::
 
     model.safetensors   raw weights
     ema.safetensors     EMA weights (runs with an EMA)
-    config.json         {"train": TrainConfig dict, "model": {"class", "config"}, "step", ...}
+    config.json         the run record: {"format", "experiment", "config", "model": {"class", "config"},
+                        "step", "world_size"} (see gmflow.experiments)
     state.pt            optimizer / scheduler / EMA counters / step (torch.load(weights_only=True))
     checkpoint.json     manifest: step + {file: {size, sha256}}; the commit point of a checkpoint
     log.csv             training log (not part of the checkpoint)
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..io import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file
 
@@ -39,12 +40,12 @@ __all__ = [
     "has_checkpoint",
     "read_manifest",
     "load_checkpoint",
-    "load_model",
-    "build_model",
+    "RUN_FORMAT",
 ]
 
 MANIFEST = "checkpoint.json"
 FORMAT = "gmflow-checkpoint/1"
+RUN_FORMAT = "gmflow-run/2"  # format of config.json (the run record)
 
 
 class CheckpointError(ValueError):
@@ -204,47 +205,3 @@ def load_checkpoint(out_dir: str | os.PathLike) -> Checkpoint:
         ema_state=ema,
         train_state=state,
     )
-
-
-def build_model(model_info: dict[str, Any]) -> nn.Module:
-    """Rebuild a network from ``config.json["model"]`` = ``{"class": name, "config": kwargs}``.
-
-    ``name`` must be a class of :mod:`gmflow.nn` with a ``from_config`` class method.
-    """
-    from .. import nn as gnn
-
-    name = model_info.get("class") if isinstance(model_info, dict) else None
-    cls = getattr(gnn, str(name), None)
-    if cls is None or not hasattr(cls, "from_config") or not isinstance(model_info.get("config"), dict):
-        raise CheckpointError(f"config.json does not describe a rebuildable gmflow.nn model (class {name!r})")
-    try:
-        return cls.from_config(model_info["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot rebuild {name} from config.json: {e}") from None
-
-
-def load_model(
-    path: str | os.PathLike, *, use_ema: bool = True, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, Any]:
-    """Load the network of a run directory: ``(model in eval mode, TrainConfig)``.
-
-    ``use_ema=True`` loads the EMA weights when the run kept an EMA, the raw weights otherwise;
-    ``use_ema=False`` always loads the raw weights.
-    """
-    from .config import ConfigError, TrainConfig
-
-    ck = load_checkpoint(path)
-    try:
-        cfg = TrainConfig.from_dict(ck.config.get("train", {}))
-    except ConfigError as e:
-        raise CheckpointError(f"config.json in {str(path)!r} is not a valid training config: {e}") from None
-    model = build_model(ck.config.get("model", {}))
-    state = ck.ema_state if (use_ema and ck.ema_state is not None) else ck.model_state
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        msg = " ".join(str(e).split())
-        raise CheckpointError(
-            f"weights in {str(path)!r} do not fit the model in config.json: {msg[:300]}"
-        ) from None
-    return model.to(device).eval().requires_grad_(False), cfg

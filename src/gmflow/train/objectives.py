@@ -1,47 +1,92 @@
-"""Training objectives (per-sample losses) and data batches for the trainer.
+"""Flow-matching objectives (per-sample losses), data batches and the per-step random streams.
 
-The trainer is generic: it takes any
+The loop (:func:`gmflow.train.train`) takes any
 
 * ``objective(model, batch, generator) -> Tensor (B,)`` -- per-sample losses of a local batch, and
 * ``batch_fn(step, rank, world_size, generator) -> Tensor`` -- the local batch of update ``step``,
 
-and averages the per-sample losses. :func:`make_objective` and :func:`make_batch_fn` build the toy
-ones from a :class:`~gmflow.train.config.TrainConfig`. Randomness of step ``k`` on rank ``r`` comes
-from :func:`step_generator` ``(seed, k, r)``, so a resumed run sees exactly the batches and noise of
-an uninterrupted one.
+and averages the per-sample losses. :func:`flow_objective` and :func:`dataset_batch_fn` build the
+ones for training on clean data (toy 2-D and image experiments). Randomness of step ``k`` on rank
+``r`` comes from :func:`step_generator` ``(seed, k, r)``, so a resumed run sees exactly the batches
+and noise of an uninterrupted one.
 
-Objectives (``t ~ time_sampler``, ``eps ~ N(0, I)``, ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0``):
+Objectives (``t ~ time_sampler``, ``eps ~ N(0, I)``, ``x_t = (1 - t) x0 + t eps``, ``u = eps - x0``;
+derivations in ``docs/maths/losses.md``):
 
 * ``"fm"``: ``mean_C (u_theta(x_t, t) - u)^2`` (velocity head);
-* ``"gm_nll"``: ``-log q_theta(u | x_t)`` under the predicted u-GM (paper Eq. 5-6);
-* ``"transition"``: ``-log q_theta(x_low | x_high)`` with ``t_low = (1 - lambda) t_high`` (paper §3.2).
+* ``"gm_nll"``: ``-log q_theta(u | x_t)`` under the predicted u-GM (GMFlow Eq. 5-6);
+* ``"transition"``: ``-log q_theta(x_low | x_high)`` with ``t_low = (1 - lambda) t_high`` (GMFlow §3.2).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..flow import interpolate, sample_time, transition_pair
+from ..config import need
+from ..flow import TIME_SAMPLERS, interpolate, sample_time, transition_pair
 from ..gm import GaussianMixture
 from ..losses import fm_loss, gm_nll_loss, transition_loss
 
 __all__ = [
-    "Objective",
     "BatchFn",
-    "step_seed",
+    "FlowLoss",
+    "LOSSES",
+    "Objective",
+    "dataset_batch_fn",
+    "flow_loss",
+    "flow_objective",
     "step_generator",
-    "objective",
-    "make_objective",
-    "make_batch_fn",
+    "step_seed",
 ]
 
 Objective = Callable[[nn.Module, Tensor, "torch.Generator | None"], Tensor]
 BatchFn = Callable[[int, int, int, torch.Generator], Tensor]
+LOSSES = ("fm", "gm_nll", "transition")
+
+
+@dataclass
+class FlowLoss:
+    """The ``loss`` section of experiments that train on clean data (see the module docstring).
+
+    ``kind``: ``"fm"`` (needs a velocity head), ``"gm_nll"`` or ``"transition"`` (need a GM head);
+    ``trans_ratio``: lambda of the transition loss; ``time_*``: the training-time distribution
+    (:func:`gmflow.flow.sample_time`), ``t`` clamped to ``[time_eps, 1]``.
+    """
+
+    kind: str = "transition"
+    trans_ratio: float = 0.9
+    time_sampler: str = "uniform"
+    time_loc: float = 0.0  # logit_normal location
+    time_scale: float = 1.0  # logit_normal scale
+    time_eps: float = 1e-4
+
+    def validate(self, head: str, prefix: str = "loss.") -> FlowLoss:
+        """Check the fields and that ``kind`` fits the model's ``head`` (``"gm"`` or ``"velocity"``)."""
+        p = prefix
+        need(self.kind in LOSSES, f"{p}kind", f"must be one of {', '.join(LOSSES)}, got {self.kind!r}")
+        if self.kind == "fm":
+            need(head == "velocity", f"{p}kind", "'fm' needs model.head='velocity' (set model.head=velocity)")
+        else:
+            need(head == "gm", f"{p}kind", f"{self.kind!r} needs model.head='gm' (or use {p}kind=fm)")
+        need(
+            0.0 < self.trans_ratio <= 1.0,
+            f"{p}trans_ratio",
+            f"lambda must be in (0, 1], got {self.trans_ratio}",
+        )
+        need(
+            self.time_sampler in TIME_SAMPLERS,
+            f"{p}time_sampler",
+            f"must be one of {', '.join(TIME_SAMPLERS)}, got {self.time_sampler!r}",
+        )
+        need(self.time_scale > 0, f"{p}time_scale", f"must be > 0, got {self.time_scale}")
+        need(0.0 <= self.time_eps < 1.0, f"{p}time_eps", f"must be in [0, 1), got {self.time_eps}")
+        return self
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -55,76 +100,64 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank))
 
 
-def _setting(cfg: Any, name: str, default: Any) -> Any:
-    return getattr(cfg, name, default) if cfg is not None else default
+def flow_loss(
+    model: nn.Module, x0: Tensor, loss: FlowLoss, generator: torch.Generator | None = None
+) -> Tensor:
+    """Per-sample loss ``(B,)`` of ``loss.kind`` on the clean batch ``x0`` (see the module docstring).
 
-
-def objective(model: nn.Module, x0: Tensor, cfg: Any, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample loss ``(B,)`` of ``cfg.loss`` on the clean batch ``x0`` (see the module docstring).
-
-    Uses ``cfg.loss``, ``cfg.trans_ratio``, ``cfg.time_sampler``, ``cfg.time_loc``, ``cfg.time_scale``
-    and ``cfg.time_eps``. Random draws (in order: t, then the noise) use ``generator``, which must live
-    on ``x0``'s device.
+    Random draws (in order: t, then the noise) use ``generator``, which must live on ``x0``'s device.
     """
-    loss = _setting(cfg, "loss", "transition")
     b = x0.shape[0]
     tdtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     t = sample_time(
         b,
-        _setting(cfg, "time_sampler", "uniform"),
+        loss.time_sampler,
         generator=generator,
         device=x0.device,
         dtype=tdtype,
-        loc=_setting(cfg, "time_loc", 0.0),
-        scale=_setting(cfg, "time_scale", 1.0),
-        eps=_setting(cfg, "time_eps", 1e-4),
+        loc=loss.time_loc,
+        scale=loss.time_scale,
+        eps=loss.time_eps,
     )
-    if loss == "transition":
-        x_low, t_low, x_high = transition_pair(x0, t, _setting(cfg, "trans_ratio", 0.9), generator)
+    if loss.kind == "transition":
+        x_low, t_low, x_high = transition_pair(x0, t, loss.trans_ratio, generator)
         out = model(x_high, t)
-        _expect_gm(out, loss)
+        _expect_gm(out, loss.kind)
         return transition_loss(out, x_high, t, x_low, t_low, reduction="none")
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = interpolate(x0, eps, t)
     u = eps - x0
     out = model(x_t, t)
-    if loss == "fm":
+    if loss.kind == "fm":
         if isinstance(out, GaussianMixture):
             raise TypeError(
                 "loss 'fm' needs a model that returns the velocity; this one returned a GaussianMixture"
             )
         return fm_loss(out, u, reduction="none")
-    if loss == "gm_nll":
-        _expect_gm(out, loss)
+    if loss.kind == "gm_nll":
+        _expect_gm(out, loss.kind)
         return gm_nll_loss(out, u, reduction="none")
-    raise ValueError(f"unknown loss {loss!r}; expected 'fm', 'gm_nll' or 'transition'")
+    raise ValueError(f"unknown loss {loss.kind!r}; expected one of {', '.join(LOSSES)}")
 
 
-def _expect_gm(out: object, loss: str) -> None:
+def _expect_gm(out: object, kind: str) -> None:
     if not isinstance(out, GaussianMixture):
-        raise TypeError(f"loss {loss!r} needs a model that returns a gmflow.GaussianMixture (head 'gm')")
+        raise TypeError(f"loss {kind!r} needs a model that returns a gmflow.GaussianMixture (head 'gm')")
 
 
-def make_objective(cfg: Any) -> Objective:
-    """``objective(model, batch, generator)`` closed over ``cfg`` (for :func:`gmflow.train.train`)."""
+def flow_objective(loss: FlowLoss) -> Objective:
+    """``objective(model, batch, generator)`` of :func:`flow_loss` closed over ``loss``."""
 
-    def fn(model: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return objective(model, x0, cfg, generator)
+    def objective(model: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return flow_loss(model, x0, loss, generator)
 
-    fn.__name__ = f"objective_{cfg.loss}"
-    return fn
+    objective.__name__ = f"objective_{loss.kind}"
+    return objective
 
 
-def make_batch_fn(cfg: Any, dataset: Any = None) -> BatchFn:
-    """Batches of the toy data set ``cfg.data.name``: ``batch_size / world_size`` fresh points per rank.
-
-    ``dataset`` (anything with ``.sample(n, generator=, device=)``) overrides the named data set.
-    """
-    if dataset is None:
-        from ..data import make_toy2d
-
-        dataset = make_toy2d(cfg.data.name)
-    global_batch = int(cfg.batch_size)
+def dataset_batch_fn(dataset: Any, batch_size: int) -> BatchFn:
+    """``batch_size / world_size`` fresh draws per rank from ``dataset.sample(n, generator=, device=)``."""
+    global_batch = int(batch_size)
 
     def batch_fn(step: int, rank: int, world_size: int, generator: torch.Generator) -> Tensor:
         if global_batch % world_size:

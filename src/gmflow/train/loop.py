@@ -1,16 +1,17 @@
-"""The training loop: deterministic, resumable, DDP-aware, interruptible.
+"""The training loop: ``train(loop, model, objective, batch_fn)`` — deterministic, resumable, DDP-aware.
 
-``train(cfg)`` trains the toy model of ``cfg``; ``train(cfg, model=, objective=, batch_fn=)`` trains
-anything (e.g. ReFlow on pair data) with the same machinery:
+The loop knows no experiment: it trains any ``model`` on any per-sample ``objective`` over batches
+from any ``batch_fn`` (the toy, image and ReFlow experiments in :mod:`gmflow.experiments` build those
+three things from their configs):
 
 * step ``k`` (1-based) on rank ``r`` draws its batch and noise from ``step_generator(seed, k, r)``;
-  the model is initialised after ``torch.manual_seed(seed)``. A resumed run therefore reproduces an
-  uninterrupted one exactly;
-* AdamW/Adam with linear warmup from ``0.001 lr`` (``LambdaLR``), grad-norm clipping, EMA every step,
+  the caller initialises the model after ``torch.manual_seed(seed)``. A resumed run therefore
+  reproduces an uninterrupted one exactly;
+* AdamW/Adam with linear warm-up from ``0.001 lr`` (``LambdaLR``), grad-norm clipping, EMA every step,
   optional bf16 autocast for the network;
 * DDP over ``torchrun`` ranks (global batch split evenly); rank 0 writes checkpoints and logs;
 * a checkpoint every ``ckpt_every`` steps and at the end; running again on the same ``out_dir``
-  resumes (a config that differs in a training field is refused);
+  resumes (a run whose recorded config differs in a training field is refused);
 * SIGINT/SIGTERM: checkpoint at the current step, then :class:`TrainingInterrupted`
   (a ``KeyboardInterrupt`` with ``exit_code`` 130/143); a second signal aborts at once;
 * a non-finite loss stops training with :class:`TrainingDivergedError` before the bad update, leaving
@@ -19,7 +20,6 @@ anything (e.g. ReFlow on pair data) with the same machinery:
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import signal
@@ -29,30 +29,26 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, config_diff
+from ..config import ConfigError, config_diff, to_dict
+from .checkpoint import RUN_FORMAT, Checkpoint, has_checkpoint, load_checkpoint, save_checkpoint
+from .config import LOOP_NON_TRAINING, LoopConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, distributed
 from .ema import EMA
-from .objectives import BatchFn, Objective, make_batch_fn, make_objective, step_generator
+from .objectives import BatchFn, Objective, step_generator
+from .optim import build_optimizer, grad_norm_and_clip, warmup_factor
+from .runlog import RunLog
 
-__all__ = [
-    "TrainResult",
-    "TrainingDivergedError",
-    "TrainingInterrupted",
-    "train",
-    "warmup_factor",
-    "build_optimizer",
-    "LOG_COLUMNS",
-]
-
-LOG_COLUMNS = ("step", "loss", "lr", "grad_norm", "step_ms")
+__all__ = ["TrainResult", "TrainingDivergedError", "TrainingInterrupted", "train"]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -82,52 +78,6 @@ class TrainResult:
     resumed_from: int = 0
     skipped_updates: int = 0
     step_ms: list[float] = field(default_factory=list, repr=False)
-
-
-def warmup_factor(i: int, warmup_steps: int) -> float:
-    """LR multiplier of the update after ``i`` completed ones: ``0.001 + 0.999 min(i / warmup, 1)``."""
-    if warmup_steps <= 0:
-        return 1.0
-    return 0.001 + 0.999 * min(i / warmup_steps, 1.0)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW/Adam over trainable parameters; weight decay only on >= 2-D weights (never on biases).
-
-    Uses the fused kernel where torch has one for the parameters' device (CPU since torch 2.4, CUDA):
-    one pass over all parameters instead of ~10 small ops per tensor.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    groups = [
-        g
-        for g in (
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        )
-        if g["params"]
-    ]
-    try:
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
-    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype/torch version
-        return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-
-
-def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> float:
-    """Total gradient 2-norm; scales the gradients down to ``max_norm`` if it is finite and exceeded.
-
-    Unlike ``clip_grad_norm_(..., inf)`` this skips the pass that multiplies every gradient by 1.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norms = torch._foreach_norm(grads, 2.0)
-    total = float(torch.linalg.vector_norm(torch.stack([n.to(torch.float32) for n in norms]), 2.0))
-    if math.isfinite(max_norm) and math.isfinite(total) and total > max_norm:
-        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
-    return total
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
@@ -164,58 +114,6 @@ class _SignalTrap:
             signal.signal(s, h)
 
 
-class _Log:
-    """CSV (a row per ``log_every`` steps: mean loss, lr, mean grad norm, median step ms) + TensorBoard."""
-
-    def __init__(self, out_dir: Path | None, resume_step: int, enabled: bool) -> None:
-        self.rows: list[tuple[float, float, float]] = []
-        self.file = self.writer = self.tb = None
-        if out_dir is None or not enabled:
-            return
-        path = out_dir / "log.csv"
-        kept: list[list[str]] = []
-        if resume_step > 0 and path.is_file():
-            with open(path, newline="") as f:
-                kept = [
-                    r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= resume_step
-                ]
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows([LOG_COLUMNS, *kept])
-        self.file = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
-        self.writer = csv.writer(self.file)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=resume_step + 1)
-        except Exception:  # noqa: BLE001 - tensorboard is optional
-            self.tb = None
-
-    def add(self, loss: float, grad_norm: float, step_ms: float) -> None:
-        self.rows.append((loss, grad_norm, step_ms))
-
-    def flush(self, step: int, lr: float) -> float:
-        """Write the row for the steps since the last flush; returns their mean loss."""
-        if not self.rows:
-            return math.nan
-        loss = statistics.fmean(r[0] for r in self.rows)
-        gn = statistics.fmean(r[1] for r in self.rows)
-        ms = statistics.median(r[2] for r in self.rows)
-        self.rows.clear()
-        if self.writer is not None:
-            self.writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}", f"{gn:.6g}", f"{ms:.3f}"])
-            self.file.flush()
-        if self.tb is not None:
-            for k, v in (("loss", loss), ("lr", lr), ("grad_norm", gn), ("step_ms", ms)):
-                self.tb.add_scalar(f"train/{k}", v, step)
-        return loss
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _prepare_out_dir(d: Path) -> None:
     """Create ``d`` and check it is writable (a probe file), before any training work."""
     try:
@@ -239,38 +137,49 @@ def _say(info: DistInfo, enabled: bool, msg: str) -> None:
 
 
 def train(
-    cfg: TrainConfig,
+    loop: LoopConfig,
+    model: nn.Module,
+    objective: Objective,
+    batch_fn: BatchFn,
     *,
-    model: nn.Module | None = None,
-    objective: Objective | None = None,
-    batch_fn: BatchFn | None = None,
+    record: dict[str, Any] | None = None,
+    resume_ignore: Iterable[str] = (),
     progress: bool = True,
     verbose: bool | None = None,
 ) -> TrainResult:
-    """Train according to ``cfg`` (see the module docstring); resumes from ``cfg.out_dir`` if it holds a run.
+    """Train ``model`` (see the module docstring); resumes from ``loop.out_dir`` if it holds a run.
 
     Args:
-        cfg: the run's :class:`TrainConfig` (validated here).
-        model: network to train (default: ``ToyMLP`` from ``cfg.model``, built after ``manual_seed``).
-        objective: ``objective(model, batch, generator) -> (B,)`` (default: :func:`make_objective`).
-        batch_fn: ``batch_fn(step, rank, world_size, generator) -> local batch`` (default: toy data).
+        loop: optimisation / EMA / I/O settings (validated here).
+        model: the network, already initialised (after ``torch.manual_seed(loop.seed)``); moved to
+            the run's device.
+        objective: ``objective(model, batch, generator) -> (B_local,)`` per-sample losses.
+        batch_fn: ``batch_fn(step, rank, world_size, generator) -> local batch`` (a tensor).
+        record: what the run is, written to ``config.json``, e.g. ``{"experiment": kind, "data": name,
+            "config": nested dict}`` (see :mod:`gmflow.experiments`); default ``{"experiment": None,
+            "config": {"loop": ...}}``. Resuming compares every entry with the saved record.
+        resume_ignore: dotted keys of ``record["config"]`` that may differ on resumption, on top of
+            ``loop.steps / out_dir / ckpt_every / log_every / device``.
         progress: tqdm progress bar on stderr (rank 0).
         verbose: status lines ("resuming from step N") on stderr (rank 0); default: ``progress``.
     """
-    cfg.validate()
+    loop.validate()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    record = record if record is not None else {"experiment": None, "config": {"loop": to_dict(loop)}}
+    ignore = {f"config.{k}" for k in resume_ignore} | {f"config.loop.{k}" for k in LOOP_NON_TRAINING}
     verbose = progress if verbose is None else verbose
-    objective = objective or make_objective(cfg)
-    batch_fn = batch_fn or make_batch_fn(cfg)
-    with distributed(cfg.device) as info:
-        if cfg.batch_size % info.world_size:
+    with distributed(loop.device) as info:
+        if loop.batch_size % info.world_size:
             raise ConfigError(
-                f"batch_size: {cfg.batch_size} is not divisible by the world size {info.world_size}"
+                f"loop.batch_size: {loop.batch_size} is not divisible by the world size {info.world_size}"
             )
-        out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
+        out_dir = Path(loop.out_dir) if loop.out_dir is not None else None
         ck: Checkpoint | None = None
         if out_dir is not None and has_checkpoint(out_dir):
             ck = load_checkpoint(out_dir)
-            diff = config_diff(ck.config.get("train", {}), cfg.to_dict())
+            saved = {k: ck.config.get(k) for k in record}
+            diff = [d.removeprefix("config.") for d in config_diff(saved, record, ignore)]
             if diff:
                 raise ConfigError(
                     f"out_dir {str(out_dir)!r} holds a run with a different config ({'; '.join(diff[:4])}); "
@@ -285,23 +194,18 @@ def train(
                     err = e
             if not _agree(err is None, info.device):
                 raise err or ConfigError(f"out_dir {str(out_dir)!r} is not writable on rank 0")
-        if model is None:
-            from ..nn import ToyMLP
-
-            torch.manual_seed(cfg.seed)
-            model = ToyMLP(**cfg.model_kwargs(channels=2))
         model = model.to(info.device)
-        opt = build_optimizer(model, cfg)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_factor(i, cfg.warmup_steps))
+        opt = build_optimizer(model, loop)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: warmup_factor(i, loop.warmup_steps))
         ema = None
-        if cfg.ema != "none":
+        if loop.ema != "none":
             ema = EMA(
                 model,
-                cfg.ema,
-                cfg.ema_gamma,
-                batch_size=cfg.batch_size,
-                halflife_kimg=cfg.ema_halflife_kimg,
-                rampup=cfg.ema_rampup,
+                loop.ema,
+                loop.ema_gamma,
+                batch_size=loop.batch_size,
+                halflife_kimg=loop.ema_halflife_kimg,
+                rampup=loop.ema_rampup,
             )
         start = 0
         if ck is not None:
@@ -318,30 +222,28 @@ def train(
                 warnings.warn(
                     "resuming with a different number of processes: the random stream changes", stacklevel=2
                 )
-        if start >= cfg.steps:
+        if start >= loop.steps:
             _say(
                 info,
                 verbose,
-                f"{out_dir} is already trained to step {start} (steps={cfg.steps}); nothing to do",
+                f"{out_dir} is already trained to step {start} (steps={loop.steps}); nothing to do",
             )
         elif start > 0:
             _say(info, verbose, f"resuming {out_dir} from step {start}")
-        return _loop(cfg, info, model, opt, sched, ema, objective, batch_fn, out_dir, start, progress)
+        run_json = {"format": RUN_FORMAT, **record, "model": _model_info(model)}
+        return _loop(
+            loop, info, model, opt, sched, ema, objective, batch_fn, out_dir, start, run_json, progress
+        )
 
 
-def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, start, progress) -> TrainResult:
-    from tqdm.auto import tqdm
-
+def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, start, run_json, progress):
     dev = info.device
     net: nn.Module = module
     if info.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        net = DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
     params = [p for p in module.parameters() if p.requires_grad]
-    info_json = {"format": "gmflow-run/1", "train": cfg.to_dict(), "model": _model_info(module)}
-    local_b = cfg.batch_size // info.world_size
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    local_b = loop.batch_size // info.world_size
+    clip = loop.grad_clip if loop.grad_clip > 0 else math.inf
     last_saved, last_loss, skipped, times = start, math.nan, 0, []
 
     def save(step: int) -> None:
@@ -353,7 +255,7 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
                     step=step,
                     model_state=module.state_dict(),
                     ema_state=ema.model_state_dict(module) if ema is not None else None,
-                    config={**info_json, "step": step, "world_size": info.world_size},
+                    config={**run_json, "step": step, "world_size": info.world_size},
                     train_state={
                         "optimizer": opt.state_dict(),
                         "scheduler": sched.state_dict(),
@@ -365,22 +267,22 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
             barrier()
         last_saved = step
 
-    log = _Log(out_dir, start, info.is_main)
+    log = RunLog(out_dir, start, info.is_main)
     bar = tqdm(
-        total=cfg.steps,
+        total=loop.steps,
         initial=start,
         desc="train",
         disable=not (progress and info.is_main),
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=loop.precision == "bf16")
     net.train()
     try:
         with _SignalTrap() as trap:
-            for step in range(start + 1, cfg.steps + 1):
+            for step in range(start + 1, loop.steps + 1):
                 t0 = time.perf_counter()
-                g = step_generator(cfg.seed, step, info.rank, dev)
+                g = step_generator(loop.seed, step, info.rank, dev)
                 batch = batch_fn(step, info.rank, info.world_size, g).to(dev)
                 with autocast:
                     per = objective(net, batch, g)
@@ -405,11 +307,11 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = _grad_norm_and_clip(params, clip if step > cfg.grad_clip_start else math.inf)
+                gnorm = grad_norm_and_clip(params, clip if step > loop.grad_clip_start else math.inf)
                 lr = opt.param_groups[0]["lr"]
                 if math.isfinite(gnorm):
                     opt.step()
-                else:  # a non-finite gradient norm skips the update (research/gmflow.md §3.5)
+                else:  # a non-finite gradient norm skips the update
                     skipped += 1
                     opt.zero_grad(set_to_none=True)
                 sched.step()
@@ -418,12 +320,12 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
                 times.append((time.perf_counter() - t0) * 1e3)
                 last_loss = gloss
                 log.add(gloss, gnorm, times[-1])
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % loop.log_every == 0 or step == loop.steps:
                     bar.set_postfix(loss=f"{log.flush(step, lr):.4f}", refresh=False)
                 bar.update(1)
-                if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps:
+                if (loop.ckpt_every and step % loop.ckpt_every == 0) or step == loop.steps:
                     save(step)
-                if (stats[1] > 0 or stats[2] > 0) and step < cfg.steps:  # at the last step: just finish
+                if (stats[1] > 0 or stats[2] > 0) and step < loop.steps:  # at the last step: just finish
                     signum = signal.SIGTERM if stats[2] > 0 else signal.SIGINT
                     if step != last_saved:
                         log.flush(step, lr)
@@ -438,7 +340,7 @@ def _loop(cfg, info, module, opt, sched, ema, objective, batch_fn, out_dir, star
         model=module,
         ema_model=ema.averaged_model(module) if ema is not None else None,
         out_dir=out_dir,
-        step=max(start, cfg.steps),
+        step=max(start, loop.steps),
         median_step_ms=statistics.median(times[skip:]) if times else math.nan,
         last_loss=last_loss,
         resumed_from=start,

@@ -1,0 +1,333 @@
+"""The Simple ReFlow experiment: one ReFlow round on teacher pairs, with the paper's knobs as a config.
+
+The student starts as a copy of the teacher (``student_dropout`` replaces its dropout rate) and is
+trained by the generic loop, so checkpoints, resume, EMA and DDP come for free. The objective and
+the pair batches are :mod:`gmflow.reflow.objective`; the maths is in ``docs/maths/reflow.md``.
+
+Keys (``--set``): ``teacher`` (run directory), ``data`` (real data set name), ``student_dropout``,
+``loss.*`` (:class:`~gmflow.reflow.ReflowLoss`), ``pairs.*`` (:class:`~gmflow.reflow.PairMixing`),
+``sampling.*`` (:class:`ReflowSampling`, inference settings), ``loop.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..data import DATASETS, load_dataset
+from ..flow import GRID_KINDS, TIME_SAMPLERS
+from ..gm import GaussianMixture
+from ..reflow import PairDataset, read_manifest
+from ..reflow.objective import (
+    PROJECTION_METHODS,
+    WEIGHTS,
+    PairMixing,
+    ReflowError,
+    ReflowLoss,
+    reflow_batch_fn,
+    reflow_objective,
+)
+from ..sampling import SOLVERS
+from ..train import LoopConfig, TrainResult, train
+from .base import Experiment
+from .network import load_network
+
+__all__ = [
+    "RECIPES",
+    "ReflowConfig",
+    "ReflowSampling",
+    "pairs_record",
+    "prepare_student",
+    "set_dropout",
+    "train_reflow",
+]
+
+# the student's inference solvers: deterministic, and run on its velocity (mean) prediction
+SAMPLE_SOLVERS = tuple(n for n, c in SOLVERS.items() if not c.needs_gm and not c.stochastic)
+
+
+@dataclass
+class ReflowSampling:
+    """Inference settings of the student (recorded; :meth:`sample_kwargs` for :func:`gmflow.sample`).
+
+    solver, grid, kappa (sigmoid grid, > 0), r (DPM-Solver-2, in (0, 1]), guidance_scale (EDM2 lerp
+    convention ``D_bad + w (D_good - D_bad)``: ``w = 1`` is no guidance; the paper's "0.6" is 1.6).
+    """
+
+    solver: str = "euler"
+    grid: str = "uniform"
+    kappa: float = 20.0
+    r: float = 0.4
+    guidance_scale: float = 1.0
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """``solver``/``grid``/``kappa``/``r`` keywords of :func:`gmflow.sample` (guidance is separate)."""
+        kw: dict[str, Any] = {"solver": self.solver, "grid": self.grid, "kappa": self.kappa}
+        if self.solver == "dpm-solver-2":
+            kw["r"] = self.r
+        return kw
+
+
+_CHOICES = {
+    "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS, "pairs.projection_method": PROJECTION_METHODS,
+    "sampling.solver": SAMPLE_SOLVERS, "sampling.grid": GRID_KINDS,
+}  # fmt: skip
+_RANGES = {
+    "loss.hpf_lambda": "[0, inf)", "loss.hpf_sigma": "(0, inf)", "loss.norm_eps": "[0, inf)",
+    "loss.time_eps": "[0, 1)", "student_dropout": "[0, 1)", "pairs.rho": "[0, 1]",
+    "pairs.projection_alpha": "[0, 1]", "pairs.projection_pool": "[1, inf)", "sampling.kappa": "(0, inf)",
+    "sampling.r": "(0, 1]", "sampling.guidance_scale": "(-inf, inf)",
+}  # fmt: skip
+_WHAT = {"pairs.rho": "the forward-pair ratio ", "sampling.kappa": "the sigmoid-grid kappa ",
+         "sampling.r": "DPM-Solver-2's r "}  # fmt: skip
+
+
+def _within(v: float, spec: str) -> bool:
+    """``v`` in an interval written like ``"(0, 1]"`` (finite values only)."""
+    lo, hi = (float(p) for p in spec[1:-1].split(","))
+    ok_lo = v >= lo if spec[0] == "[" else v > lo
+    ok_hi = v <= hi if spec[-1] == "]" else v < hi
+    return math.isfinite(v) and ok_lo and ok_hi
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@dataclass
+class ReflowConfig(Experiment):
+    """A ReFlow run; the defaults are the 2-rectified-flow baseline (see :data:`RECIPES`)."""
+
+    kind: ClassVar[str] = "reflow"
+    resume_ignore: ClassVar[frozenset[str]] = frozenset(
+        {"teacher", "pairs.backward", "pairs.forward"}
+        | {f"sampling.{k}" for k in ReflowSampling.__annotations__}
+    )
+
+    teacher: str | None = None  # teacher run directory (None: the teacher is given in memory)
+    teacher_ema: bool = True  # start from the teacher's EMA weights (False: its raw weights)
+    data: str | None = None  # the real data set (projection target, evaluation), e.g. "digits16"
+    student_dropout: float | None = None  # None: keep the teacher's
+    loss: ReflowLoss = field(default_factory=ReflowLoss)
+    pairs: PairMixing = field(default_factory=PairMixing)
+    sampling: ReflowSampling = field(default_factory=ReflowSampling)
+    loop: LoopConfig = field(
+        default_factory=lambda: LoopConfig(steps=2000, batch_size=256, optimizer="adam", warmup_steps=100)
+    )
+
+    def validate(self) -> ReflowConfig:
+        """Raise :class:`~gmflow.config.ConfigError` naming the first invalid field; return ``self``."""
+        self.check_types()
+        for key, choices in _CHOICES.items():
+            if _get(self, key) not in choices:
+                raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {_get(self, key)!r}")
+        for key, spec in _RANGES.items():
+            v = _get(self, key)
+            if v is None and key == "student_dropout":
+                continue
+            if not _within(float(v), spec):
+                raise ConfigError(f"{key}: {_WHAT.get(key, '')}must be a number in {spec}, got {v!r}")
+        if self.data is not None and self.data not in DATASETS:
+            raise ConfigError(f"data: unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
+        self.loop.validate()
+        return self
+
+    @property
+    def data_name(self) -> str | None:
+        return self.data
+
+    def dataset(self, split: str = "train") -> Any:
+        if self.data is None:
+            raise ConfigError("data: this ReFlow run records no data set (set data=NAME when training)")
+        return load_dataset(self.data, split)
+
+    def real_data(self) -> Any:
+        """Real ``x0`` for the projection: toy sets as samplers, image sets as the train-split tensor."""
+        ds = self.dataset("train")
+        return ds.tensor() if hasattr(ds, "tensor") else ds
+
+    def build(self):
+        """Student, objective and batches from the recorded paths (``teacher``, ``pairs.*``, ``data``)."""
+        if self.teacher is None or self.pairs.backward is None:
+            raise ConfigError("teacher and pairs.backward: a ReFlow run from a config needs both paths")
+        if self.pairs.rho > 0 and self.pairs.forward is None:
+            raise ConfigError(
+                f"pairs.forward: rho={self.pairs.rho} > 0 draws forward pairs; set the directory"
+            )
+        if self.pairs.projection_alpha > 0 and self.data is None:
+            raise ConfigError("data: projection_alpha > 0 projects onto real data; name the data set")
+        teacher = load_network(self.teacher, use_ema=self.teacher_ema)
+        pairs = PairDataset(self.pairs.backward, self.pairs.forward, rho=self.pairs.rho)
+        real = self.real_data() if self.pairs.projection_alpha > 0 else None
+        return prepare_student(self, teacher, pairs, real_data=real)
+
+    def record(self) -> dict[str, Any]:
+        """The base record plus the settings of the pairs in ``pairs.backward`` / ``pairs.forward``."""
+        rec = super().record()
+        if self.pairs.backward is not None:
+            dirs = {"backward": self.pairs.backward, "forward": self.pairs.forward}
+            rec["pairs"] = pairs_record({d: read_manifest(p) for d, p in dirs.items() if p is not None})
+        return rec
+
+
+def pairs_record(manifests: dict[str, Any]) -> dict[str, Any]:
+    """What a run records of its pairs (per direction): teacher, data, solver, NFE, grid, seed, count."""
+    keys = ("teacher_id", "data_id", "solver", "nfe", "grid", "seed", "n")
+    return {d: {k: getattr(m, k) for k in keys} for d, m in manifests.items()}
+
+
+RECIPES: dict[str, ReflowConfig] = {
+    # 2-rectified flow (Liu et al. 2023) from the teacher: uniform t, velocity MSE, teacher dropout,
+    # backward pairs, Euler on the uniform grid. Measured (bench reflow `full`, docs/RESULTS.md §6): the
+    # reference rung of the ladder on every test bed.
+    "2rf": ReflowConfig(),
+    # Simple ReFlow, CIFAR10 values of appendix D.1.1 where known (lambda 10, rho 0.4, kappa 20, r 0.4,
+    # guidance 0.6 -> 1.6 in the lerp convention); set student_dropout and projection per data set.
+    # Measured (bench reflow `full`): FD -57 % / -36 % vs 2-RF at NFE 1 / 2 on digits (with AutoGuidance).
+    "simple": ReflowConfig(
+        loss=ReflowLoss(normalize=True, time_sampler="pow10", hpf_lambda=10.0),
+        pairs=PairMixing(rho=0.4),
+        sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=20.0, r=0.4),
+    ),
+}
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout rate of ``model`` (``model.set_dropout`` when it has one)."""
+    if hasattr(model, "set_dropout"):
+        model.set_dropout(p)
+        return
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    if not drops and p > 0:
+        raise ReflowError(
+            f"student_dropout={p}: the teacher model ({type(model).__name__}) has no dropout layers"
+        )
+    for m in drops:
+        m.p = float(p)
+
+
+def _check_student(student: nn.Module, teacher: nn.Module) -> None:
+    s, t = student.state_dict(), teacher.state_dict()
+    if type(student) is not type(teacher):
+        raise ReflowError(
+            f"student is a {type(student).__name__} but teacher_model a {type(teacher).__name__}"
+        )
+    for k in sorted(set(s) | set(t)):
+        if k not in s or k not in t:
+            where = "student" if k not in s else "teacher_model"
+            raise ReflowError(
+                f"student and teacher_model architectures differ: {where} has no parameter {k!r}"
+            )
+        if s[k].shape != t[k].shape:
+            raise ReflowError(
+                f"student and teacher_model architectures differ: {k!r} has shape {tuple(s[k].shape)} in "
+                f"student but {tuple(t[k].shape)} in teacher_model"
+            )
+
+
+def _check_pairs_fit(model: nn.Module, pairs: PairDataset) -> None:
+    """Run ``model`` on two of the pairs: it must map the pairs' event shape to itself."""
+    x = pairs.backward[1][:2]
+    p = next(model.parameters(), None)
+    if p is not None:
+        x = x.to(device=p.device, dtype=p.dtype)
+    try:
+        with torch.no_grad():
+            out = model(x, torch.full((x.shape[0],), 0.5, dtype=x.dtype, device=x.device))
+    except (ValueError, RuntimeError, TypeError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise ReflowError(
+            f"pairs: event shape {tuple(pairs.event_shape)} does not fit teacher_model ({msg})"
+        ) from None
+    u = out.mean() if isinstance(out, GaussianMixture) else out
+    if not isinstance(u, Tensor) or u.shape != x.shape:
+        raise ReflowError(
+            f"pairs: teacher_model maps event shape {tuple(pairs.event_shape)} to another shape"
+        )
+
+
+def prepare_student(
+    cfg: ReflowConfig,
+    teacher_model: nn.Module,
+    pairs: PairDataset,
+    *,
+    real_data: Any = None,
+    student: nn.Module | None = None,
+):
+    """``(student, objective, batch_fn)`` of a ReFlow run (see :func:`train_reflow`)."""
+    cfg.validate()
+    if not isinstance(teacher_model, nn.Module):
+        raise ReflowError(
+            "teacher_model must be an nn.Module to initialise the student from, got "
+            f"{type(teacher_model).__name__}"
+        )
+    if not isinstance(pairs, PairDataset):
+        raise ReflowError(f"pairs must be a gmflow.reflow.PairDataset, got {type(pairs).__name__}")
+    if pairs.rho not in (0.0, cfg.pairs.rho):
+        raise ReflowError(
+            f"pairs.rho={pairs.rho} differs from cfg.pairs.rho={cfg.pairs.rho}; the batches use cfg.pairs.rho"
+        )
+    if cfg.loss.hpf_lambda > 0 and len(pairs.event_shape) != 3:
+        raise ConfigError(
+            f"loss.hpf_lambda: the HPF loss needs image pairs (C, H, W); these pairs have event shape "
+            f"{tuple(pairs.event_shape)} (set loss.hpf_lambda=0)"
+        )
+    if student is None:
+        student = copy.deepcopy(teacher_model)
+    else:
+        _check_student(student, teacher_model)
+        student.load_state_dict(teacher_model.state_dict())
+    student.requires_grad_(True)
+    _check_pairs_fit(student, pairs)
+    if cfg.student_dropout is not None:
+        set_dropout(student, cfg.student_dropout)
+    objective = reflow_objective(cfg.loss)
+    batch_fn = reflow_batch_fn(pairs, cfg.pairs, cfg.loop.batch_size, real_data)
+    return student, objective, batch_fn
+
+
+def train_reflow(
+    cfg: ReflowConfig,
+    teacher_model: nn.Module,
+    pairs: PairDataset,
+    *,
+    real_data: Any = None,
+    student: nn.Module | None = None,
+    progress: bool = True,
+    verbose: bool | None = None,
+) -> TrainResult:
+    """Train a ReFlow student on ``pairs``, initialised from ``teacher_model``; returns a ``TrainResult``.
+
+    Args:
+        cfg: the run (validated here); ``cfg.loop.out_dir`` receives checkpoints and ``config.json``
+            (the config, its data set and the pair settings); running again resumes, and a different
+            training config or different pairs are refused.
+        teacher_model: the network the student starts from (normally the teacher that made the pairs);
+            deep-copied, never modified.
+        pairs: backward (and, for ``rho > 0``, forward) pairs.
+        real_data: real ``x0`` for ``pairs.projection_alpha > 0``.
+        student: optional module of the teacher's architecture to receive the teacher's weights
+            (default: a deep copy of ``teacher_model``).
+    """
+    model, objective, batch_fn = prepare_student(
+        cfg, teacher_model, pairs, real_data=real_data, student=student
+    )
+    record = {**Experiment.record(cfg), "pairs": pairs_record(pairs.manifests)}
+    return train(
+        cfg.loop,
+        model,
+        objective,
+        batch_fn,
+        record=record,
+        resume_ignore=cfg.resume_ignore,
+        progress=progress,
+        verbose=verbose,
+    )
