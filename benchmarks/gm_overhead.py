@@ -7,7 +7,7 @@ Setup (issue #2): ToyMLP 5x512 SiLU trunk, K = 64 GM head, batch 4096, fp32, CPU
   precomputed GM output (no network cost), divided by the number of network steps -> GM maths
   per step; reported as a ratio to ``forward``.
 * ``end-to-end``: ``gm-sde`` order 2 at NFE 8 on 4096 samples with the real network, next to the
-  official code's 749 ms on the same CPU (research/environment.md).
+  official code's 749 ms on the same CPU (docs/maths/evaluation.md §8).
 
 Prints a table and writes ``results.json`` and ``overhead.png`` to ``--out``. Quote medians and
 ratios from one run only; the machines are noisy.

@@ -1,7 +1,7 @@
 """Seed repeats of the toy2d headline comparison: GMFlow at a few steps vs flow matching at many.
 
 sliced-W2 on the checkerboard is dominated by how the mass splits over the 8 cells and moves by about
-±0.25 x floor between noise seeds (research/official_reference.md), so one draw cannot decide a
+±0.25 x floor between noise seeds (docs/maths/evaluation.md §1), so one draw cannot decide a
 comparison that close. This script reloads the trained models of a finished ``gmflow bench toy2d``
 run and re-evaluates the headline rows with ``--seeds`` fresh noise draws each:
 

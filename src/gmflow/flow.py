@@ -1,6 +1,6 @@
 """The one flow convention, prediction converters, transitions, time grids and training-time samplers.
 
-Convention (DESIGN.md): ``t in [0, 1]``, ``t = 1`` is pure noise, ``t = 0`` is data;
+Convention (docs/maths/README.md §2): ``t in [0, 1]``, ``t = 1`` is pure noise, ``t = 0`` is data;
 ``sigma_t = t``, ``alpha_t = 1 - t``::
 
     x_t = (1 - t) x0 + t eps,      u = eps - x0,      x0 = x_t - t u,      eps = x_t + (1 - t) u.
@@ -96,7 +96,7 @@ def eps_to_x0(eps: Tensor, x_t: Tensor, t: Tensor | float, a_min: float = 1e-6) 
 
 
 def forward_transition(x_s: Tensor, s: Tensor | float, t: Tensor | float, noise: Tensor) -> Tensor:
-    """Sample ``x_t | x_s`` for ``s <= t`` (research/gmflow.md §1).
+    """Sample ``x_t | x_s`` for ``s <= t`` (docs/maths/gm.md §7).
 
     ``x_t = (a_t/a_s) x_s + sqrt(t^2 - (a_t/a_s)^2 s^2) n``, ``a = 1 - t``; ``a_s`` clamped at 1e-6.
     """
@@ -115,7 +115,7 @@ def transition_pair(
     generator: torch.Generator | None = None,
     eps: float = 1e-7,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training pair for the transition loss (research/gmflow.md §3.2).
+    """Training pair for the transition loss (docs/maths/losses.md §3).
 
     ``t_low = max(min((1 - ratio) t_high, t_high - eps), 0)``;
     ``x_low = (1 - t_low) x0 + t_low eps0``; ``x_high`` from ``x_low`` by :func:`forward_transition`
@@ -149,7 +149,7 @@ def time_grid(
 
     * ``"uniform"``: ``t_i = t_max (1 - i/steps)``.
     * ``"shift"`` (SD3): uniform ``t`` warped by ``t' = shift t / (1 + (shift - 1) t)``.
-    * ``"sigmoid"`` (Simple ReFlow §2.3, reconstructed): with ``u_i = 1 - i/steps``,
+    * ``"sigmoid"`` (Simple ReFlow; docs/maths/reflow.md §10): with ``u_i = 1 - i/steps``,
       ``t_i = [s(kappa (u_i - 1/2)) - s(-kappa/2)] / [s(kappa/2) - s(-kappa/2)]`` (``s`` = logistic),
       scaled by ``t_max``; ``kappa -> 0`` gives the uniform grid, large ``kappa`` packs steps at both ends.
     """

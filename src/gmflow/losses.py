@@ -54,7 +54,7 @@ def gm_nll_per_sample(gm: GaussianMixture, target: Tensor, inv_std_max: float = 
     """Mean over positions of ``-log q(target)`` (channel-summed per position), shape ``(B,)``.
 
     ``-logsumexp_k(a_k - ||(x - mu_k) min(1/s, inv_std_max)||^2 / 2 - C log s) + C/2 log 2 pi``
-    (research/gmflow.md §3.1; the clamp of the inverse std follows the reference code and only acts
+    (GMFlow Eq. 5-6, docs/maths/losses.md §2; the inverse-std clamp follows the reference code, acts only
     when ``s < 1/inv_std_max``).
     """
     if tuple(target.shape) != (gm.batch_size, *gm.event_shape):
@@ -89,7 +89,7 @@ def transition_loss(
     t_low: Tensor,
     reduction: str = "mean",
 ) -> Tensor:
-    """Transition loss (research/gmflow.md §3.2): NLL of ``x_low`` under ``q(x_low | x_high)``.
+    """Transition loss (docs/maths/losses.md §3): NLL of ``x_low`` under ``q(x_low | x_high)``.
 
     The u-GM predicted at ``(x_high, t_high)`` is mapped to x0 space and then through the reverse
     transition (Eq. 9) to ``t_low``: ``sum_k A_k N(c1 x_high + c2 mu^x_k, (c3 + c2^2 s_x^2) I)``.

@@ -3,7 +3,7 @@
 Convention: ``t = 1`` noise, ``t = 0`` data, ``x_t = (1 - t) x0 + t x1``; the denoiser of a velocity
 model is ``D = x_t - t u``, and ``D - x0 = t ((x1 - x0) - u)``.
 
-**HPF distance** (research/simple_reflow.md §2.1(3); the operator is a reconstruction [R])::
+**HPF distance** (docs/maths/reflow.md §5; the operator is a reconstruction)::
 
     d(D, x0) = mean_{C,H,W} [ e^2 + lambda (H e)^2 ],     e = D - x0,
     H e      = e - G_sigma * e                            (per channel; G = normalised Gaussian blur)
@@ -14,7 +14,7 @@ positive definite for ``lambda >= 0``; the minimiser of ``E_{x0 | x_t} d(D, x0)`
 still the posterior mean ``E[x0 | x_t]`` (the gradient ``2 (I + lambda H^T H)(D - E[x0 | x_t]) / n``
 vanishes only there), so the loss respects flow-matching theory.
 
-**Normalisation** (§2.1(1)): ``l / (sg[l] + eps)`` has the value ~1 and the gradient
+**Normalisation** (docs/maths/reflow.md §4): ``l / (sg[l] + eps)`` has the value ~1 and the gradient
 ``grad l / l = grad log l`` (per sample).
 """
 
@@ -95,7 +95,7 @@ def reflow_distance(d_pred: Tensor, x0: Tensor, *, hpf_lambda: float = 0.0, sigm
 
 
 def normalized(per_sample: Tensor, eps: float = 1e-8) -> Tensor:
-    """``l / (sg[l] + eps)``: value ~1 per sample, gradient ``grad log l`` (Simple ReFlow §2.1(1))."""
+    """``l / (sg[l] + eps)``: value ~1 per sample, gradient ``grad log l`` (docs/maths/reflow.md §4)."""
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     return per_sample / (per_sample.detach() + eps)

@@ -1,4 +1,4 @@
-"""Coupling projection (reconstructed): move generated x0 towards minibatch-matched real data."""
+"""Coupling projection (reconstructed, docs/maths/reflow.md §9): move generated x0 towards real data."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def project_pairs(
 ) -> tuple[Tensor, Tensor]:
     """Minibatch coupling projection: move generated ``x0`` towards matched real data.
 
-    A CPU stand-in for Simple ReFlow's coupling projection (§2.2(6), Algorithms 1–2: GAN + Sinkhorn,
+    A CPU stand-in for Simple ReFlow's coupling projection (App. D.3, Algorithms 1–2: GAN + Sinkhorn,
     not public). This is a **reconstruction**: match the ``B`` generated ``x0_gen`` to the ``M >= B`` real
     ``x0_real`` by optimal transport on the cost ``C_ij = ||x0_gen_i - x0_real_j||^2`` and return::
 
