@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint bench-overhead clean
+.PHONY: venv demo test test-fast lint bench-overhead clean
 
 $(STAMP): pyproject.toml
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VPY) -m pytest tests
+
+# the quick subset: no DDP, subprocess or end-to-end CLI runs, no benchmark smoke runs (@pytest.mark.slow)
+test-fast: $(STAMP)
+	$(VPY) -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

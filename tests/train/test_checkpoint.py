@@ -1,4 +1,4 @@
-"""Tests for gmflow.train.checkpoint: layout, atomic writes, verification, roll-forward, load_model."""
+"""gmflow.train.checkpoint: layout, atomic writes, verification, roll-forward after a crash."""
 
 from __future__ import annotations
 
@@ -9,83 +9,43 @@ import stat
 import pytest
 import torch
 
+from gmflow.experiments import get_preset, run_experiment
 from gmflow.io import atomic_write_bytes
-from gmflow.train import (
-    CheckpointError,
-    apply_sets,
-    get_preset,
-    load_checkpoint,
-    load_model,
-    read_manifest,
-    save_checkpoint,
-    train,
-)
+from gmflow.train import CheckpointError, has_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+
+FILES = {"model.safetensors", "ema.safetensors", "config.json", "state.pt"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished 6-step toy-smoke run (checkpoints at steps 3 and 6)."""
     d = tmp_path_factory.mktemp("ckpt") / "run"
-    cfg = apply_sets(get_preset("toy-smoke"), ["steps=6", "ckpt_every=3", f"out_dir={d}"])
-    res = train(cfg, progress=False)
-    return d, res
-
-
-def _copy(src, dst):
-    dst.mkdir()
-    for p in src.iterdir():
-        if p.is_file():
-            (dst / p.name).write_bytes(p.read_bytes())
-    return dst
+    cfg = get_preset("toy-smoke").with_sets(["loop.steps=6", "loop.ckpt_every=3", f"loop.out_dir={d}"])
+    return d, run_experiment(cfg, progress=False)
 
 
 def test_layout_and_weights_only_state(run_dir):
     d, res = run_dir
     names = {p.name for p in d.iterdir()}
-    assert {
-        "model.safetensors",
-        "ema.safetensors",
-        "config.json",
-        "state.pt",
-        "checkpoint.json",
-        "log.csv",
-    } <= names
-    assert not [n for n in names if n.endswith((".tmp", ".pending"))]
+    assert FILES | {"checkpoint.json", "log.csv"} <= names
+    assert not [n for n in names if n.endswith((".tmp", ".pending")) or n.startswith(".")]
     state = torch.load(d / "state.pt", weights_only=True)
-    assert state["step"] == 6 and "optimizer" in state and "scheduler" in state
+    assert state["step"] == 6 and {"optimizer", "scheduler", "ema_updates", "world_size"} <= set(state)
+    assert state["ema_updates"] == 6 and state["world_size"] == 1 and state["skipped_updates"] == 0
     m = read_manifest(d)
-    assert m["step"] == 6 and set(m["files"]) == {
-        "model.safetensors",
-        "ema.safetensors",
-        "config.json",
-        "state.pt",
-    }
-    cfg = json.loads((d / "config.json").read_text())
-    assert cfg["train"]["steps"] == 6 and cfg["model"]["class"] == "ToyMLP"
+    assert m["step"] == 6 and set(m["files"]) == FILES and has_checkpoint(d)
+    rec = json.loads((d / "config.json").read_text())
+    assert (rec["format"], rec["experiment"], rec["data"]) == ("gmflow-run/2", "toy2d", "checkerboard")
+    assert rec["config"]["loop"]["steps"] == 6 and rec["config"]["model"]["num_components"] == 8
+    assert rec["model"]["class"] == "ToyMLP" and (rec["step"], rec["world_size"]) == (6, 1)
     mode = stat.S_IMODE(os.stat(d / "model.safetensors").st_mode)
     assert mode & stat.S_IRGRP, "checkpoint files should get ordinary permissions, not mkstemp's 0600"
-
-
-def test_load_model_ema_by_default_raw_on_request(run_dir):
-    d, res = run_dir
-    ema_model, cfg = load_model(d)
-    raw_model, _ = load_model(d, use_ema=False)
-    assert cfg.steps == 6 and not ema_model.training
-    for k, v in res.ema_model.state_dict().items():
-        assert torch.equal(ema_model.state_dict()[k], v)
+    ck = load_checkpoint(d)
+    assert ck.step == 6 and ck.config == rec
     for k, v in res.model.state_dict().items():
-        assert torch.equal(raw_model.state_dict()[k], v)
-    assert any(
-        not torch.equal(ema_model.state_dict()[k], raw_model.state_dict()[k]) for k in raw_model.state_dict()
-    )
-
-
-def test_load_model_without_ema_falls_back_to_raw(tmp_path):
-    cfg = apply_sets(get_preset("toy-smoke"), ["steps=2", "ema=none", f"out_dir={tmp_path / 'r'}"])
-    res = train(cfg, progress=False)
-    assert not (tmp_path / "r" / "ema.safetensors").exists()
-    m, _ = load_model(tmp_path / "r")
-    assert all(torch.equal(m.state_dict()[k], v) for k, v in res.model.state_dict().items())
+        assert torch.equal(ck.model_state[k], v)
+    for k, v in res.ema_model.state_dict().items():
+        assert torch.equal(ck.ema_state[k], v)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +53,7 @@ def test_load_model_without_ema_falls_back_to_raw(tmp_path):
     [
         (
             lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
-            "corrupt",
+            "model.safetensors does not match the manifest",
         ),
         (lambda d: (d / "checkpoint.json").unlink(), "checkpoint.json missing"),
         (lambda d: (d / "state.pt").unlink(), "state.pt is missing"),
@@ -101,11 +61,11 @@ def test_load_model_without_ema_falls_back_to_raw(tmp_path):
         (lambda d: (d / "config.json").write_text("{}"), "config.json does not match"),
     ],
 )
-def test_damaged_checkpoint_is_a_one_line_error(run_dir, tmp_path, damage, match):
-    d = _copy(run_dir[0], tmp_path / "copy")
+def test_damaged_checkpoint_is_a_one_line_error(run_dir, copy_run, damage, match):
+    d = copy_run(run_dir[0])
     damage(d)
     with pytest.raises(CheckpointError, match=match) as info:
-        load_model(d)
+        load_checkpoint(d)
     assert "\n" not in str(info.value)
 
 
@@ -114,6 +74,7 @@ def test_missing_directory(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tmp_path)
+    assert not has_checkpoint(tmp_path)
 
 
 def _state(v: float):
@@ -132,7 +93,7 @@ def test_crash_before_commit_keeps_previous_checkpoint(tmp_path):
     (tmp_path / ".model.safetensors.pending").write_bytes(b"garbage")
     (tmp_path / ".state.pt.pending").write_bytes(b"half")
     ck = load_checkpoint(tmp_path)
-    assert ck.step == 1 and torch.equal(ck.model_state["w"], _state(1.0)["w"])
+    assert ck.step == 1 and torch.equal(ck.model_state["w"], _state(1.0)["w"]) and ck.ema_state is None
     _save(tmp_path, 2, 2.0)  # the next save overwrites the stale pending files
     assert load_checkpoint(tmp_path).step == 2
     assert not list(tmp_path.glob(".*.pending"))

@@ -1,12 +1,11 @@
-"""DDP tests: 2 gloo processes under torchrun give the single-process gradient of the same global batch,
+"""DDP: 2 gloo processes under torchrun give the single-process gradient of the same global batch,
 and a 2-process ``gmflow train`` run completes.
 
-This file is also the torchrun worker: ``python -m torch.distributed.run ... tests/test_ddp.py OUT_DIR``.
+This file is also the torchrun worker: ``python -m torch.distributed.run ... test_distributed.py OUT_DIR``.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmflow.experiments import Toy2DConfig, get_preset
 from gmflow.nn import ToyMLP
-from gmflow.train import apply_sets, get_preset, make_objective, read_manifest, step_generator
+from gmflow.train import flow_objective, read_manifest, step_generator
 
 GLOBAL_BATCH = 64
 SEED = 3
 
 
-def _cfg():
-    return apply_sets(get_preset("toy-smoke"), [f"batch_size={GLOBAL_BATCH}", "time_sampler=logit_normal"])
+def _cfg() -> Toy2DConfig:
+    return get_preset("toy-smoke").with_sets(
+        [f"loop.batch_size={GLOBAL_BATCH}", "loss.time_sampler=logit_normal"]
+    )
 
 
 def _model() -> ToyMLP:
@@ -51,18 +53,20 @@ def _worker(out_dir: str) -> int:
     with distributed("cpu") as info:
         model = _model()
         net = DDP(model)
-        loss = make_objective(_cfg())(
-            net, _shard(info.rank, info.world_size), step_generator(SEED, 1, info.rank)
-        )
+        objective = flow_objective(_cfg().loss)
+        loss = objective(net, _shard(info.rank, info.world_size), step_generator(SEED, 1, info.rank))
         loss.mean().backward()
         if info.rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out / "grads.pt")
-        args = ["train", "--preset", "toy-smoke", "--out", str(out / "run"), "--no-progress"]
-        return main([*args, "--set", "steps=6", "ckpt_every=3"])
+        train = ["train", "--preset", "toy-smoke", "--no-progress"]
+        code = main([*train, "--out", str(out / "run"), "--set", "loop.steps=6", "loop.ckpt_every=3"])
+        # an odd global batch cannot be split over 2 ranks: one-line error, exit 2, on every rank
+        odd = main([*train, "--out", str(out / "odd"), "--set", "loop.batch_size=65"])
+        return code if odd == 2 else 1
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def ddp_run(tmp_path_factory, subprocess_env) -> tuple[Path, subprocess.CompletedProcess]:
     d = tmp_path_factory.mktemp("ddp")
     cmd = [
         sys.executable,
@@ -73,8 +77,7 @@ def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         __file__,
         str(d),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=d, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=d, env=subprocess_env)
     if res.returncode != 0 and any(
         s in res.stderr for s in ("Address already in use", "RendezvousConnectionError", "Could not resolve")
     ):
@@ -88,7 +91,8 @@ def test_ddp_gradient_equals_single_process_gradient(ddp_run):
     assert (d / "grads.pt").is_file(), res.stderr[-3000:]
     ddp_grads = torch.load(d / "grads.pt", weights_only=True)
     model = _model()
-    per = [make_objective(_cfg())(model, _shard(r, 2), step_generator(SEED, 1, r)) for r in range(2)]
+    objective = flow_objective(_cfg().loss)
+    per = [objective(model, _shard(r, 2), step_generator(SEED, 1, r)) for r in range(2)]
     torch.cat(per).mean().backward()  # one process, the same global batch and noise
     assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -103,6 +107,8 @@ def test_two_process_gmflow_train(ddp_run):
     state = torch.load(d / "run" / "state.pt", weights_only=True)
     assert state["world_size"] == 2
     assert res.stderr.count("trained to step 6") == 1  # rank 0 reports once
+    assert res.stderr.count("loop.batch_size: 65 is not divisible by the world size 2") == 2
+    assert not (d / "odd" / "checkpoint.json").exists()
 
 
 if __name__ == "__main__":

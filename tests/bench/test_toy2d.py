@@ -1,20 +1,36 @@
 """``gmflow bench toy2d``: the smoke preset end to end (records, tables, figures)."""
 
 import argparse
+import contextlib
+import io
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 
 from gmflow.bench import toy2d
+from gmflow.config import ConfigError
 
 REQUIRED = {"model", "K", "solver", "order", "nfe", "sw2", "sw2_floor", "mmd", "in_support", "cell_kl"}
 
 
-def test_smoke_preset_writes_records_tables_and_figures(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[Path, str]:
+    """The smoke benchmark's output directory and what it printed."""
     p = argparse.ArgumentParser()
     toy2d.add_arguments(p)
-    out = tmp_path / "bench"
-    assert toy2d.run(p.parse_args(["--preset", "smoke", "--out", str(out), "--no-progress"])) == 0
+    out = tmp_path_factory.mktemp("toy2d") / "bench"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert toy2d.run(p.parse_args(["--preset", "smoke", "--out", str(out), "--no-progress"])) == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_smoke_preset_writes_records_tables_and_figures(smoke):
+    out, printed = smoke
     records = json.loads((out / "results.json").read_text())
     assert records and all(REQUIRED <= set(r) for r in records)
     preset = toy2d.PRESETS["smoke"]
@@ -27,19 +43,13 @@ def test_smoke_preset_writes_records_tables_and_figures(tmp_path, capsys):
     assert "| FM | euler | 1 |" in md and "sliced-W2 / floor" in md
     for name in ("histograms.png", "sw2_vs_nfe.png", "in_support_vs_nfe.png", "cell_kl_vs_nfe.png"):
         assert (out / name).stat().st_size > 1000
-    assert "figures:" in capsys.readouterr().out
+    assert "figures:" in printed
 
 
-def test_seed_repeats_script_on_a_smoke_run(tmp_path, monkeypatch, capsys):
-    import runpy
-    import sys
-    from pathlib import Path
-
-    p = argparse.ArgumentParser()
-    toy2d.add_arguments(p)
-    out = tmp_path / "bench"
-    assert toy2d.run(p.parse_args(["--preset", "smoke", "--out", str(out), "--no-progress"])) == 0
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy2d_seed_repeats.py"
+@pytest.mark.slow
+def test_seed_repeats_script_on_a_smoke_run(smoke, tmp_path, monkeypatch, capsys):
+    out = smoke[0]
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "toy2d_seed_repeats.py"
     argv = [str(script), "--run", str(out), "--K", "4", "--gm-nfe", "1", "--fm-nfe", "2", "--seeds", "2"]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(script), run_name="__main__")
@@ -53,10 +63,6 @@ def test_seed_repeats_script_on_a_smoke_run(tmp_path, monkeypatch, capsys):
 
 
 def test_unknown_preset_is_a_config_error(tmp_path):
-    import pytest
-
-    from gmflow.train import ConfigError
-
     p = argparse.ArgumentParser()
     toy2d.add_arguments(p)
     with pytest.raises(ConfigError, match="unknown benchmark preset"):

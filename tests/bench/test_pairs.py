@@ -9,6 +9,7 @@ from gmflow.cli import main
 REQUIRED = {"dataset", "teacher", "solver", "order", "nfe", "pair_rmse", "sw2", "sw2_floor", "ms_per_1k"}
 
 
+@pytest.mark.slow
 def test_smoke_preset_records_tables_and_figures(tmp_path, capsys):
     out = tmp_path / "pairs"
     assert main(["bench", "pairs", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
@@ -34,6 +35,7 @@ def test_smoke_preset_records_tables_and_figures(tmp_path, capsys):
     assert "figures:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_reuses_finished_teachers_and_rejects_bad_input(tmp_path, capsys):
     teachers = tmp_path / "toy"
     args = ["bench", "pairs", "--preset", "smoke", "--datasets", "checkerboard", "--no-progress"]

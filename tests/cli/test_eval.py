@@ -1,0 +1,95 @@
+"""``gmflow eval``: quality tables of toy runs (sliced-W2, MMD, support) and image / ReFlow runs (FD, P/R)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from gmflow.cli import main
+from gmflow.experiments import ReflowConfig, run_experiment
+
+
+def test_toy_eval_prints_table_and_writes_json(toy_run, velocity_run, copy_run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    args = ["--solvers", "gm-sde", "euler", "--nfes", "1", "2", "--n", "400", "--json", str(out)]
+    assert main(["eval", "--ckpt", str(toy_run.path), *args]) == 0
+    captured = capsys.readouterr()
+    assert "sw2_ratio" in captured.out and "in_support" in captured.out and "sw2 floor" in captured.err
+    res = json.loads(out.read_text())
+    assert (res["step"], res["weights"], res["experiment"], res["data"]) == (
+        4,
+        "ema",
+        "toy2d",
+        "checkerboard",
+    )
+    assert len(res["rows"]) == 4 and res["sw2_floor"] > 0 and res["n"] == 400
+    assert {(r["solver"], r["order"], r["nfe"]) for r in res["rows"]} == {
+        ("gm-sde", 2, 1),
+        ("gm-sde", 2, 2),
+        ("euler", 1, 1),
+        ("euler", 1, 2),
+    }
+    assert all(r["sw2_ratio"] > 0 and 0 <= r["in_support"] <= 1 and r["nonfinite"] == 0 for r in res["rows"])
+    d = copy_run(velocity_run.path)
+    assert main(["eval", "--ckpt", str(d), "--nfes", "1", "--n", "200", "--raw"]) == 0
+    vel = json.loads((d / "eval.json").read_text())  # default: next to the checkpoint
+    assert [r["solver"] for r in vel["rows"]] == ["euler", "dpm++2m"] and vel["weights"] == "raw"
+
+
+@pytest.mark.parametrize("fixture, experiment", [("digits_run", "images"), ("reflow_run", "reflow")])
+def test_image_eval_against_the_test_split(request, fixture, experiment, tmp_path, capsys):
+    run = request.getfixturevalue(fixture)
+    out = tmp_path / "e.json"
+    args = [
+        "eval",
+        "--ckpt",
+        str(run.path),
+        "--nfes",
+        "1",
+        "--solvers",
+        "euler",
+        "--n",
+        "100",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "fd" in captured.out and "precision" in captured.out
+    res = json.loads(out.read_text())
+    assert (res["experiment"], res["data"], res["step"]) == (experiment, "digits16", run.result.step)
+    assert res["reference"].startswith("digits16 test split (")
+    (row,) = res["rows"]
+    assert (row["solver"], row["nfe"], row["nonfinite"]) == ("euler", 1, 0)
+    assert math.isfinite(row["fd"]) and row["fd"] > 0
+    assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 < row["confidence"] <= 1
+    cache = Path(os.environ["GMFLOW_CACHE"])  # the classifier was cached there, not in $HOME
+    assert list(cache.glob("digits_classifier_16_*.safetensors"))
+
+
+def test_eval_errors_exit_2(toy_run, velocity_run, ring_pairs, tmp_path, capsys):
+    no_data = tmp_path / "nodata"
+    cfg = ReflowConfig(teacher=str(velocity_run.path)).with_sets(
+        [
+            f"pairs.backward={ring_pairs / 'bwd'}",
+            "loop.steps=1",
+            "loop.batch_size=8",
+            f"loop.out_dir={no_data}",
+        ]
+    )
+    run_experiment(cfg, progress=False)
+    cases = [
+        (["--ckpt", str(no_data)], "records no data set to evaluate against"),
+        (["--ckpt", str(velocity_run.path), "--solvers", "gm-sde"], "needs a GM model"),
+        (["--ckpt", str(toy_run.path), "--json", str(tmp_path / "no" / "e.json")], "cannot write"),
+        (["--ckpt", str(toy_run.path), "--nfes", "0"], "--nfes must be >= 1"),
+        (["--ckpt", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for args, match in cases:
+        assert main(["eval", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("gmflow: error: ") and match in err, (args, err)

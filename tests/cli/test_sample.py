@@ -1,0 +1,125 @@
+"""``gmflow sample``: samples and figures from toy, image and ReFlow runs; one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gmflow.cli import main
+
+
+def _sample(run, *args: str) -> int:
+    return main(["sample", "--ckpt", str(run), *args])
+
+
+def test_toy_samples_png_seeds_and_batches(toy_run, tmp_path):
+    out = tmp_path / "s.npy"
+    args = ["--solver", "gm-sde", "--nfe", "2", "--order", "2", "--n", "300", "--batch", "128"]
+    assert _sample(toy_run.path, *args, "--out", str(out)) == 0
+    x = np.load(out)
+    assert x.shape == (300, 2) and np.isfinite(x).all()
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    pt = tmp_path / "raw.pt"
+    assert (
+        _sample(
+            toy_run.path,
+            "--solver",
+            "gm-ode",
+            "--nfe",
+            "1",
+            "--substeps",
+            "4",
+            "--n",
+            "50",
+            "--raw",
+            "--out",
+            str(pt),
+            "--png",
+            str(tmp_path / "raw.png"),
+        )
+        == 0
+    )
+    assert torch.load(pt, weights_only=True).shape == (50, 2) and (tmp_path / "raw.png").is_file()
+    # same seed -> same samples; a deterministic solver gives them for any --batch
+    again = tmp_path / "again.npy"
+    assert _sample(toy_run.path, *args, "--out", str(again)) == 0
+    np.testing.assert_array_equal(np.load(again), x)
+    other = tmp_path / "other.npy"
+    assert _sample(toy_run.path, *args, "--seed", "1", "--out", str(other)) == 0
+    assert not np.array_equal(np.load(other), x)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, batch in ((a, "64"), (b, "100")):
+        assert (
+            _sample(
+                toy_run.path,
+                "--solver",
+                "euler",
+                "--nfe",
+                "2",
+                "--n",
+                "200",
+                "--batch",
+                batch,
+                "--out",
+                str(path),
+            )
+            == 0
+        )
+    torch.testing.assert_close(torch.load(a), torch.load(b), rtol=1e-6, atol=1e-6)
+
+
+def test_default_output_goes_into_the_run(velocity_run, copy_run, capsys):
+    d = copy_run(velocity_run.path)
+    assert _sample(d, "--solver", "dpm++2m", "--nfe", "3", "--n", "20") == 0
+    assert (d / "samples_dpm++2m_nfe3.pt").is_file() and (d / "samples_dpm++2m_nfe3.png").is_file()
+    assert "wrote 20 samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fixture", ["digits_run", "reflow_run"])
+def test_image_runs_give_image_tensors_and_a_grid(request, fixture, tmp_path, capsys):
+    run = request.getfixturevalue(fixture).path
+    out = tmp_path / "x.pt"
+    assert _sample(run, "--solver", "euler", "--nfe", "2", "--n", "9", "--batch", "4", "--out", str(out)) == 0
+    x = torch.load(out, weights_only=True)
+    assert x.shape == (9, 1, 16, 16) and torch.isfinite(x).all()
+    assert (tmp_path / "x.png").stat().st_size > 200
+    assert f"wrote 9 samples to {out} and {tmp_path / 'x.png'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--ckpt", "{missing}", "--solver", "euler", "--nfe", "2"], "does not exist"),
+        (["--ckpt", "{run}", "--solver", "nope", "--nfe", "2"], "invalid choice"),
+        (["--ckpt", "{run}", "--solver", "euler", "--nfe", "0"], "--nfe must be >= 1"),
+        (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--order", "2"], "--order 2 applies"),
+        (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--substeps", "3"], "--substeps applies"),
+        (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--out", "{tmp}/x.csv"], ".pt or .npy"),
+        (
+            ["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--out", "{tmp}/no/dir/x.pt"],
+            "cannot write",
+        ),
+        (["--ckpt", "{vel}", "--solver", "gm-sde", "--nfe", "2"], "needs a GM model"),
+        (["--ckpt", "{img}", "--solver", "gm-ode", "--nfe", "2"], "needs a GM model"),
+        (["--ckpt", "{corrupt}", "--solver", "euler", "--nfe", "2"], "corrupt"),
+        (["--solver", "euler", "--nfe", "2"], "--ckpt"),
+    ],
+)
+def test_sample_errors_exit_2(toy_run, velocity_run, digits_run, copy_run, tmp_path, capsys, args, match):
+    corrupt = copy_run(toy_run.path, "corrupt")
+    (corrupt / "ema.safetensors").write_bytes(b"\0" * 10)
+    subs = {
+        "{missing}": str(tmp_path / "missing"),
+        "{run}": str(toy_run.path),
+        "{vel}": str(velocity_run.path),
+        "{img}": str(digits_run.path),
+        "{corrupt}": str(corrupt),
+        "{tmp}": str(tmp_path),
+    }
+    for k, v in subs.items():
+        args = [a.replace(k, v) for a in args]
+    assert main(["sample", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gmflow: error: "), err
+    assert match in err

@@ -1,0 +1,70 @@
+"""gmflow.experiments.images: the SmallUNet experiment on digits (config, build, a tiny run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gmflow.config import ConfigError
+from gmflow.experiments import IMAGE_DATASETS, ImagesConfig, get_preset
+from gmflow.gm import GaussianMixture
+from gmflow.nn import SmallUNet
+
+
+def test_defaults_and_smoke_preset():
+    d = ImagesConfig().validate()
+    assert (d.data.name, d.model.head, d.loss.kind, d.loop.batch_size) == ("digits16", "velocity", "fm", 128)
+    s = get_preset("digits-smoke")
+    assert isinstance(s, ImagesConfig) and s.data.name == "digits8" and s.model.base == 8
+    assert ImagesConfig.from_dict(s.to_dict()) == s and IMAGE_DATASETS == ("digits8", "digits16")
+
+
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (["data.name=mnist"], "data.name"),
+        (["data.name=checkerboard"], "data.name"),  # a toy set is no image data set
+        (["model.head=mlp"], "model.head"),
+        (["model.base=0"], "model.base"),
+        (["model.mults=1,0"], "model.mults"),
+        (["model.dropout=1"], "model.dropout"),
+        (["model.num_components=0"], "model.num_components"),
+        (["loss.kind=transition"], "loss.kind"),  # the default head is the velocity
+        (["loop.lr=0"], "loop.lr"),
+    ],
+)
+def test_validation_names_the_field(sets, key):
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        get_preset("digits-smoke").with_sets(sets).validate()
+
+
+@pytest.mark.parametrize("name, size", [("digits8", 8), ("digits16", 16)])
+def test_build_fits_the_data_set(name, size):
+    cfg = get_preset("digits-smoke").with_sets(
+        [
+            f"data.name={name}",
+            "model.head=gm",
+            "loss.kind=transition",
+            "model.num_components=3",
+            "model.mults=1",
+        ]
+    )
+    model, objective, batch_fn = cfg.validate().build()
+    assert isinstance(model, SmallUNet) and tuple(model.event_shape) == (1, size, size)
+    g = torch.Generator().manual_seed(0)
+    x0 = batch_fn(1, 0, 1, g)
+    assert x0.shape == (32, 1, size, size) and x0.min() >= -1 and x0.max() <= 1
+    assert isinstance(model(x0, torch.full((32,), 0.5)), GaussianMixture)
+    per = objective(model, x0, g)
+    assert per.shape == (32,) and torch.isfinite(per).all()
+    assert cfg.dataset("test").tensor().shape[1:] == (1, size, size)
+    assert len(cfg.dataset("test")) < len(cfg.dataset("train"))
+
+
+def test_run_record(digits_run):
+    rec = json.loads((digits_run.path / "config.json").read_text())
+    assert (rec["experiment"], rec["data"], rec["step"]) == ("images", "digits16", 3)
+    assert rec["model"]["class"] == "SmallUNet" and rec["model"]["config"]["image_size"] == 16
+    assert ImagesConfig.from_dict(rec["config"]).model.base == 8
