@@ -99,10 +99,13 @@ class _ToyScorer:
 class _ImageScorer:
     """FD / precision / recall in the digits classifier's features, against the test split."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, n: int) -> None:
         test = run.config.dataset("test")
         self.reference = test.tensor()
         self.classifier = get_classifier(int(self.reference.shape[-1]))
+        dim = self.classifier.feature_dim
+        if n <= dim:
+            raise UsageError(f"--n: FD in {dim}-d classifier features needs more than {dim} samples, got {n}")
         self.columns = ["fd", "precision", "recall", "confidence"]
         self.info = {"reference": f"{run.config.data_name} test split ({len(self.reference)} images)"}
         self.summary = f"reference: {self.info['reference']}; "
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
     check_writable(out)
     n = args.n or (20000 if shape == (2,) else 1000)
-    scorer = _ToyScorer(r, n) if shape == (2,) else _ImageScorer(r)
+    scorer = _ToyScorer(r, n) if shape == (2,) else _ImageScorer(r, n)
     rows = []
     for solver in solvers:
         order = solver_order(solver, args.order)

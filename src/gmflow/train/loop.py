@@ -20,6 +20,7 @@ three things from their configs):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -167,6 +168,7 @@ def train(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     record = record if record is not None else {"experiment": None, "config": {"loop": to_dict(loop)}}
+    record = json.loads(json.dumps(record))  # as saved (tuples become lists): resuming compares alike
     ignore = {f"config.{k}" for k in resume_ignore} | {f"config.loop.{k}" for k in LOOP_NON_TRAINING}
     verbose = progress if verbose is None else verbose
     with distributed(loop.device) as info:
