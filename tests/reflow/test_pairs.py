@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -163,11 +162,12 @@ generate_pairs(slow, sys.argv[1], teacher_id="ring", progress=False, **{KW})
 _KW = dict(direction="backward", n=300, shard_size=64, solver="heun", nfe=8, event_shape=(2,))
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(ring, tmp_path):
+def test_resume_after_sigkill_matches_an_uninterrupted_run(ring, tmp_path, subprocess_env):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     code = _CHILD.replace("{KW}", repr(_KW))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(killed)], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(killed)], env=subprocess_env, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline:
