@@ -250,6 +250,33 @@ def test_resume_ignore_keys_of_the_record(tmp_path):
     assert go(3, "b", ignore=("note",)).resumed_from == 2
 
 
+def test_a_run_saved_before_a_config_key_existed_resumes_through_upgrade_record(tmp_path):
+    loop = LoopConfig(steps=2, batch_size=4, out_dir=str(tmp_path / "run"), ema="none")
+
+    def go(steps: int, config: dict, upgrade=None):
+        lp = LoopConfig(**{**loop.__dict__, "steps": steps})
+        return train(
+            lp,
+            nn.Linear(2, 1),
+            lambda m, b, g: m(b)[:, 0].square(),
+            lambda k, r, w, g: torch.ones(4, 2),
+            record={"experiment": "demo", "config": {"loop": to_dict(lp), **config}},
+            upgrade_record=upgrade,
+            progress=False,
+        )
+
+    go(2, {})  # an older version: no "new_key" in its config
+    with pytest.raises(ConfigError, match="new_key: '<missing>' -> 0.0"):
+        go(3, {"new_key": 0.0})
+
+    def fill(rec):
+        return {**rec, "config": {"new_key": 0.0, **rec["config"]}}
+
+    assert go(3, {"new_key": 0.0}, upgrade=fill).resumed_from == 2
+    with pytest.raises(ConfigError, match="new_key: 0.0 -> 0.5"):  # a changed value is still refused
+        go(4, {"new_key": 0.5}, upgrade=fill)
+
+
 def test_in_process_resume_matches_uninterrupted(tmp_path):
     full = fit(smoke("loop.steps=12", f"loop.out_dir={tmp_path / 'a'}"))
     fit(smoke("loop.steps=5", f"loop.out_dir={tmp_path / 'b'}"))

@@ -57,6 +57,18 @@ class Experiment:
         return copy.deepcopy(self)
 
     # ------------------------------------------------------------------------------- the run record
+    @classmethod
+    def upgrade_record(cls, record: dict[str, Any]) -> dict[str, Any]:
+        """A saved record with its config completed by today's defaults (keys added since it was saved).
+
+        A record that does not parse as this experiment is returned unchanged (the comparison then
+        reports the differences).
+        """
+        try:
+            return {**record, "config": cls.from_dict(record.get("config", {})).to_dict()}
+        except ValueError:
+            return record
+
     def record(self) -> dict[str, Any]:
         """What ``config.json`` records: ``{"experiment": kind, "data": name, "config": dict}``."""
         return {"experiment": self.kind, "data": self.data_name, "config": self.to_dict()}
@@ -73,6 +85,7 @@ def run_experiment(cfg: Experiment, *, progress: bool = True, verbose: bool | No
         batch_fn,
         record=cfg.record(),
         resume_ignore=cfg.resume_ignore,
+        upgrade_record=cfg.upgrade_record,
         progress=progress,
         verbose=verbose,
     )

@@ -328,6 +328,7 @@ def train_reflow(
         batch_fn,
         record=record,
         resume_ignore=cfg.resume_ignore,
+        upgrade_record=cfg.upgrade_record,
         progress=progress,
         verbose=verbose,
     )

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,17 @@ class _SignalTrap:
             signal.signal(s, h)
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A batch (a tensor, or a tuple of tensors such as ``(images, labels)``) on ``device``."""
+    if isinstance(batch, tuple):
+        return tuple(b.to(device) for b in batch)
+    return batch.to(device)
+
+
+def _batch_len(batch: Any) -> int:
+    return int((batch[0] if isinstance(batch, tuple) else batch).shape[0])
+
+
 def _prepare_out_dir(d: Path) -> None:
     """Create ``d`` and check it is writable (a probe file), before any training work."""
     try:
@@ -145,6 +156,7 @@ def train(
     *,
     record: dict[str, Any] | None = None,
     resume_ignore: Iterable[str] = (),
+    upgrade_record: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     progress: bool = True,
     verbose: bool | None = None,
 ) -> TrainResult:
@@ -155,12 +167,15 @@ def train(
         model: the network, already initialised (after ``torch.manual_seed(loop.seed)``); moved to
             the run's device.
         objective: ``objective(model, batch, generator) -> (B_local,)`` per-sample losses.
-        batch_fn: ``batch_fn(step, rank, world_size, generator) -> local batch`` (a tensor).
+        batch_fn: ``batch_fn(step, rank, world_size, generator) -> local batch``: a tensor, or a tuple
+            of tensors with the batch on their first axis (e.g. ``(images, labels)``).
         record: what the run is, written to ``config.json``, e.g. ``{"experiment": kind, "data": name,
             "config": nested dict}`` (see :mod:`gmflow.experiments`); default ``{"experiment": None,
             "config": {"loop": ...}}``. Resuming compares every entry with the saved record.
         resume_ignore: dotted keys of ``record["config"]`` that may differ on resumption, on top of
             ``loop.steps / out_dir / ckpt_every / log_every / device``.
+        upgrade_record: maps the saved record to the current format before the comparison (e.g. fills
+            config keys added by a later version with their defaults), so such runs still resume.
         progress: tqdm progress bar on stderr (rank 0).
         verbose: status lines ("resuming from step N") on stderr (rank 0); default: ``progress``.
     """
@@ -180,7 +195,8 @@ def train(
         ck: Checkpoint | None = None
         if out_dir is not None and has_checkpoint(out_dir):
             ck = load_checkpoint(out_dir)
-            saved = {k: ck.config.get(k) for k in record}
+            saved_record = upgrade_record(ck.config) if upgrade_record is not None else ck.config
+            saved = {k: saved_record.get(k) for k in record}
             diff = [d.removeprefix("config.") for d in config_diff(saved, record, ignore)]
             if diff:
                 raise ConfigError(
@@ -285,13 +301,14 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
             for step in range(start + 1, loop.steps + 1):
                 t0 = time.perf_counter()
                 g = step_generator(loop.seed, step, info.rank, dev)
-                batch = batch_fn(step, info.rank, info.world_size, g).to(dev)
+                batch = _to_device(batch_fn(step, info.rank, info.world_size, g), dev)
                 with autocast:
                     per = objective(net, batch, g)
-                if per.shape != (batch.shape[0],) or batch.shape[0] != local_b:
+                n = _batch_len(batch)
+                if per.shape != (n,) or n != local_b:
                     raise ValueError(
                         f"objective must return per-sample losses of shape ({local_b},), got "
-                        f"{tuple(per.shape)} for a batch of {batch.shape[0]}"
+                        f"{tuple(per.shape)} for a batch of {n}"
                     )
                 loss = per.float().mean()
                 sig = trap.received

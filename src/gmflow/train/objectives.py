@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 Objective = Callable[[nn.Module, Tensor, "torch.Generator | None"], Tensor]
-BatchFn = Callable[[int, int, int, torch.Generator], Tensor]
+BatchFn = Callable[[int, int, int, torch.Generator], Any]
 LOSSES = ("fm", "gm_nll", "transition")
 
 
@@ -65,6 +65,7 @@ class FlowLoss:
     time_loc: float = 0.0  # logit_normal location
     time_scale: float = 1.0  # logit_normal scale
     time_eps: float = 1e-4
+    label_dropout: float = 0.0  # class-conditional models: P(label -> null class), for guidance
 
     def validate(self, head: str, prefix: str = "loss.") -> FlowLoss:
         """Check the fields and that ``kind`` fits the model's ``head`` (``"gm"`` or ``"velocity"``)."""
@@ -86,6 +87,11 @@ class FlowLoss:
         )
         need(self.time_scale > 0, f"{p}time_scale", f"must be > 0, got {self.time_scale}")
         need(0.0 <= self.time_eps < 1.0, f"{p}time_eps", f"must be in [0, 1), got {self.time_eps}")
+        need(
+            0.0 <= self.label_dropout < 1.0,
+            f"{p}label_dropout",
+            f"must be in [0, 1), got {self.label_dropout}",
+        )
         return self
 
 
@@ -101,11 +107,20 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device | str =
 
 
 def flow_loss(
-    model: nn.Module, x0: Tensor, loss: FlowLoss, generator: torch.Generator | None = None
+    model: nn.Module,
+    x0: Tensor,
+    loss: FlowLoss,
+    generator: torch.Generator | None = None,
+    *,
+    labels: Tensor | None = None,
+    null_label: int | None = None,
 ) -> Tensor:
     """Per-sample loss ``(B,)`` of ``loss.kind`` on the clean batch ``x0`` (see the module docstring).
 
-    Random draws (in order: t, then the noise) use ``generator``, which must live on ``x0``'s device.
+    ``labels`` (B,) int64 condition the model (``model(x, t, class_labels=labels)``); each is replaced
+    by ``null_label`` with probability ``loss.label_dropout`` (classifier-free guidance training).
+    Random draws (in order: t, the noise, then the label dropout) use ``generator``, which must live on
+    ``x0``'s device.
     """
     b = x0.shape[0]
     tdtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -121,13 +136,13 @@ def flow_loss(
     )
     if loss.kind == "transition":
         x_low, t_low, x_high = transition_pair(x0, t, loss.trans_ratio, generator)
-        out = model(x_high, t)
+        out = model(x_high, t, **_condition(labels, null_label, loss.label_dropout, generator))
         _expect_gm(out, loss.kind)
         return transition_loss(out, x_high, t, x_low, t_low, reduction="none")
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = interpolate(x0, eps, t)
     u = eps - x0
-    out = model(x_t, t)
+    out = model(x_t, t, **_condition(labels, null_label, loss.label_dropout, generator))
     if loss.kind == "fm":
         if isinstance(out, GaussianMixture):
             raise TypeError(
@@ -140,28 +155,53 @@ def flow_loss(
     raise ValueError(f"unknown loss {loss.kind!r}; expected one of {', '.join(LOSSES)}")
 
 
+def _condition(
+    labels: Tensor | None, null_label: int | None, p: float, generator: torch.Generator | None
+) -> dict[str, Tensor]:
+    """``{"class_labels": labels}`` with label dropout applied (nothing for unconditional models)."""
+    if labels is None:
+        return {}
+    if p > 0:
+        if null_label is None:
+            raise ValueError("label_dropout > 0 needs null_label (the model's null class id)")
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    return {"class_labels": labels}
+
+
 def _expect_gm(out: object, kind: str) -> None:
     if not isinstance(out, GaussianMixture):
         raise TypeError(f"loss {kind!r} needs a model that returns a gmflow.GaussianMixture (head 'gm')")
 
 
-def flow_objective(loss: FlowLoss) -> Objective:
-    """``objective(model, batch, generator)`` of :func:`flow_loss` closed over ``loss``."""
+def flow_objective(loss: FlowLoss, null_label: int | None = None) -> Objective:
+    """``objective(model, batch, generator)`` of :func:`flow_loss` closed over ``loss``.
 
-    def objective(model: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return flow_loss(model, x0, loss, generator)
+    A batch is the clean images / points ``x0``, or ``(x0, labels)`` for class-conditional models
+    (``null_label``: the model's null class id, for label dropout).
+    """
+
+    def objective(model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
+        if isinstance(batch, tuple):
+            x0, labels = batch
+            return flow_loss(model, x0, loss, generator, labels=labels, null_label=null_label)
+        return flow_loss(model, batch, loss, generator)
 
     objective.__name__ = f"objective_{loss.kind}"
     return objective
 
 
-def dataset_batch_fn(dataset: Any, batch_size: int) -> BatchFn:
-    """``batch_size / world_size`` fresh draws per rank from ``dataset.sample(n, generator=, device=)``."""
-    global_batch = int(batch_size)
+def dataset_batch_fn(dataset: Any, batch_size: int, *, labels: bool = False) -> BatchFn:
+    """``batch_size / world_size`` fresh draws per rank from ``dataset.sample(n, generator=, device=)``.
 
-    def batch_fn(step: int, rank: int, world_size: int, generator: torch.Generator) -> Tensor:
+    ``labels=True`` returns ``(x0, labels)`` batches (``dataset.sample(..., return_labels=True)``).
+    """
+    global_batch = int(batch_size)
+    kw = {"return_labels": True} if labels else {}
+
+    def batch_fn(step: int, rank: int, world_size: int, generator: torch.Generator) -> Any:
         if global_batch % world_size:
             raise ValueError(f"batch_size {global_batch} is not divisible by the world size {world_size}")
-        return dataset.sample(global_batch // world_size, generator=generator, device=generator.device)
+        return dataset.sample(global_batch // world_size, generator=generator, device=generator.device, **kw)
 
     return batch_fn
