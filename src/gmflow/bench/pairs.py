@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import make_toy2d, ring_gmm
 from ..experiments import load_network, run_experiment
@@ -168,9 +169,7 @@ def pair_records(
     items = [(k, s, o, n) for k, s, o in rows for n in pr.nfes]
     it = items
     if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(items, desc=f"pairs {dataset}")
+        it = tqdm(items, desc=f"pairs {dataset}", disable=None)  # None: only on a terminal
     records = []
     for kind, solver, order, nfe in it:
         # euler / dpm++2m use a GaussianMixture's mean velocity

@@ -35,7 +35,7 @@ def evaluate(
     records = []
     items = [(s, o, k) for s, o in solvers for k in nfes]
     desc = f"eval {base['model']}{'' if base.get('K') is None else ' K=' + str(base['K'])}"
-    it = tqdm(items, desc=desc, disable=not progress)
+    it = tqdm(items, desc=desc, disable=None if progress else True)  # None: only on a terminal
     for ci, (solver, order, nfe) in enumerate(it):
         g = torch.Generator().manual_seed(seed * 100003 + ci)
         noise = torch.randn(n, 2, generator=g)

@@ -76,16 +76,36 @@ def check_writable(path: Path) -> None:
 
 
 def draw_samples(
-    model: Any, event_shape: tuple[int, ...], n: int, batch: int, seed: int, device: str, desc: str, **kw: Any
+    model: Any,
+    event_shape: tuple[int, ...],
+    n: int,
+    batch: int,
+    seed: int,
+    device: str,
+    desc: str,
+    *,
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    **kw: Any,
 ) -> torch.Tensor:
     """``n`` samples of shape ``event_shape`` in chunks of ``batch`` (on CPU).
 
     The noise is drawn up front from ``seed``, so deterministic solvers give the same samples for any
-    ``batch``; stochastic ones (gm-sde, ddpm) continue the same generator chunk by chunk.
+    ``batch``; stochastic ones (gm-sde, ddpm) continue the same generator chunk by chunk. ``labels``
+    ``(n,)`` condition a class-conditional model (``class_labels``); guidance (``kw["guidance"]``)
+    uses ``null_label`` as the unconditional input, batched with the conditional one.
     """
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, *event_shape, generator=g)
     out = []
-    for i in tqdm(range(0, n, batch), desc=desc, leave=False, file=sys.stderr, disable=n <= batch):
-        out.append(sample(model, noise[i : i + batch].to(device), generator=g, **kw).cpu())
+    bar = tqdm(range(0, n, batch), desc=desc, leave=False, file=sys.stderr, disable=n <= batch or None)
+    for i in bar:
+        x = noise[i : i + batch].to(device)
+        cond: dict[str, Any] = {}
+        if labels is not None:
+            y = labels[i : i + batch].to(device)
+            cond["cond"] = {"class_labels": y}
+            if kw.get("guidance") is not None:
+                cond["uncond"] = {"class_labels": torch.full_like(y, int(null_label))}
+        out.append(sample(model, x, generator=g, **cond, **kw).cpu())
     return torch.cat(out)

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from ..experiments import Run, load_run
+from ..guidance import CFG, ProbabilisticGuidance
 from ..io import atomic_write_bytes
 from ..sampling import SOLVERS
 from ..viz import histogram_grid, image_grid
-from .common import UsageError, check_writable, draw_samples, fmt, positive
+from .common import UsageError, check_writable, draw_samples, fmt, one_line, positive
 
 __all__ = ["add_parser", "add_run_arguments", "check_solver", "load_run_args", "solver_order"]
 
@@ -23,7 +24,9 @@ EPILOG = """\
 examples:
   gmflow sample --ckpt runs/k64 --solver gm-sde --order 2 --nfe 4 --n 100000 --png k64.png
   gmflow sample --ckpt runs/fm --solver euler --nfe 8 --out fm.npy --raw
-  gmflow sample --ckpt runs/srf-digits --solver dpm-solver-2 --nfe 9 --n 64   # image grid PNG"""
+  gmflow sample --ckpt runs/srf-digits --solver dpm-solver-2 --nfe 9 --n 64   # image grid PNG
+  gmflow sample --ckpt runs/fmnist --solver gm-sde --order 2 --nfe 8 --classes 0-9 --per-class 8 \
+      --guidance probabilistic --scale 0.3 --orthogonal 1 --png grid.png     # a row per class"""
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +59,65 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--out", metavar="FILE", help="samples file, .pt or .npy (default: in the run directory)")
     s.add_argument("--png", metavar="FILE", help="figure (default: next to --out)")
+    s.add_argument(
+        "--classes",
+        metavar="SPEC",
+        help="class-conditional runs: class ids, e.g. 0-9 or 1,3,5 (one grid row per class)",
+    )
+    s.add_argument(
+        "--per-class", type=positive("--per-class"), default=8, help="samples per class (default 8)"
+    )
+    add_guidance_arguments(s)
     s.set_defaults(func=run)
+
+
+def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guidance",
+        choices=("cfg", "probabilistic"),
+        help="class-conditional runs: classifier-free (--scale w, 1 = none) or probabilistic (0 <= w~ < 1)",
+    )
+    p.add_argument("--scale", type=float, default=None, help="guidance scale (required with --guidance)")
+    p.add_argument(
+        "--orthogonal", type=float, default=0.0, help="orthogonal projection in [0, 1] (default 0)"
+    )
+
+
+def guidance_from_args(args: argparse.Namespace, run: Run) -> CFG | ProbabilisticGuidance | None:
+    """The guidance object of ``--guidance/--scale/--orthogonal`` (one-line usage errors)."""
+    if args.guidance is None:
+        if args.scale is not None:
+            raise UsageError("--scale needs --guidance cfg or --guidance probabilistic")
+        return None
+    if run.num_classes == 0:
+        raise UsageError(
+            "--guidance: this run is not class-conditional (no unconditional input to guide with)"
+        )
+    if args.scale is None:
+        raise UsageError(f"--guidance {args.guidance} needs --scale")
+    if args.guidance == "probabilistic" and run.head != "gm":
+        raise UsageError("--guidance probabilistic needs a GM model; use --guidance cfg")
+    try:
+        if args.guidance == "cfg":
+            return CFG(args.scale, orthogonal=args.orthogonal)
+        return ProbabilisticGuidance(args.scale, orthogonal=args.orthogonal)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--scale/--orthogonal: {one_line(e)}") from None
+
+
+def parse_classes(spec: str, num_classes: int) -> list[int]:
+    """``"0-9"`` / ``"1,3,5"`` / ``"2"`` -> class ids, each in ``[0, num_classes)``."""
+    ids: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            ids += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise UsageError(f"--classes: expected ids like 0-9 or 1,3,5, got {spec!r}") from None
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if not ids or bad:
+        raise UsageError(f"--classes: ids must lie in [0, {num_classes - 1}], got {spec!r}")
+    return ids
 
 
 def load_run_args(args: argparse.Namespace) -> Run:
@@ -84,12 +145,18 @@ def solver_order(solver: str, order: int) -> int:
     return order if order in SOLVERS[solver].orders else SOLVERS[solver].orders[0]
 
 
-def _save_samples(x: torch.Tensor, path: Path) -> None:
-    buf = io.BytesIO()
+def _save_samples(x: torch.Tensor, path: Path, labels: torch.Tensor | None) -> None:
+    """``.pt``: the samples tensor, or ``{"samples", "labels"}`` for class-conditional runs;
+    ``.npy``: the samples (labels, if any, in ``<name>.labels.npy`` next to it)."""
     if path.suffix == ".npy":
-        np.save(buf, x.numpy())
-    else:
-        torch.save(x, buf)
+        for p, arr in ((path, x), (path.with_suffix(".labels.npy"), labels)):
+            if arr is not None:
+                buf = io.BytesIO()
+                np.save(buf, arr.numpy())
+                atomic_write_bytes(p, buf.getvalue())
+        return
+    buf = io.BytesIO()
+    torch.save(x if labels is None else {"samples": x, "labels": labels}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -109,17 +176,34 @@ def run(args: argparse.Namespace) -> int:
     for p in (out, png):
         if p is not None:
             check_writable(p)
-    kw = dict(solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps)
-    x = draw_samples(r.model, shape, args.n, args.batch, args.seed, args.device, f"sampling {tag}", **kw)
-    _save_samples(x, out)
+    guidance = guidance_from_args(args, r)
+    labels = None
+    n = args.n
+    if args.classes is not None:
+        if r.num_classes == 0:
+            raise UsageError("--classes: this run is not class-conditional")
+        ids = parse_classes(args.classes, r.num_classes)
+        labels = torch.tensor(ids).repeat_interleave(args.per_class)
+        n = len(labels)
+    elif r.num_classes > 0:  # class-conditional run without --classes: cycle through every class
+        labels = torch.arange(n) % r.num_classes
+    kw = dict(solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps, guidance=guidance)
+    x = draw_samples(
+        r.model, shape, n, args.batch, args.seed, args.device, f"sampling {tag}",
+        labels=labels, null_label=r.num_classes, **kw,
+    )  # fmt: skip
+    _save_samples(x, out, labels)
     msg = f"gmflow: wrote {len(x)} samples to {out}"
     if png is not None:
         title = f"{r.config.data_name or 'samples'}: {tag}"
         if shape == (2,):
             histogram_grid({tag: {args.nfe: x}}, png, nfes=[args.nfe], title=title)
         else:
-            shown = torch.nan_to_num(x[:64], 0.0).clamp(-1.0, 1.0)
-            image_grid(shown, png, nrow=math.ceil(math.sqrt(len(shown))))
+            if args.classes is not None:  # one row per class
+                image_grid(torch.nan_to_num(x, 0.0).clamp(-1.0, 1.0), png, nrow=args.per_class)
+            else:
+                shown = torch.nan_to_num(x[:64], 0.0).clamp(-1.0, 1.0)
+                image_grid(shown, png, nrow=math.ceil(math.sqrt(len(shown))))
         msg += f" and {png}"
     print(msg, file=sys.stderr)
     return 0

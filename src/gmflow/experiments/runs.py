@@ -76,6 +76,11 @@ class Run:
         return (int(self.model.channels),)
 
     @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional network (its null class id), 0 for an unconditional one."""
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    @property
     def head(self) -> str:
         """``"gm"`` if the network returns a GaussianMixture, else ``"velocity"``."""
         conf = getattr(self.model, "config", None)

@@ -247,7 +247,9 @@ def generate_pairs(
         stochastic=solver in STOCHASTIC_SOLVERS,
     )  # fmt: skip
     d = open_store(out_dir, m)
-    bar = tqdm(total=n, initial=m.count, unit="pair", desc=f"{direction} pairs", disable=not progress)
+    bar = tqdm(
+        total=n, initial=m.count, unit="pair", desc=f"{direction} pairs", disable=None if progress else True
+    )
     try:
         for i in range(m.num_shards):
             if shard_committed(d, m, i):

@@ -121,7 +121,7 @@ def sample(
     x = noise.to(work)
     traj = [x] if return_trajectory else None
     bar = (
-        tqdm(total=len(s.times) - 1, desc=f"sampling ({solver}, nfe={nfe})", leave=False)
+        tqdm(total=len(s.times) - 1, desc=f"sampling ({solver}, nfe={nfe})", leave=False, disable=None)
         if progress
         else None
     )

@@ -290,7 +290,7 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
         total=loop.steps,
         initial=start,
         desc="train",
-        disable=not (progress and info.is_main),
+        disable=None if (progress and info.is_main) else True,  # None: only on a terminal
         dynamic_ncols=True,
         file=sys.stderr,
     )
