@@ -1,4 +1,4 @@
-"""Tests for gmflow.nn.unet.SmallUNet: shapes, GM init, dropout, config round trip, dtypes, validation."""
+"""Tests for gmflow.nn.unet.SmallUNet: shapes, GM init, dropout, config, dtypes, validation, classes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import gmflow
 from gmflow.gm import GaussianMixture
 from gmflow.nn.unet import SmallUNet
 
@@ -225,3 +226,61 @@ def test_bad_inputs_types_and_constructor():
     with pytest.raises(ValueError):
         SmallUNet(head="gm", num_components=0)
     assert SmallUNet(image_size=8).event_shape == (1, 8, 8)
+
+
+# ------------------------------------------------------------------------------ class conditioning
+def test_unconditional_default_has_no_class_table():
+    m = SmallUNet(**SMALL)
+    assert m.num_classes == 0 and m.config["num_classes"] == 0
+    assert not any("class" in k for k in m.state_dict())
+    x, t = _inputs()
+    with pytest.raises(ValueError, match="class_labels"):
+        m(x, t, class_labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes"):
+        SmallUNet(num_classes=-1)
+
+
+@pytest.mark.parametrize("head", ["velocity", "gm"])
+def test_class_conditioning(head):
+    torch.manual_seed(0)
+    uncond = SmallUNet(**SMALL, head=head, num_components=3)
+    torch.manual_seed(0)
+    m = SmallUNet(**SMALL, head=head, num_components=3, num_classes=5).eval()
+    # the table is built last: every other parameter is the unconditional model's
+    table = m.state_dict().pop("class_embed.embedding_table.weight")
+    assert table.shape == (6, 32)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in uncond.state_dict().items())
+    with torch.no_grad():
+        m.class_embed.embedding_table.weight.normal_()  # make the classes clearly distinct
+    x, t = _inputs(b=3)
+
+    def flat(o):
+        return (
+            torch.cat([o.means.flatten(), o.logweights.flatten(), o.logstds.flatten()]) if head == "gm" else o
+        )
+
+    assert torch.equal(flat(m(x, t)), flat(m(x, t, torch.full((3,), 5))))  # None = the null class 5
+    a, b = flat(m(x, t, torch.tensor([0, 1, 2]))), flat(m(x, t, torch.tensor([3, 4, 0])))
+    assert (a - b).abs().max() > 1e-3
+    for bad, err in [(torch.tensor([0, 1, 6]), ValueError), (torch.tensor([0, 1]), ValueError)]:
+        with pytest.raises(err, match="class_labels"):
+            m(x, t, bad)
+    with pytest.raises(TypeError, match="class_labels"):
+        m(x, t, torch.zeros(3))
+    # config round trip
+    cfg = json.loads(json.dumps(m.config))
+    assert cfg["num_classes"] == 5
+    m2 = SmallUNet.from_config(cfg).eval()
+    m2.load_state_dict(m.state_dict())
+    assert torch.equal(flat(m(x, t, torch.tensor([0, 1, 2]))), flat(m2(x, t, torch.tensor([0, 1, 2]))))
+
+
+def test_class_conditional_guided_sampling():
+    torch.manual_seed(0)
+    m = SmallUNet(**SMALL, head="gm", num_components=3, num_classes=4, image_size=8).eval()
+    y, null = torch.tensor([0, 3]), torch.full((2,), 4)
+    out = gmflow.sample(
+        m, torch.randn(2, 1, 8, 8), solver="gm-ode", nfe=2, cond={"class_labels": y},
+        uncond={"class_labels": null}, guidance=gmflow.ProbabilisticGuidance(0.3),
+    )  # fmt: skip
+    assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()

@@ -1,9 +1,13 @@
-"""Parameter-free sinusoidal embeddings for time and for low-dimensional positions.
+"""Sinusoidal embeddings for time and for low-dimensional positions, and the class-label table.
 
-Both embeddings compute in at least float32 (float64 if the input is float64), whatever the
-prevailing autocast: ``1000 * t`` and ``2 pi x / 5e-3`` are large angles, and bf16 would destroy
-them. Frequencies are recomputed on every call (no buffers), so ``model.to(dtype)`` never
-quantises them.
+The sinusoidal embeddings are parameter-free. Both compute in at least float32 (float64 if the
+input is float64), whatever the prevailing autocast: ``1000 * t`` and ``2 pi x / 5e-3`` are large
+angles, and bf16 would destroy them. Frequencies are recomputed on every call (no buffers), so
+``model.to(dtype)`` never quantises them.
+
+:class:`ClassEmbedding` is a learned ``(N + 1, D)`` table for ``N`` classes whose last row (id ``N``)
+is the null class of classifier-free and probabilistic guidance; :func:`drop_labels` is the label
+dropout that teaches the null row.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FourierPositionEmbedding", "PositionEmbedding2D", "TimestepEmbedding", "timestep_embedding"]
+__all__ = [
+    "ClassEmbedding",
+    "FourierPositionEmbedding",
+    "PositionEmbedding2D",
+    "TimestepEmbedding",
+    "drop_labels",
+    "timestep_embedding",
+]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -168,3 +179,77 @@ def time_vector(t: Tensor | float, x_t: Tensor) -> Tensor:
     elif t.shape != (b,):
         raise ValueError(f"t must have shape ({b},) to match x_t, or be a scalar; got {tuple(t.shape)}")
     return t.to(device=x_t.device, dtype=dtype)
+
+
+def drop_labels(
+    class_labels: Tensor, p: float, null_class: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Label dropout: each label becomes ``null_class`` with probability ``p``.
+
+    ``keep_b = r_b >= p`` with ``r = torch.rand(B, generator=generator)`` on the labels' device: one
+    draw of ``B`` uniforms, none when ``p == 0`` (the labels are returned unchanged). Training code
+    calls it with the step's generator, so a resumed run drops exactly the same labels.
+    """
+    if not isinstance(class_labels, Tensor) or class_labels.ndim != 1:
+        raise ValueError("class_labels must be a (B,) integer tensor")
+    if not (isinstance(p, Real) and 0.0 <= float(p) < 1.0):
+        raise ValueError(f"label dropout probability must be in [0, 1), got {p!r}")
+    if p == 0:
+        return class_labels
+    r = torch.rand(class_labels.shape, generator=generator, device=class_labels.device)
+    return torch.where(r >= p, class_labels, torch.full_like(class_labels, null_class))
+
+
+class ClassEmbedding(nn.Module):
+    """Learned class table with one extra null row: ``(B,) int -> (B, dim)``.
+
+    ``embedding_table`` has ``num_classes + 1`` rows; id ``num_classes`` is the null class (the
+    unconditional input of guidance). Init ``N(0, 0.02^2)`` (DiT). ``dropout_prob > 0`` applies
+    :func:`drop_labels` in train mode, drawing from the *global* RNG (the official GM-DiT behaviour);
+    the project's experiments keep it at 0 and drop labels in the objective with the step generator.
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if not (isinstance(dropout_prob, Real) and 0.0 <= float(dropout_prob) < 1.0):
+            raise ValueError(f"class dropout probability must be in [0, 1), got {dropout_prob!r}")
+        self.num_classes = num_classes
+        self.dropout_prob = float(dropout_prob)
+        self.embedding_table = nn.Embedding(num_classes + 1, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embedding_table.weight, std=0.02)
+
+    def labels(self, class_labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Validated ``(batch,)`` int64 labels on ``device``; ``None`` means the null class for all.
+
+        Checking the range costs one device sync (an out-of-range id would otherwise fail inside the
+        embedding lookup without naming the argument).
+        """
+        if class_labels is None:
+            return torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        if not isinstance(class_labels, Tensor):
+            raise TypeError(f"class_labels must be a (B,) integer tensor, got {type(class_labels).__name__}")
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise TypeError(f"class_labels must be an integer tensor, got dtype {class_labels.dtype}")
+        if tuple(class_labels.shape) != (batch,):
+            raise ValueError(f"class_labels must have shape ({batch},), got {tuple(class_labels.shape)}")
+        if batch:
+            lo, hi = torch.aminmax(class_labels)
+            if int(lo) < 0 or int(hi) > self.num_classes:
+                raise ValueError(
+                    f"class_labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                    f"got values in [{int(lo)}, {int(hi)}]"
+                )
+        return class_labels.to(device=device, dtype=torch.long)
+
+    def forward(self, class_labels: Tensor) -> Tensor:
+        if self.training and self.dropout_prob > 0:
+            class_labels = drop_labels(class_labels, self.dropout_prob, self.num_classes)
+        return self.embedding_table(class_labels)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes} (+1 null), dropout_prob={self.dropout_prob}"

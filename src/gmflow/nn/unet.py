@@ -1,10 +1,11 @@
-"""A small time-conditioned U-Net denoiser for tiny images (8x8 / 16x16 digits).
+"""A small time- (and optionally class-) conditioned U-Net denoiser for tiny images (8x8 to 32x32).
 
-``(x_t (B, C, H, W), t (B,)) -> u (B, C, H, W) | GaussianMixture`` over the velocity u = eps - x0.
+``(x_t (B, C, H, W), t (B,), class_labels (B,) | None) -> u (B, C, H, W) | GaussianMixture`` over the
+velocity u = eps - x0.
 
 Architecture (DDPM-style, no attention)::
 
-    e      = MLP(TimestepEmbedding(1000 t))                       (B, E),  E = time_dim
+    e      = MLP(TimestepEmbedding(1000 t)) [+ table[y]]          (B, E),  E = time_dim
     h      = Conv3x3(x_t)                                         (B, base, H, W)
     down:  level l = 0..L-1: num_res ResBlocks to w_l = base*mults[l]; keep skip_l = h;
            a stride-2 Conv3x3 between levels
@@ -15,6 +16,13 @@ Architecture (DDPM-style, no attention)::
 
 With the defaults (C = 1, base 32, mults (1, 2), num_res 1, time_dim 128) the velocity model has
 427,265 parameters and the GM model (K = 8) 448,241.
+
+Class conditioning (``num_classes = N > 0``): a learned table ``(N + 1, E)``
+(:class:`~gmflow.nn.ClassEmbedding`, init ``N(0, 0.02^2)``) is added to the time embedding; row ``N``
+is the null class, used for ``class_labels=None`` and as the unconditional input of guidance. Label
+dropout is the objective's job (:func:`gmflow.nn.drop_labels` with the step generator).
+``num_classes = 0`` (default) builds exactly the unconditional network (same parameters, same random
+draws at construction, same outputs).
 
 ResBlock (FiLM time conditioning, "scale/shift")::
 
@@ -48,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gm import GaussianMixture
-from .embeddings import TimestepEmbedding, time_vector
+from .embeddings import ClassEmbedding, TimestepEmbedding, time_vector
 from .heads import LogStdHead, _at_least_fp32, kaiming_linear_
 
 __all__ = ["SmallUNet"]
@@ -125,6 +133,7 @@ class SmallUNet(nn.Module):
         num_components: K for ``head="gm"``.
         image_size: nominal H = W (recorded in the config, validated for divisibility, exposed as
             :attr:`event_shape`); the network itself accepts any divisible size.
+        num_classes: N > 0 adds class conditioning (N + 1 table rows, id N = null class); 0: none.
     """
 
     def __init__(
@@ -138,6 +147,7 @@ class SmallUNet(nn.Module):
         head: str = "velocity",
         num_components: int = 8,
         image_size: int = 16,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
         mults = tuple(int(m) for m in mults)
@@ -153,6 +163,8 @@ class SmallUNet(nn.Module):
         if image_size % self.factor:
             raise ValueError(f"image_size={image_size} is not divisible by 2**(len(mults)-1)={self.factor}")
         _check_p(dropout)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
         self._config: dict[str, Any] = dict(
             channels=int(channels),
             base=int(base),
@@ -163,6 +175,7 @@ class SmallUNet(nn.Module):
             head=head,
             num_components=int(num_components),
             image_size=int(image_size),
+            num_classes=num_classes,
         )
         self.channels = int(channels)
         self.image_size = int(image_size)
@@ -205,6 +218,8 @@ class SmallUNet(nn.Module):
         for m in self.time_mlp:
             if isinstance(m, nn.Linear):
                 kaiming_linear_(m)
+        # built last, so that the other parameters draw the same random numbers as without classes
+        self.class_embed = ClassEmbedding(num_classes, time_dim) if num_classes else None
 
     # ----------------------------------------------------------------------------------- config
     @property
@@ -258,12 +273,24 @@ class SmallUNet(nn.Module):
             )
         return time_vector(t, x_t)
 
-    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor | GaussianMixture:
-        """``x_t (B, C, H, W)``, ``t (B,)`` / scalar in [0, 1] -> u ``(B, C, H, W)`` or its pixel-wise GM."""
+    @property
+    def num_classes(self) -> int:
+        """Number of classes N (0: unconditional); the null class is id N."""
+        return self._config["num_classes"]
+
+    def forward(
+        self, x_t: Tensor, t: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor | GaussianMixture:
+        """``x_t (B, C, H, W)``, ``t (B,)`` / scalar in [0, 1], ``class_labels (B,)`` int or None (null class)
+        -> u ``(B, C, H, W)`` or its pixel-wise GM."""
         t = self._check_inputs(x_t, t)
+        if self.class_embed is None and class_labels is not None:
+            raise ValueError("class_labels given, but this SmallUNet is unconditional (num_classes=0)")
         wdtype = self.conv_in.weight.dtype
         temb = self.time_embed(t).to(wdtype)
         emb = self.time_mlp(temb)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(self.class_embed.labels(class_labels, x_t.shape[0], x_t.device))
         h = self.conv_in(x_t.to(wdtype))
         skips: list[Tensor] = []
         for m in self.down:
