@@ -12,7 +12,9 @@ from gmflow.nn import ToyMLP
 
 
 def test_presets_validate_and_official_minimal_recipe():
-    assert set(PRESETS) == {"toy-gmflow", "toy-fm", "toy-official-minimal", "toy-smoke", "digits-smoke"}
+    toy = {"toy-gmflow", "toy-fm", "toy-official-minimal", "toy-smoke"}
+    images = {"fmnist-gmdit", "fmnist-fm", "mnist5k-gmdit", "mnist5k-fm", "digits-smoke", "images-smoke"}
+    assert set(PRESETS) == toy | images
     for name, cfg in PRESETS.items():
         assert cfg.validate() is cfg, name
     m = get_preset("toy-official-minimal")

@@ -16,11 +16,11 @@ import torch
 from ..data import load_dataset
 from ..experiments import (
     ImageData,
+    ImageModel,
     ImagesConfig,
     Toy2DConfig,
     Toy2DData,
     ToyModel,
-    UNetModel,
     load_network,
     run_experiment,
 )
@@ -132,7 +132,7 @@ def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, 
     d = out / "teachers" / ("ring-init" if name == "ring" else name)
     if name == "digits":
         s = pr.digits
-        model = UNetModel(base=s.width, mults=(1, 2), dropout=pr.teacher_dropout)
+        model = ImageModel(base=s.width, mults=(1, 2), dropout=pr.teacher_dropout)
         cfg = ImagesConfig(data=ImageData("digits16"), model=model, loop=_loop(s, d, seed))
     else:
         s = pr.toy

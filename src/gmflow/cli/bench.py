@@ -9,7 +9,7 @@ from .common import Parser, UsageError, fmt
 
 __all__ = ["BENCHMARKS", "add_parser"]
 
-BENCHMARKS = ("toy2d", "oracle", "reflow", "pairs")
+BENCHMARKS = ("toy2d", "oracle", "reflow", "pairs", "images")
 
 EPILOG = """\
 benchmarks:
@@ -17,6 +17,7 @@ benchmarks:
   oracle  every solver with the exact posterior of a ring GMM (no training)
   reflow  Simple ReFlow ablation ladder (checkerboard, ring GMM, digits)
   pairs   ReFlow pair accuracy vs cost: GMFlow teacher + gm-ode vs FM teacher
+  images  class-conditional GM-DiT vs its flow-matching twin on Fashion-MNIST (FD vs the test split)
 
 examples:
   gmflow bench toy2d --preset quick --out runs/toy2d-quick

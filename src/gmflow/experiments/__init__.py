@@ -7,7 +7,7 @@ set are recorded in every run's ``config.json`` so that :func:`load_run` rebuild
 kind       config                      what it trains
 =========  ==========================  =====================================================
 toy2d      :class:`Toy2DConfig`        ToyMLP (GM or velocity head) on a toy 2-D data set
-images     :class:`ImagesConfig`       SmallUNet on an image data set (digits today)
+images     :class:`ImagesConfig`       SmallUNet or GM-DiT on an image data set
 reflow     :class:`ReflowConfig`       a Simple ReFlow student on teacher pairs
 =========  ==========================  =====================================================
 
@@ -24,7 +24,7 @@ import difflib
 
 from ..config import ConfigError
 from .base import Experiment, run_experiment
-from .images import IMAGE_DATASETS, IMAGES_PRESETS, ImageData, ImagesConfig, UNetModel
+from .images import IMAGE_DATASETS, IMAGES_PRESETS, ImageData, ImageModel, ImagesConfig
 from .network import build_model, load_network, network_from_checkpoint
 from .reflow import (
     RECIPES,
@@ -67,7 +67,7 @@ __all__ = [
     "Toy2DConfig",
     "Toy2DData",
     "ToyModel",
-    "UNetModel",
+    "ImageModel",
     "build_model",
     "experiment_from_record",
     "get_preset",

@@ -32,6 +32,7 @@ from ..config import need
 from ..flow import TIME_SAMPLERS, interpolate, sample_time, transition_pair
 from ..gm import GaussianMixture
 from ..losses import fm_loss, gm_nll_loss, transition_loss
+from ..nn import drop_labels
 
 __all__ = [
     "BatchFn",
@@ -161,12 +162,9 @@ def _condition(
     """``{"class_labels": labels}`` with label dropout applied (nothing for unconditional models)."""
     if labels is None:
         return {}
-    if p > 0:
-        if null_label is None:
-            raise ValueError("label_dropout > 0 needs null_label (the model's null class id)")
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
-        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    return {"class_labels": labels}
+    if p > 0 and null_label is None:
+        raise ValueError("label_dropout > 0 needs null_label (the model's null class id)")
+    return {"class_labels": drop_labels(labels, p, null_label, generator)}
 
 
 def _expect_gm(out: object, kind: str) -> None:

@@ -20,7 +20,7 @@ from gmflow import GaussianMixture
 from gmflow.nn import GMDiT
 from gmflow.sampling import GMODE
 
-FIXTURE = Path(__file__).parent / "fixtures" / "official_gmdit"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "official_gmdit"
 TRANSFORMER = FIXTURE / "transformer"
 GM_FIELDS = ("means", "logweights", "logstds")
 

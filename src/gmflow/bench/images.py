@@ -1,0 +1,289 @@
+"""Image benchmark: GMFlow (class-conditional GM-DiT, K = 8) vs flow matching on Fashion-MNIST.
+
+    gmflow bench images --preset quick --out runs/images-quick      # run again to resume
+
+Trains the GM-DiT and its velocity twin (identical trunk, budget and recipe: logit-normal t, label
+dropout 0.1, EMA; transition loss lambda = 0.5 for GMFlow, L2 for FM) on the train split, then
+samples class-balanced batches (labels cycling through the classes, no guidance) at every NFE of
+the preset with
+
+* FM: ``euler``, ``heun``, ``dpm++2m``, ``dpm-solver-2``, ``ddpm``;
+* GMFlow: ``gm-sde`` / ``gm-ode``, order 1 and 2;
+
+and scores them against the held-out **test** split in the features of a classifier trained once on
+the train split (cached by hash): Fréchet distance, k-NN precision / recall and ``class_acc``, the
+classifier's accuracy on the samples w.r.t. the requested class. The headline rows are repeated
+with ``draws`` fresh noise draws (mean ± sd). Writes ``results.json`` (one record per model x solver
+x order x NFE x draw), ``results.md``, NFE-vs-FD / NFE-vs-precision curves and sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import apply_sets
+from ..experiments import get_preset, load_network, run_experiment
+from ..io import atomic_write_json, atomic_write_text
+from ..metrics import get_classifier, image_metrics
+from ..sampling import sample
+from ..train import flow_objective
+from ..viz import image_grid, metric_curves
+from .common import add_run_arguments, start_run
+
+FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
+GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
+
+
+@dataclass(frozen=True)
+class ImagesPreset:
+    """One benchmark setting: data, trunk, budget, evaluation grid and the headline comparison."""
+
+    description: str
+    data: str
+    steps: int
+    batch_size: int
+    trunk: tuple[str, ...]  # --set overrides of the GM-DiT trunk (shared by both models)
+    nfes: tuple[int, ...]
+    n_eval: int  # samples per cell
+    headline: tuple[int, int]  # (GMFlow NFE, FM NFE) of the headline comparison
+    draws: int = 3  # noise draws of the headline rows
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    components: int = 8
+    classifier_epochs: int | None = None  # None: the classifier's default
+
+
+PRESETS: dict[str, ImagesPreset] = {
+    "quick": ImagesPreset(
+        "<= 15 min on 2 cores: a 4-layer 128-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 1500 steps",
+        data="fmnist32", steps=1500, batch_size=64,
+        trunk=("model.patch_size=4", "model.num_layers=4", "model.num_heads=4", "model.head_dim=32"),
+        nfes=(2, 4, 8, 16), n_eval=500, headline=(4, 8),
+    ),
+    "full": ImagesPreset(
+        "<= 90 min on 2 cores: a 6-layer 128-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 8000 steps",
+        data="fmnist32", steps=8000, batch_size=96,
+        trunk=("model.patch_size=4", "model.num_layers=6", "model.num_heads=4", "model.head_dim=32"),
+        nfes=(2, 4, 6, 8, 16, 24, 32), n_eval=1000, headline=(6, 24), warmup_steps=500,
+    ),
+    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
+    "smoke": ImagesPreset(
+        "smoke test: a one-layer GM-DiT on 8x8 digits, a few steps",
+        data="digits8", steps=4, batch_size=16,
+        trunk=("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8",
+               "model.logstd_inner_dim=16"),
+        nfes=(2, 4), n_eval=100, headline=(2, 4), draws=2, warmup_steps=1, components=4, classifier_epochs=1,
+    ),
+}  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, "images", PRESETS)
+
+
+def model_configs(pr: ImagesPreset, out: Path, seed: int) -> dict[str, Any]:
+    """The two runs: ``gmflow`` (GM head, K components) and ``fm`` (velocity twin), same trunk/recipe."""
+    common = [
+        f"data.name={pr.data}", *pr.trunk, f"model.num_components={pr.components}",
+        f"loop.steps={pr.steps}", f"loop.batch_size={pr.batch_size}", f"loop.lr={pr.lr}",
+        f"loop.warmup_steps={pr.warmup_steps}", f"loop.seed={seed}", "loop.ckpt_every=500",
+        "loop.log_every=50",
+    ]  # fmt: skip
+    return {
+        name: apply_sets(get_preset(preset), [*common, f"loop.out_dir={out / 'models' / name}"])
+        for name, preset in (("fm", "fmnist-fm"), ("gmflow", "fmnist-gmdit"))
+    }
+
+
+def step_time_ratio(cfgs: dict[str, Any], steps: int = 10) -> dict[str, float]:
+    """Interleaved training-step medians of GMFlow and FM on the same trunk and batch."""
+    parts = {}
+    for name, cfg in cfgs.items():
+        data = cfg.dataset("train")
+        torch.manual_seed(0)
+        model = cfg.build_model(data)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        parts[name] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), data)
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for i in range(steps + 2):
+        for name, (model, opt, obj, data) in parts.items():
+            g = torch.Generator().manual_seed(i)
+            batch = data.sample(cfgs[name].loop.batch_size, generator=g, return_labels=True)
+            t0 = time.perf_counter()
+            loss = obj(model, batch, g).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    fm, gm = statistics.median(times["fm"]), statistics.median(times["gmflow"])
+    return {"fm_step_ms": fm, "gmflow_step_ms": gm, "ratio": gm / fm}
+
+
+def _cells(pr: ImagesPreset) -> list[tuple[str, str, int, int, int]]:
+    """(model, solver, order, nfe, draw): every solver x NFE once, the headline rows ``draws`` times."""
+    cells = []
+    for model, solvers in (("fm", FM_SOLVERS), ("gmflow", GM_SOLVERS)):
+        head_nfe = pr.headline[0] if model == "gmflow" else pr.headline[1]
+        for solver, order in solvers:
+            for nfe in pr.nfes:
+                draws = pr.draws if nfe == head_nfe else 1
+                cells += [(model, solver, order, nfe, d) for d in range(draws)]
+    return cells
+
+
+def _key(model: str, solver: str, order: int, nfe: int, draw: int) -> tuple:
+    return (model, solver, order, nfe, draw)
+
+
+def evaluate(pr, models, clf, reference, num_classes, out, seed, progress, records) -> list[dict[str, Any]]:
+    """Score every cell not yet in ``records`` (resumable: results.json is rewritten after each cell)."""
+    done = {_key(r["model"], r["solver"], r["order"], r["nfe"], r["draw"]) for r in records}
+    event = tuple(reference.shape[1:])
+    labels = torch.arange(pr.n_eval) % num_classes
+    todo = [c for c in _cells(pr) if _key(*c) not in done]
+    for model_name, solver, order, nfe, draw in tqdm(todo, desc="eval", disable=None if progress else True):
+        g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the same noise for every cell of a draw
+        noise = torch.randn(pr.n_eval, *event, generator=g)
+        t0 = time.perf_counter()
+        x = sample(models[model_name], noise, solver=solver, nfe=nfe, order=order, generator=g,
+                   cond={"class_labels": labels})  # fmt: skip
+        ms = (time.perf_counter() - t0) * 1e3
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), reference, clf, labels=labels)
+        records.append(dict(
+            model=model_name, K=pr.components if model_name == "gmflow" else None, solver=solver, order=order,
+            nfe=nfe, draw=draw, fd=m["fd"], precision=m["precision"], recall=m["recall"],
+            class_acc=m["class_acc"], nonfinite=int((~finite).sum()), ms=ms,
+        ))  # fmt: skip
+        atomic_write_json(out / "results.json", records)
+    return records
+
+
+def _best(records: list[dict], model: str, nfe: int) -> tuple[str, int, list[float]] | None:
+    """The solver (and order) with the lowest mean FD at ``nfe`` and its per-draw FDs."""
+    rows: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        if r["model"] == model and r["nfe"] == nfe:
+            rows.setdefault((r["solver"], r["order"]), []).append(r["fd"])
+    if not rows:
+        return None
+    (solver, order), fds = min(rows.items(), key=lambda kv: statistics.fmean(kv[1]))
+    return solver, order, fds
+
+
+def _mean_sd(v: list[float]) -> str:
+    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def summary_lines(records: list[dict], pr: ImagesPreset) -> list[str]:
+    gm_nfe, fm_nfe = pr.headline
+    g, f = _best(records, "gmflow", gm_nfe), _best(records, "fm", fm_nfe)
+    if g is None or f is None:
+        return []
+    verdict = "GMFlow better" if statistics.fmean(g[2]) < statistics.fmean(f[2]) else "FM better"
+    lines = [
+        f"FD (test split, {len(g[2])} noise draws): GMFlow K={pr.components} at NFE {gm_nfe} "
+        f"({g[0]} o{g[1]}) {_mean_sd(g[2])} vs FM best at NFE {fm_nfe} ({f[0]}) {_mean_sd(f[2])} -> {verdict}"
+    ]
+    top = max(pr.nfes)
+    acc = [r["class_acc"] for r in records if r["model"] == "fm" and r["nfe"] == top]
+    if acc:
+        lines.append(f"FM at NFE {top}: requested class generated {max(acc):.1%} of the time (best solver)")
+    return lines
+
+
+def results_markdown(records: list[dict], nfes: tuple[int, ...], metric: str) -> str:
+    """One table row per (model, solver, order); cells are draw means."""
+    lines = ["| model | solver | order | " + " | ".join(f"NFE {k}" for k in nfes) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(nfes))
+    rows: dict[tuple, dict[int, list[float]]] = {}
+    for r in records:
+        rows.setdefault((r["model"], r["solver"], r["order"]), {}).setdefault(r["nfe"], []).append(r[metric])
+    for (model, solver, order), vals in rows.items():
+        cells = [f"{statistics.fmean(vals[k]):.3g}" if k in vals else "" for k in nfes]
+        lines.append(f"| {model} | {solver} | {order} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _grids(models, pr: ImagesPreset, event: tuple[int, ...], num_classes: int, out: Path, seed: int):
+    """A row per class, 8 samples each, for GMFlow and FM at the headline NFEs."""
+    labels = torch.arange(num_classes).repeat_interleave(8)
+    noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
+    paths = []
+    rows = (("gmflow", "gm-sde", 2, pr.headline[0]), ("fm", "heun", 1, pr.headline[1]),
+            ("fm", "euler", 1, pr.headline[0]))  # fmt: skip
+    for name, solver, order, nfe in rows:
+        x = sample(models[name], noise, solver=solver, nfe=nfe, order=order, cond={"class_labels": labels},
+                   generator=torch.Generator().manual_seed(seed + 12))  # fmt: skip
+        path = out / f"samples_{name}_{solver}_nfe{nfe}.png"
+        paths.append(image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=8))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    pr, _, out = start_run(args, "images", PRESETS)
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    print(f"[bench images] preset {args.preset}: {pr.description}")
+    cfgs = model_configs(pr, out, args.seed)
+    timing = step_time_ratio(cfgs, steps=10 if args.preset != "smoke" else 2)
+    fm_ms, gm_ms = timing["fm_step_ms"], timing["gmflow_step_ms"]
+    print(
+        f"[bench images] training step: FM {fm_ms:.1f} ms, GMFlow {gm_ms:.1f} ms, ratio {timing['ratio']:.3f}"
+    )
+    models = {}
+    for name, cfg in cfgs.items():
+        print(f"[bench images] training {name}: {cfg.loop.steps} steps, batch {cfg.loop.batch_size}")
+        run_experiment(cfg, progress=progress, verbose=True)
+        models[name] = load_network(cfg.loop.out_dir)
+    test = cfgs["fm"].dataset("test")
+    kw = {} if pr.classifier_epochs is None else {"epochs": pr.classifier_epochs}
+    clf = get_classifier(pr.data, cache_dir=out / "classifier", **kw)
+    reference = test.tensor()
+    prev = out / "results.json"
+    records = json.loads(prev.read_text()) if prev.is_file() else []
+    records = evaluate(pr, models, clf, reference, test.num_classes, out, args.seed, progress, records)
+    lines = summary_lines(records, pr)
+    for line in lines:
+        print(f"[bench images] {line}")
+    figs = [
+        metric_curves(
+            records,
+            out / f"{m}_vs_nfe.png",
+            metric=m,
+            group_keys=("model", "solver", "order"),
+            logy=m == "fd",
+            title=f"{pr.data}: {m} vs NFE (test split)",
+        )  # fmt: skip
+        for m in ("fd", "precision", "class_acc")
+    ]
+    figs += _grids(models, pr, tuple(reference.shape[1:]), test.num_classes, out, args.seed)
+    text = "\n".join([
+        f"# gmflow bench images — preset `{args.preset}`", "", pr.description, "", *lines, "",
+        f"Training step (interleaved medians): FM {timing['fm_step_ms']:.1f} ms, GMFlow "
+        f"{timing['gmflow_step_ms']:.1f} ms, ratio {timing['ratio']:.3f}.", "",
+        "## FD vs the test split (lower is better; draw means)", "",
+        results_markdown(records, pr.nfes, "fd"), "",
+        "## Precision", "", results_markdown(records, pr.nfes, "precision"), "",
+        "## Recall", "", results_markdown(records, pr.nfes, "recall"), "",
+        "## Class accuracy (requested class)", "", results_markdown(records, pr.nfes, "class_acc"), "",
+        f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",
+    ]) + "\n"  # fmt: skip
+    atomic_write_json(out / "meta.json", {"preset": args.preset, "seed": args.seed, "step_time": timing,
+                                          "config": dataclasses.asdict(pr)})  # fmt: skip
+    atomic_write_text(out / "results.md", text)
+    print(f"[bench images] wrote {out / 'results.md'} and")
+    for f in figs:
+        print(f"  {f}")
+    return 0
