@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench-overhead: $(STAMP)
-	$(VPY) benchmarks/gm_overhead.py --out runs/bench_overhead
+	$(VPY) benchmarks/gm_cost.py --out runs/bench_gm_cost
 
 clean:
 	rm -rf runs build *.egg-info src/*.egg-info .pytest_cache

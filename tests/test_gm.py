@@ -244,6 +244,13 @@ def test_nonfinite_fields_names_each_bad_parameter():
     assert GaussianMixture(gm.means, lw, gm.logstds).nonfinite_fields() == ("logweights",)
     lw[:, 0] = -inf  # a component of weight zero is a valid mixture
     assert GaussianMixture(gm.means, lw, gm.logstds).nonfinite_fields() == ()
+    # finite values whose sum overflows (the quick check's false alarm) are still finite
+    big = torch.full_like(gm.means, 3e38, dtype=torch.float32)
+    gm32 = GaussianMixture(big, gm.logweights.float(), gm.logstds.float())
+    assert gm32.nonfinite_fields() == ()
+    assert GaussianMixture(big.clone().fill_(inf), gm32.logweights, gm32.logstds).nonfinite_fields() == (
+        "means",
+    )
 
 
 def test_gaussian_and_transition_coefficients_are_reexported():

@@ -170,8 +170,15 @@ class GaussianMixture:
 
         ``logweights`` may be ``-inf`` (a component of weight zero). This costs one device sync, so the
         constructor does not call it (training builds a GM every step and stops on a non-finite loss);
-        the samplers check every model output with it.
+        the samplers check every model output with it. One sum per field decides the common case (a NaN
+        or Inf anywhere makes the sum NaN or Inf); only a flagged sum, which may also be a finite overflow,
+        runs the elementwise check.
         """
+        fields = (self.means, self.logweights, self.logstds)
+        sums = torch.stack([f.sum() for f in fields])
+        fast = torch.stack([torch.isfinite(sums[0]), sums[1] < math.inf, torch.isfinite(sums[2])])
+        if all(fast.tolist()):
+            return ()
         ok = torch.stack(
             [
                 torch.isfinite(self.means).all(),

@@ -15,8 +15,8 @@ from gmflow.experiments import ReflowConfig, run_experiment
 
 def test_toy_eval_prints_table_and_writes_json(toy_run, velocity_run, copy_run, tmp_path, capsys):
     out = tmp_path / "e.json"
-    args = ["--solvers", "gm-sde", "euler", "--nfes", "1", "2", "--n", "400", "--json", str(out)]
-    assert main(["eval", "--ckpt", str(toy_run.path), *args]) == 0
+    args = ["--solvers", "gm-sde", "gm-ode", "euler", "--nfes", "1", "2", "--n", "400", "--json", str(out)]
+    assert main(["eval", "--ckpt", str(toy_run.path), *args, "--substep-method", "pc2"]) == 0
     captured = capsys.readouterr()
     assert "sw2_ratio" in captured.out and "in_support" in captured.out and "sw2 floor" in captured.err
     res = json.loads(out.read_text())
@@ -26,12 +26,14 @@ def test_toy_eval_prints_table_and_writes_json(toy_run, velocity_run, copy_run, 
         "toy2d",
         "checkerboard",
     )
-    assert len(res["rows"]) == 4 and res["sw2_floor"] > 0 and res["n"] == 400
-    assert {(r["solver"], r["order"], r["nfe"]) for r in res["rows"]} == {
-        ("gm-sde", 2, 1),
-        ("gm-sde", 2, 2),
-        ("euler", 1, 1),
-        ("euler", 1, 2),
+    assert len(res["rows"]) == 6 and res["sw2_floor"] > 0 and res["n"] == 400
+    assert {(r["solver"], r["order"], r["nfe"], r.get("substep_method")) for r in res["rows"]} == {
+        ("gm-sde", 2, 1, None),
+        ("gm-sde", 2, 2, None),
+        ("gm-ode", 2, 1, "pc2"),
+        ("gm-ode", 2, 2, "pc2"),
+        ("euler", 1, 1, None),
+        ("euler", 1, 2, None),
     }
     assert all(r["sw2_ratio"] > 0 and 0 <= r["in_support"] <= 1 and r["nonfinite"] == 0 for r in res["rows"])
     d = copy_run(velocity_run.path)
@@ -87,6 +89,10 @@ def test_eval_errors_exit_2(toy_run, velocity_run, ring_pairs, tmp_path, capsys)
         (["--ckpt", str(velocity_run.path), "--solvers", "gm-sde"], "needs a GM model"),
         (["--ckpt", str(toy_run.path), "--json", str(tmp_path / "no" / "e.json")], "cannot write"),
         (["--ckpt", str(toy_run.path), "--nfes", "0"], "--nfes must be >= 1"),
+        (
+            ["--ckpt", str(toy_run.path), "--solvers", "euler", "--substep-method", "pc3"],
+            "--substep-method applies to --solvers gm-ode only",
+        ),
         (["--ckpt", str(tmp_path / "missing")], "does not exist"),
     ]
     for args, match in cases:

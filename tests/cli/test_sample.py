@@ -30,6 +30,8 @@ def test_toy_samples_png_seeds_and_batches(toy_run, tmp_path):
             "1",
             "--substeps",
             "4",
+            "--substep-method",
+            "euler",
             "--n",
             "50",
             "--raw",
@@ -95,6 +97,14 @@ def test_image_runs_give_image_tensors_and_a_grid(request, fixture, tmp_path, ca
         (["--ckpt", "{run}", "--solver", "euler", "--nfe", "0"], "--nfe must be >= 1"),
         (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--order", "2"], "--order 2 applies"),
         (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--substeps", "3"], "--substeps applies"),
+        (
+            ["--ckpt", "{run}", "--solver", "gm-sde", "--nfe", "2", "--substep-method", "euler"],
+            "--substep-method applies to --solver gm-ode only",
+        ),
+        (
+            ["--ckpt", "{run}", "--solver", "gm-ode", "--nfe", "2", "--substep-method", "rk4"],
+            "invalid choice",
+        ),
         (["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--out", "{tmp}/x.csv"], ".pt or .npy"),
         (
             ["--ckpt", "{run}", "--solver", "euler", "--nfe", "2", "--out", "{tmp}/no/dir/x.pt"],

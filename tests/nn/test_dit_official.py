@@ -18,7 +18,7 @@ import gmflow
 import gmflow.sampling.solvers.gm as gm_solvers
 from gmflow import GaussianMixture
 from gmflow.nn import GMDiT
-from gmflow.sampling import GMODE
+from gmflow.sampling.solvers.gm_field import PreparedGM
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "official_gmdit"
 TRANSFORMER = FIXTURE / "transformer"
@@ -144,26 +144,31 @@ def test_bf16_variant_gives_identical_outputs(official, io):
 
 
 # ------------------------------------------------------------------------------ official trajectories
+def _tilted(prep: PreparedGM, tilt) -> GaussianMixture:
+    """The GM a solver uses: the prepared base GM, materialised after its tilt (if any)."""
+    return prep.gm if tilt is None else prep.gm.tilt(tilt.zeta.reshape(-1), tilt.nu)
+
+
 def _record_gm_steps(monkeypatch) -> list[GaussianMixture]:
     """Record the x0-GM each GM-ODE step integrates (after guidance and the second-order correction)."""
     used: list[GaussianMixture] = []
-    step = GMODE._gm_step
+    integrate = gm_solvers.integrate
 
-    def recording(self, gm, *args):
-        used.append(gm)
-        return step(self, gm, *args)
+    def recording(field, *args):
+        used.append(_tilted(field.prep, field.tilt))
+        return integrate(field, *args)
 
-    monkeypatch.setattr(GMODE, "_gm_step", recording)
+    monkeypatch.setattr(gm_solvers, "integrate", recording)
     return used
 
 
 @pytest.mark.parametrize(
     "run,kwargs,atol",
     [
-        ("ode2", dict(solver="gm-ode", order=2, substeps=4), 2e-6),
-        ("euler", dict(solver="gm-ode", order=1, substeps=1), 2e-6),
+        ("ode2", dict(solver="gm-ode", order=2, substeps=4, substep_method="euler"), 2e-6),
+        ("euler", dict(solver="gm-ode", order=1, substeps=1, substep_method="euler"), 2e-6),
         ("euler", dict(solver="euler"), 2e-6),
-        ("ode2_pg045", dict(solver="gm-ode", order=2, substeps=4, guided=True), 1e-5),
+        ("ode2_pg045", dict(solver="gm-ode", order=2, substeps=4, substep_method="euler", guided=True), 1e-5),
     ],
 )
 def test_official_ode_trajectories(official, traj, monkeypatch, run, kwargs, atol):
@@ -213,10 +218,10 @@ def test_official_sde2_trajectory_with_recorded_draws(official, traj, monkeypatc
 
     The official sampler draws, per step, the component index (multinomial, rows (b, h, w)), z for
     the x0 sample ``means[k] + s z``, then the transition noise (also at the last step, where its
-    coefficient is 0; ours skips that draw). Here ``GaussianMixture.sample`` builds the x0 sample
-    from the recorded index and z, and the solver's ``torch.randn`` replays the recorded noise; the
-    GM passed to ``sample`` (after the second-order correction), the states and the output are
-    compared.
+    coefficient is 0; ours skips that draw). Here the x0 draw (``GaussianMixture.sample`` on the first
+    step, ``PreparedGM.sample`` of the second-order tilt after it) is built from the recorded index
+    and z, and the solver's ``torch.randn`` replays the recorded noise; the GM drawn from (after the
+    second-order correction), the states and the output are compared.
     """
     used: list[GaussianMixture] = []
 
@@ -228,7 +233,10 @@ def test_official_sde2_trajectory_with_recorded_draws(official, traj, monkeypatc
         z = traj[f"sde2.draw{3 * i + 1:02d}.randn"]
         return (torch.gather(self.means, 1, idx) + self.logstds.exp() * z).squeeze(1)
 
-    monkeypatch.setattr(GaussianMixture, "sample", recorded_sample)
+    monkeypatch.setattr(GaussianMixture, "sample", recorded_sample)  # the first step: no extrapolation yet
+    monkeypatch.setattr(
+        PreparedGM, "sample", lambda prep, tilt, generator=None: recorded_sample(_tilted(prep, tilt))
+    )
     noise = _RecordedNoise([traj[f"sde2.draw{3 * i + 2:02d}.randn"] for i in range(4)])
     monkeypatch.setattr(gm_solvers, "torch", noise)
     out, states = gmflow.sample(

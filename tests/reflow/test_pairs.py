@@ -137,6 +137,25 @@ def test_bad_arguments(ring, tmp_path):
         )  # fmt: skip
 
 
+def test_gm_ode_records_its_substep_method(ring, tmp_path):
+    """The resolved sub-step method is part of the settings: a store is never resumed with another one."""
+    m = _quick(ring, tmp_path / "a", n=8, solver="gm-ode", solver_kwargs={"substeps": 2})
+    assert m.solver_kwargs == {"substeps": 2, "substep_method": "pc3"}
+    x0, x1 = _load_all(tmp_path / "a")
+    assert torch.allclose(
+        x0, sample(ring, x1, solver="gm-ode", nfe=2, substeps=2, substep_method="pc3"), atol=1e-6
+    )
+    with pytest.raises(PairError, match="solver_kwargs"):
+        _quick(
+            ring,
+            tmp_path / "a",
+            n=8,
+            solver="gm-ode",
+            solver_kwargs={"substeps": 2, "substep_method": "euler"},
+        )
+    assert _quick(ring, tmp_path / "b", n=8).solver_kwargs == {}  # other solvers record nothing extra
+
+
 def test_stochastic_solver_is_recorded_and_seeded(ring, tmp_path):
     kw = dict(n=64, shard_size=32, solver="gm-sde", nfe=4)
     m = _quick(ring, tmp_path / "a", **kw)

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import gmflow.sampling.solvers.gm as gm_module
 from gmflow import AutoGuidance, GaussianMixture, ring_gmm, sample
 from gmflow.sampling import (
     DDPM,
@@ -34,7 +35,7 @@ TRAITS = {
     "dpm++2m": (DPMSolverPP2M, False, False, False, (1,), ()),
     "ddpm": (DDPM, False, True, False, (1,), ("variance",)),
     "gm-sde": (GMSDE, True, True, False, (1, 2), ("order",)),
-    "gm-ode": (GMODE, True, False, False, (1, 2), ("order", "substeps")),
+    "gm-ode": (GMODE, True, False, False, (1, 2), ("order", "substeps", "substep_method")),
 }
 
 
@@ -90,7 +91,35 @@ def test_constructor_options_are_validated():
         GMODE(substeps=0)
     with pytest.raises(TypeError, match="substeps must be an int"):
         GMODE(substeps=2.0)
-    assert repr(GMODE(order=2, substeps=3)) == "GMODE(order=2, substeps=3)"
+    with pytest.raises(
+        ValueError, match=r"substep_method must be one of \('euler', 'pc2', 'pc3'\), got 'rk4'"
+    ):
+        GMODE(substep_method="rk4")
+    assert repr(GMODE(order=2, substeps=3)) == "GMODE(order=2, substeps=3, substep_method='pc3')"
+    assert GMODE(substep_method="euler").substep_method == "euler"
+
+
+def test_gm_ode_default_substeps_follow_the_step_length(monkeypatch):
+    """pc3: ceil(16 (t - t')) sub-steps per step, so a warped grid spends them on its long steps."""
+    counts = []
+    integrate = gm_module.integrate
+
+    def counting(field, x, t, t_next, n, method):
+        counts.append((method, n))
+        return integrate(field, x, t, t_next, n, method)
+
+    monkeypatch.setattr(gm_module, "integrate", counting)
+    ring = ring_gmm()
+    noise = torch.randn(8, 2, dtype=D)
+    times = [1.0, 0.9, 0.2, 0.0]
+    sample(ring, noise, solver="gm-ode", nfe=3, times=torch.tensor(times))
+    assert counts == [("pc3", 2), ("pc3", 12), ("pc3", 4)]
+    counts.clear()
+    sample(ring, noise, solver="gm-ode", nfe=3, times=torch.tensor(times), substep_method="euler")
+    assert counts == [("euler", 43)] * 3
+    counts.clear()
+    sample(ring, noise, solver="gm-ode", nfe=3, times=torch.tensor(times), substeps=5)
+    assert counts == [("pc3", 5)] * 3
 
 
 # ------------------------------------------------------------------ driving step() by hand
@@ -127,6 +156,8 @@ CASES = [
     ("gm-sde", {"order": 2}),
     ("gm-ode", {"order": 1}),
     ("gm-ode", {"order": 2, "substeps": 3}),
+    ("gm-ode", {"order": 2, "substeps": 3, "substep_method": "euler"}),
+    ("gm-ode", {"order": 1, "substep_method": "pc2"}),
 ]
 
 

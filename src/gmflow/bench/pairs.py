@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join([
         f"# gmflow bench pairs — preset `{args.preset}`", "", pr.description, "",
         f"{pr.n_pairs} backward pairs per row, same noise for every row; reference: dpm++2m at NFE "
-        f"{pr.ref_nfe} on the teacher's mean velocity. gm-ode uses ceil(128/NFE) sub-steps.", "",
+        f"{pr.ref_nfe} on the teacher's mean velocity. gm-ode: default sub-steps (pc3, ceil(16/NFE)).", "",
         "## Headline: best GM-teacher gm-ode row vs best FM-teacher row (pair RMSE, cost)", "",
         *summary_lines(records), "", results_markdown(records, refs, pr.nfes),
         f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",

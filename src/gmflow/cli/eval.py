@@ -29,7 +29,8 @@ from ..metrics import (
     reference_set,
     sliced_w2_mean,
 )
-from ..sampling import SOLVERS
+from ..sampling import SOLVERS, SUBSTEP_METHODS
+from ..sampling.solvers.substeps import DEFAULT_SUBSTEP_METHOD
 from .common import UsageError, check_writable, draw_samples, fmt, positive
 from .sample import add_run_arguments, check_solver, load_run_args, solver_order
 
@@ -65,6 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--nfes", nargs="+", type=positive("--nfes"), default=[1, 2, 4, 8], help="default 1 2 4 8")
     e.add_argument("--order", type=int, choices=(1, 2), default=2, help="order of GM solvers (default 2)")
+    e.add_argument(
+        "--substep-method",
+        choices=SUBSTEP_METHODS,
+        help="gm-ode sub-step integrator: pc3 (default), pc2 or euler (the paper's)",
+    )
     e.add_argument(
         "--n", type=positive("--n"), default=None, help="samples per row (default 20000; images 1000)"
     )
@@ -126,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     solvers = args.solvers or (["gm-sde", "gm-ode", "euler"] if r.head == "gm" else ["euler", "dpm++2m"])
     for s in solvers:
         check_solver(r, s, solver_order(s, args.order), None)
+    if args.substep_method is not None and not any("substep_method" in SOLVERS[s].options for s in solvers):
+        which = "/".join(n for n, c in SOLVERS.items() if "substep_method" in c.options)
+        raise UsageError(f"--substep-method applies to --solvers {which} only")
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
     check_writable(out)
     n = args.n or (20000 if shape == (2,) else 1000)
@@ -133,13 +142,16 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for solver in solvers:
         order = solver_order(solver, args.order)
+        extra = {"substep_method": args.substep_method} if "substep_method" in SOLVERS[solver].options else {}
         for nfe in args.nfes:
             t0 = time.perf_counter()
             x = draw_samples(
                 r.model, shape, n, args.batch, args.seed, args.device, f"{solver} nfe={nfe}",
-                solver=solver, nfe=nfe, order=order,
+                solver=solver, nfe=nfe, order=order, **extra,
             )  # fmt: skip
             row: dict[str, Any] = {"solver": solver, "order": order, "nfe": nfe}
+            if extra:
+                row["substep_method"] = extra["substep_method"] or DEFAULT_SUBSTEP_METHOD
             row.update(scorer(x), seconds=round(time.perf_counter() - t0, 3))
             rows.append(row)
             _print_row(row, ["solver", "order", "nfe", *scorer.columns, "seconds"], header=len(rows) == 1)

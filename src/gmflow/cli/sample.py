@@ -14,7 +14,7 @@ import torch
 from ..experiments import Run, load_run
 from ..guidance import CFG, ProbabilisticGuidance
 from ..io import atomic_write_bytes
-from ..sampling import SOLVERS
+from ..sampling import SOLVERS, SUBSTEP_METHODS
 from ..viz import histogram_grid, image_grid
 from .common import UsageError, check_writable, draw_samples, fmt, one_line, positive
 
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--nfe", type=positive("--nfe"), required=True, help="network evaluations per sample")
     s.add_argument("--order", type=int, choices=(1, 2), default=1, help="GM solvers: 1st or 2nd order")
-    s.add_argument("--substeps", type=positive("--substeps"), help="gm-ode sub-steps (default ceil(128/nfe))")
+    add_substep_arguments(s)
     s.add_argument("--n", type=positive("--n"), default=10000, help="number of samples (default 10000)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--out", metavar="FILE", help="samples file, .pt or .npy (default: in the run directory)")
@@ -124,7 +124,23 @@ def load_run_args(args: argparse.Namespace) -> Run:
     return load_run(args.ckpt, use_ema=not args.raw, device=args.device)
 
 
-def check_solver(run: Run, solver: str, order: int, substeps: int | None) -> None:
+def add_substep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--substeps",
+        type=positive("--substeps"),
+        help="gm-ode sub-steps per network step (default: ceil(16 (t - t')) for pc2/pc3, i.e. ceil(16/nfe) "
+        "on the uniform grid; ceil(128/nfe) for euler)",
+    )
+    p.add_argument(
+        "--substep-method",
+        choices=SUBSTEP_METHODS,
+        help="gm-ode sub-step integrator: pc3 (default), pc2 or euler (the paper's)",
+    )
+
+
+def check_solver(
+    run: Run, solver: str, order: int, substeps: int | None, substep_method: str | None = None
+) -> None:
     """One-line usage errors for a solver that does not fit the run or the options (asks traits)."""
     cls = SOLVERS[solver]
     if cls.needs_gm and run.head != "gm":
@@ -135,9 +151,10 @@ def check_solver(run: Run, solver: str, order: int, substeps: int | None) -> Non
     if order not in cls.orders:
         which = "/".join(n for n, c in SOLVERS.items() if order in c.orders)
         raise UsageError(f"--order {order} applies to {which} only, not {solver!r}")
-    if substeps is not None and "substeps" not in cls.options:
-        which = "/".join(n for n, c in SOLVERS.items() if "substeps" in c.options)
-        raise UsageError(f"--substeps applies to --solver {which} only")
+    for opt, val in (("substeps", substeps), ("substep_method", substep_method)):
+        if val is not None and opt not in cls.options:
+            which = "/".join(n for n, c in SOLVERS.items() if opt in c.options)
+            raise UsageError(f"--{opt.replace('_', '-')} applies to --solver {which} only")
 
 
 def solver_order(solver: str, order: int) -> int:
@@ -162,7 +179,7 @@ def _save_samples(x: torch.Tensor, path: Path, labels: torch.Tensor | None) -> N
 
 def run(args: argparse.Namespace) -> int:
     r = load_run_args(args)
-    check_solver(r, args.solver, args.order, args.substeps)
+    check_solver(r, args.solver, args.order, args.substeps, args.substep_method)
     several_orders = len(SOLVERS[args.solver].orders) > 1
     tag = f"{args.solver}_o{args.order}_nfe{args.nfe}" if several_orders else f"{args.solver}_nfe{args.nfe}"
     out = Path(args.out) if args.out else Path(args.ckpt) / f"samples_{tag}.pt"
@@ -187,7 +204,10 @@ def run(args: argparse.Namespace) -> int:
         n = len(labels)
     elif r.num_classes > 0:  # class-conditional run without --classes: cycle through every class
         labels = torch.arange(n) % r.num_classes
-    kw = dict(solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps, guidance=guidance)
+    kw = dict(
+        solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps,
+        substep_method=args.substep_method, guidance=guidance,
+    )  # fmt: skip
     x = draw_samples(
         r.model, shape, n, args.batch, args.seed, args.device, f"sampling {tag}",
         labels=labels, null_label=r.num_classes, **kw,

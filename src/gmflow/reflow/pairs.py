@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..flow import time_grid
 from ..io import sha256_file
 from ..sampling import SOLVERS, get_solver, num_steps, sample
+from ..sampling.solvers.substeps import DEFAULT_SUBSTEP_METHOD
 from .store import PairError, PairManifest, commit_shard, open_store, shard_committed
 
 __all__ = ["generate_pairs", "shard_seed", "teacher_hash"]
@@ -38,7 +39,7 @@ __all__ = ["generate_pairs", "shard_seed", "teacher_hash"]
 DIRECTIONS = ("backward", "forward")
 FORWARD_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.invertible)
 STOCHASTIC_SOLVERS = tuple(n for n, c in SOLVERS.items() if c.stochastic)
-SOLVER_KWARGS = ("substeps", "times", "shift", "kappa", "r", "variance")
+SOLVER_KWARGS = ("substeps", "substep_method", "times", "shift", "kappa", "r", "variance")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -207,7 +208,9 @@ def generate_pairs(
             :func:`teacher_hash` of a checkpoint; default: a hash of an ``nn.Module``'s weights or of a
             simple object's fields (``GaussianMixtureData``), else ``None`` (unchecked).
         dtype: compute dtype (pairs are stored as float32).
-        solver_kwargs: extra :func:`gmflow.sample` options (``substeps, times, shift, kappa, r, variance``).
+        solver_kwargs: extra :func:`gmflow.sample` options (``substeps, substep_method, times, shift, kappa,
+            r, variance``). For ``gm-ode`` the sub-step method is always recorded (the default if not
+            given), so a store made with another method's default is not resumed with this one.
 
     Raises:
         PairError: ``out_dir`` holds pairs made with different settings (the message names the field),
@@ -227,6 +230,8 @@ def generate_pairs(
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     kw = _check_solver_kwargs(solver_kwargs)
+    if "substep_method" in get_solver(solver).options:
+        kw.setdefault("substep_method", DEFAULT_SUBSTEP_METHOD)
     _times(direction, solver, nfe, grid, kw)  # validates a custom grid early
     data_id = None
     if direction == "forward":

@@ -14,8 +14,9 @@ dpm-solver-2   as heun, with DPM-Solver-2 steps (intermediate point ``r``, defau
 dpm++2m        ``nfe`` steps, 1 evaluation each (first and last step first order)
 ddpm           ``nfe`` ancestral steps, ``variance="small"`` (default) or ``"large"``
 gm-sde         ``nfe`` steps; each draws x0 from the GM and applies the exact GM transition
-gm-ode         ``nfe`` steps; each runs ``substeps`` (default ``ceil(128/nfe)``) analytic Euler
-               sub-steps on one network output
+gm-ode         ``nfe`` steps; each runs ``substeps`` analytic sub-steps on one network output
+               (``substep_method`` ``"pc3"``, default ``ceil(16 (t - t'))``, i.e. ``ceil(16/nfe)``
+               on the uniform grid; ``"euler"``, the paper's, default ``ceil(128/nfe)``)
 ============== ============================================================================
 
 ``order=2`` (GM solvers only) adds the multistep extrapolation of GMFlow App. A.2 (no extra
@@ -55,6 +56,7 @@ def sample(
     nfe: int,
     order: int = 1,
     substeps: int | None = None,
+    substep_method: str | None = None,
     generator: torch.Generator | None = None,
     times: Tensor | None = None,
     grid: str = "uniform",
@@ -79,7 +81,11 @@ def sample(
         solver: one of :data:`SOLVERS`; see the module docstring for how each spends ``nfe``.
         nfe: model evaluations per sample.
         order: 1 or 2 (2 only for solvers whose ``orders`` include it: ``gm-sde`` / ``gm-ode``).
-        substeps: GM-ODE sub-steps per network step (default ``ceil(128/nfe)``).
+        substeps: GM-ODE sub-steps per network step (default
+            :func:`~gmflow.sampling.solvers.substeps.default_substeps` of ``nfe``, the method and
+            the step's length).
+        substep_method: GM-ODE sub-step integrator, ``"pc3"`` (default), ``"pc2"`` or ``"euler"``
+            (docs/maths/solvers.md §5).
         generator: randomness of ``stochastic`` solvers (``gm-sde``, ``ddpm``).
         times: explicit grid of ``num_steps(solver, nfe) + 1`` times (overrides ``grid``);
             ``invertible`` solvers (``euler``, ``heun``) also accept increasing grids (ODE inversion,
@@ -100,9 +106,10 @@ def sample(
     if order not in cls.orders:
         which = "/".join(repr(n) for n, c in SOLVERS.items() if order in c.orders)
         raise ValueError(f"order={order} applies to {which} only; {solver!r} has a fixed order")
-    if substeps is not None and "substeps" not in cls.options:
-        which = "/".join(repr(n) for n, c in SOLVERS.items() if "substeps" in c.options)
-        raise ValueError(f"substeps applies to solver={which} only, got solver={solver!r}")
+    for opt, val in (("substeps", substeps), ("substep_method", substep_method)):
+        if val is not None and opt not in cls.options:
+            which = "/".join(repr(n) for n, c in SOLVERS.items() if opt in c.options)
+            raise ValueError(f"{opt} applies to solver={which} only, got solver={solver!r}")
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -111,7 +118,13 @@ def sample(
         raise ValueError(f"noise must have shape (B, *event) with B >= 1, got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or Inf values")
-    given = {"order": order, "substeps": substeps, "r": r, "variance": variance}
+    given = {
+        "order": order,
+        "substeps": substeps,
+        "substep_method": substep_method,
+        "r": r,
+        "variance": variance,
+    }
     s = cls(**{k: given[k] for k in cls.options})
     s.set_timesteps(nfe, times=times, grid=grid, shift=shift, kappa=kappa)
 

@@ -8,6 +8,7 @@ from types import MappingProxyType
 from .base import GMPrediction, MeanPrediction, Solver
 from .gm import GMODE, GMSDE
 from .ode import DDPM, DPMSolver2, DPMSolverPP2M, Euler, Heun
+from .substeps import SUBSTEP_METHODS
 
 __all__ = [
     "SOLVERS",
@@ -22,6 +23,7 @@ __all__ = [
     "DDPM",
     "GMSDE",
     "GMODE",
+    "SUBSTEP_METHODS",
 ]
 
 SOLVERS: Mapping[str, type[Solver]] = MappingProxyType(

@@ -6,7 +6,6 @@ of one network evaluation. GM maths runs with autocast disabled. Derivations: do
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 
 import torch
@@ -16,8 +15,10 @@ from ...gaussian import Gaussian, reverse_transition_coefs
 from ...gm import GaussianMixture
 from ...guidance import GuidedGM
 from .base import GMPrediction, Solver, check_int
+from .gm_field import GMField, PreparedGM, Tilt
+from .substeps import DEFAULT_SUBSTEP_METHOD, SUBSTEP_METHODS, default_substeps, integrate
 
-__all__ = ["GMSDE", "GMODE", "SecondOrder", "ReanchoredMean", "default_substeps"]
+__all__ = ["GMSDE", "GMODE", "SecondOrder", "default_substeps", "gaussian_ratio_tilt", "guidance_tilt"]
 
 _DAMP_CA = 0.005  # damping sqrt(max(0, 1 - (w~^2 + ca) s_c^2 / h_prev^2)) of the second-order step
 
@@ -28,86 +29,65 @@ class SecondOrder:
     At step ``i > 0`` with step sizes ``h = t_i - t_{i+1}`` and ``h_prev``:
 
     1. ``m_prev`` = mean of the cached (post-guidance, pre-extrapolation) x0-GM moved to the current
-       ``(x_t, t)`` by :meth:`GaussianMixture.reanchor` (Eq. 10).
+       ``(x_t, t)`` by re-anchoring (Eq. 10), from the cached :class:`GMField` (no second preparation).
     2. ``d = (m_cur - m_prev) (h / 2 h_prev) sqrt(max(0, 1 - (w~^2 + 0.005) s^2 / h_prev^2))`` with
        ``s^2`` the spatially averaged surrogate variance and ``w~`` the probabilistic-guidance scale
        (0 without it).
     3. ``B = d (+ b_guidance)``; ``P = mean(B^2)``; if ``P > s^2``, ``B`` is rescaled to power ``s^2``.
-    4. Target ``N(m_base + B, s^2 max(1 - P/s^2, 1e-6))``; new GM = base GM x ``N(target)/N(base)``.
+    4. Target ``N(m_base + B, s^2 max(1 - P/s^2, 1e-6))``; the new GM is the base GM times
+       ``N(target)/N(base)``, returned as that :class:`Tilt` of the base GM (``None`` on the first step).
+
+    ``prep`` is the prepared base GM: the conditional GM under probabilistic guidance, else the GM.
     """
 
     def __init__(self) -> None:
-        self.prev: tuple[GaussianMixture, Tensor, float, float] | None = None
+        self.prev: tuple[GMField, float] | None = None
 
     def __call__(
-        self, gm: GaussianMixture, info: GuidedGM | None, x: Tensor, t: float, t_next: float
-    ) -> GaussianMixture:
+        self, prep: PreparedGM, info: GuidedGM | None, x: Tensor, t: float, t_next: float
+    ) -> Tilt | None:
         h = t - t_next
-        out = gm
+        out = None
         if self.prev is not None:
-            prev_gm, prev_x, prev_t, prev_h = self.prev
+            prev_field, prev_h = self.prev
             if info is not None:
-                base_gm, base, avg_var, bias, cur = info.cond, info.base, info.avg_var, info.bias, gm.mean()
+                base, bias, cur = info.base, info.bias, info.gm.mean()
                 w2 = float(info.scale) ** 2
             else:
-                base_gm, base = gm, gm.to_gaussian(spatial_average=True)
-                avg_var, bias, cur = base.var, None, base.mean
+                base, bias = prep.surrogate(), None
+                cur = base.mean
                 w2 = 0.0
-            m_prev = ReanchoredMean(prev_gm, prev_x, prev_t)(x, t)
+            avg_var = base.var
+            m_prev = prep.unflat(prev_field.mean(prep.flat(x), t))
             damp = (1.0 - (w2 + _DAMP_CA) * avg_var / prev_h**2).clamp_min(0.0).sqrt()
             big_b = (cur - m_prev) * (0.5 * h / prev_h) * damp
             if bias is not None:
                 big_b = big_b + bias
             power = big_b.square().flatten(1).mean(1).reshape(avg_var.shape)
             big_b = torch.where(power > avg_var, big_b * torch.sqrt(avg_var / power.clamp_min(1e-30)), big_b)
-            target = Gaussian(base.mean + big_b, avg_var * (1.0 - power / avg_var).clamp_min(1e-6))
-            out = base_gm.mul_gaussian_ratio(target, base)
-        self.prev = (gm, x, t, h)
+            out = gaussian_ratio_tilt(
+                Gaussian(base.mean + big_b, avg_var * (1.0 - power / avg_var).clamp_min(1e-6)), base
+            )
+        self.prev = (GMField(prep, prep.flat(x), t, guidance_tilt(info)), h)
         return out
 
 
-class ReanchoredMean:
-    """Fast ``mean(q^(x0 | x_tau))`` for many ``(x_tau, tau)`` from one x0-GM anchored at ``(x_t, t)``.
-
-    Same maths as :meth:`GaussianMixture.reanchor` followed by ``mean()``, specialised so that each
-    evaluation is two batched matrix products on ``(B, P, K)`` logits instead of elementwise work on
-    ``(B, K, C, *S)``: with ``d = 1 + v zeta``,
-    ``mean = (sum_k softmax_k(a_k + (mu_k . nu - zeta ||mu_k||^2 / 2) / d) mu_k + v nu) / d``.
-    """
-
-    def __init__(self, gm: GaussianMixture, x_t: Tensor, t: float) -> None:
-        b, k, c = gm.means.shape[:3]
-        self.shape = (b, c, *gm.means.shape[3:])
-        self.mu = gm.means.reshape(b, k, c, -1).permute(0, 3, 1, 2).contiguous()  # (B,P,K,C)
-        self.logw = gm.logweights.reshape(b, k, -1).transpose(1, 2).contiguous()  # (B,P,K)
-        self.musq = self.mu.square().sum(-1)  # (B,P,K)
-        self.v = gm.var.reshape(b, 1, 1)
-        self.x_t = x_t.reshape(b, c, -1).transpose(1, 2)  # (B,P,C)
-        self.t = max(t, 1e-6)
-
-    def __call__(self, x: Tensor, tau: float) -> Tensor:
-        b, c = self.shape[:2]
-        tau = max(tau, 1e-6)
-        a_s, a_t = 1.0 - self.t, 1.0 - tau
-        zeta = a_t**2 / tau**2 - a_s**2 / self.t**2
-        nu = (a_t / tau**2) * x.reshape(b, c, -1).transpose(1, 2) - (a_s / self.t**2) * self.x_t  # (B,P,C)
-        d = 1.0 + self.v * zeta  # (B,1,1)
-        logits = (
-            self.logw + (torch.matmul(self.mu, nu.unsqueeze(-1)).squeeze(-1) - 0.5 * zeta * self.musq) / d
-        )
-        w = torch.softmax(logits, dim=-1)  # (B,P,K)
-        m = torch.matmul(w.unsqueeze(-2), self.mu).squeeze(-2)  # (B,P,C)
-        out = (m + self.v * nu) / d
-        return out.transpose(1, 2).reshape(self.shape)
+def gaussian_ratio_tilt(num: Gaussian, den: Gaussian) -> Tilt:
+    """The tilt ``N(num) / N(den)``: ``zeta = 1/w1 - 1/w2``, ``nu = m1/w1 - m2/w2`` (as
+    :meth:`GaussianMixture.mul_gaussian_ratio`)."""
+    return Tilt(1.0 / num.var - 1.0 / den.var, num.mean / num.var - den.mean / den.var)
 
 
-def default_substeps(nfe: int) -> int:
-    """``ceil(128 / nfe)`` GM-ODE sub-steps per network step (the paper's toy setting)."""
-    return math.ceil(128 / nfe)
+def guidance_tilt(info: GuidedGM | None) -> Tilt | None:
+    """Probabilistic guidance as a tilt of the conditional GM (``None`` without it or at scale 0)."""
+    if info is None or info.scale == 0:
+        return None
+    w2 = float(info.scale) ** 2
+    return gaussian_ratio_tilt(Gaussian(info.base.mean + info.bias, info.base.var * (1.0 - w2)), info.base)
 
 
 class _GMSolver(Solver):
-    """Shared GM-solver driver: optional second-order extrapolation, then :meth:`_gm_step`."""
+    """Shared GM-solver driver: GM maths with autocast disabled, then :meth:`_gm_step`."""
 
     needs_gm = True
     orders = (1, 2)
@@ -120,21 +100,24 @@ class _GMSolver(Solver):
         self.order = order
 
     def _reset(self) -> None:
-        self._second = SecondOrder() if self.order == 2 else None  # caches the previous GM
+        self._second = SecondOrder() if self.order == 2 else None  # caches the previous GM's field
 
     def _advance(self, p: GMPrediction, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
         t, t_next = self.interval
-        gm, info = p
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if self._second is not None:
-                gm = self._second(gm, info, x, t, t_next)
-            return self._gm_step(gm, x, t, t_next, generator), True
+            return self._gm_step(p.gm, p.guided, x, t, t_next, generator), True
 
     @abstractmethod
     def _gm_step(
-        self, gm: GaussianMixture, x: Tensor, t: float, t_next: float, generator: torch.Generator | None
+        self,
+        gm: GaussianMixture,
+        info: GuidedGM | None,
+        x: Tensor,
+        t: float,
+        t_next: float,
+        generator: torch.Generator | None,
     ) -> Tensor:
-        """One GM step ``t -> t'`` from the (extrapolated) x0-GM."""
+        """One GM step ``t -> t'`` from the (guided) x0-GM and its guidance details."""
 
 
 class GMSDE(_GMSolver):
@@ -142,16 +125,27 @@ class GMSDE(_GMSolver):
 
     ``c1, c2, c3`` from :func:`~gmflow.gaussian.reverse_transition_coefs`; an exact sample of the
     reverse transition, and at ``t' = 0`` (no noise) an exact sample of the x0-GM. Draws the GM
-    sample, then ``n``, from the step's ``generator``. ``order=2`` adds :class:`SecondOrder`.
+    sample, then ``n``, from the step's ``generator``. ``order=2`` adds :class:`SecondOrder` and
+    draws ``x0^`` from its tilt of the base GM (:meth:`PreparedGM.sample`, same draws).
     """
 
     name = "gm-sde"
     stochastic = True
 
     def _gm_step(
-        self, gm: GaussianMixture, x: Tensor, t: float, t_next: float, generator: torch.Generator | None
+        self,
+        gm: GaussianMixture,
+        info: GuidedGM | None,
+        x: Tensor,
+        t: float,
+        t_next: float,
+        generator: torch.Generator | None,
     ) -> Tensor:
-        x0_hat = gm.sample(generator)
+        tilt = None
+        if self._second is not None:
+            prep = PreparedGM(gm if info is None else info.cond)
+            tilt = self._second(prep, info, x, t, t_next)
+        x0_hat = gm.sample(generator) if tilt is None else prep.sample(tilt, generator)
         c1, c2, c3 = reverse_transition_coefs(t, t_next, x.dim(), like=x)
         out = c1 * x + c2 * x0_hat
         if t_next > 0:
@@ -160,33 +154,45 @@ class GMSDE(_GMSolver):
 
 
 class GMODE(_GMSolver):
-    """GM-ODE: ``n = substeps`` analytic Euler sub-steps in x0 form on one network output (GMFlow Eq. 10).
+    """GM-ODE: ``substeps`` analytic sub-steps in x0 form on one network output (GMFlow Eq. 10).
 
-    ``tau_j = t + (j/n)(t' - t)``; ``x0_j`` = mean of the GM for ``j = 0``, else the mean of
-    ``q^(x0 | x_tau_j)`` re-anchored from ``(x_t, t)``; ``x <- x + (tau_{j+1} - tau_j)(x - x0_j)/tau_j``.
-    ``substeps`` defaults to :func:`default_substeps` of the run's ``nfe``. ``order=2`` adds
-    :class:`SecondOrder`.
+    The field is the mean of ``q^(x0 | x_tau)`` re-anchored from ``(x_t, t)`` (:class:`GMField`);
+    ``substep_method`` picks the integrator of :mod:`~gmflow.sampling.solvers.substeps`: ``"pc3"``
+    (default) / ``"pc2"``, the Gaussian-exact exponential predictor-corrector of order 3 / 2, or
+    ``"euler"``, the paper's Euler sub-steps. ``substeps`` (per network step) defaults to
+    :func:`default_substeps` of the run's ``nfe``, the method and the step's length. ``order=2`` adds
+    :class:`SecondOrder` (a tilt of the field).
     """
 
     name = "gm-ode"
-    options = ("order", "substeps")
+    options = ("order", "substeps", "substep_method")
 
-    def __init__(self, order: int = 1, substeps: int | None = None) -> None:
+    def __init__(
+        self, order: int = 1, substeps: int | None = None, substep_method: str | None = None
+    ) -> None:
         super().__init__(order)
         self.substeps = None if substeps is None else check_int("substeps", substeps, 1)
-
-    def _reset(self) -> None:
-        super()._reset()
-        self._n_sub = default_substeps(self.nfe) if self.substeps is None else self.substeps
+        method = DEFAULT_SUBSTEP_METHOD if substep_method is None else substep_method
+        if method not in SUBSTEP_METHODS:
+            raise ValueError(f"substep_method must be one of {SUBSTEP_METHODS}, got {substep_method!r}")
+        self.substep_method = method
 
     def _gm_step(
-        self, gm: GaussianMixture, x: Tensor, t: float, t_next: float, generator: torch.Generator | None
+        self,
+        gm: GaussianMixture,
+        info: GuidedGM | None,
+        x: Tensor,
+        t: float,
+        t_next: float,
+        generator: torch.Generator | None,
     ) -> Tensor:
-        n = self._n_sub
-        field = ReanchoredMean(gm, x, t) if n > 1 else None
-        for j in range(n):
-            tau = t + (j / n) * (t_next - t)
-            tau_next = t + ((j + 1) / n) * (t_next - t)
-            x0 = gm.mean() if j == 0 else field(x, tau)
-            x = x + (tau_next - tau) * (x - x0) / tau
-        return x
+        prep = PreparedGM(gm if info is None else info.cond)
+        tilt = guidance_tilt(info)
+        if self._second is not None:
+            extrapolated = self._second(prep, info, x, t, t_next)
+            tilt = tilt if extrapolated is None else extrapolated
+        n = self.substeps
+        if n is None:
+            n = default_substeps(self.nfe, self.substep_method, t - t_next)
+        field = GMField(prep, prep.flat(x), t, tilt)
+        return prep.unflat(integrate(field, prep.flat(x), t, t_next, n, self.substep_method))
