@@ -95,6 +95,12 @@ def digits_run(tmp_path_factory) -> TinyRun:
 
 
 @pytest.fixture(scope="session")
+def cond_run(tmp_path_factory) -> TinyRun:
+    """A class-conditional GM-DiT on 8x8 digits (3 steps; not meant to be good)."""
+    return _train("images-smoke", tmp_path_factory.mktemp("runs") / "cond", "loop.steps=3")
+
+
+@pytest.fixture(scope="session")
 def digits_pairs(tmp_path_factory, digits_run) -> tuple[Path, Path]:
     """``(backward, forward)`` pair directories of the digits teacher (32 pairs each, NFE 2)."""
     d = tmp_path_factory.mktemp("digits_pairs")
