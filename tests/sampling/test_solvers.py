@@ -33,7 +33,7 @@ TRAITS = {
     "dpm-solver-2": (DPMSolver2, False, False, False, (1,), ("r",)),
     "dpm++2m": (DPMSolverPP2M, False, False, False, (1,), ()),
     "ddpm": (DDPM, False, True, False, (1,), ("variance",)),
-    "gm-sde": (GMSDE, True, True, False, (1, 2), ("order",)),
+    "gm-sde": (GMSDE, True, True, False, (1, 2), ("order", "spectrum_net")),
     "gm-ode": (GMODE, True, False, False, (1, 2), ("order", "substeps")),
 }
 

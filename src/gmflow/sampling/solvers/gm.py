@@ -15,6 +15,7 @@ from torch import Tensor
 from ...gaussian import Gaussian, reverse_transition_coefs
 from ...gm import GaussianMixture
 from ...guidance import GuidedGM
+from ...spectral import SpectrumNet, spectral_sample
 from .base import GMPrediction, Solver, check_int
 
 __all__ = ["GMSDE", "GMODE", "SecondOrder", "ReanchoredMean", "default_substeps"]
@@ -38,12 +39,13 @@ class SecondOrder:
 
     def __init__(self) -> None:
         self.prev: tuple[GaussianMixture, Tensor, float, float] | None = None
+        self.target: Gaussian | None = None  # the last call's target (None if it did not extrapolate)
 
     def __call__(
         self, gm: GaussianMixture, info: GuidedGM | None, x: Tensor, t: float, t_next: float
     ) -> GaussianMixture:
         h = t - t_next
-        out = gm
+        out, self.target = gm, None
         if self.prev is not None:
             prev_gm, prev_x, prev_t, prev_h = self.prev
             if info is not None:
@@ -61,7 +63,7 @@ class SecondOrder:
             power = big_b.square().flatten(1).mean(1).reshape(avg_var.shape)
             big_b = torch.where(power > avg_var, big_b * torch.sqrt(avg_var / power.clamp_min(1e-30)), big_b)
             target = Gaussian(base.mean + big_b, avg_var * (1.0 - power / avg_var).clamp_min(1e-6))
-            out = base_gm.mul_gaussian_ratio(target, base)
+            out, self.target = base_gm.mul_gaussian_ratio(target, base), target
         self.prev = (gm, x, t, h)
         return out
 
@@ -143,15 +145,47 @@ class GMSDE(_GMSolver):
     ``c1, c2, c3`` from :func:`~gmflow.gaussian.reverse_transition_coefs`; an exact sample of the
     reverse transition, and at ``t' = 0`` (no noise) an exact sample of the x0-GM. Draws the GM
     sample, then ``n``, from the step's ``generator``. ``order=2`` adds :class:`SecondOrder`.
+
+    ``spectrum_net`` (e.g. a :class:`~gmflow.nn.SpectrumMLP`): spectral sampling (GMFlow App. A.3,
+    docs/maths/spectral.md §5): ``x0^ = spectral_sample(gm, spectrum_net(m, v))`` with ``N(m, v)`` the
+    step's Gaussian target: the second-order target when the step extrapolates, else the guided
+    numerator ``N(mu_c + b, (1 - w~^2) s_c^2)`` under probabilistic guidance, else ``gm.to_gaussian()``.
     """
 
     name = "gm-sde"
     stochastic = True
+    options = ("order", "spectrum_net")
+
+    def __init__(self, order: int = 1, spectrum_net: SpectrumNet | None = None) -> None:
+        super().__init__(order)
+        if spectrum_net is not None and not callable(spectrum_net):
+            raise TypeError(
+                "spectrum_net must be None or callable as spectrum_net(mean, var), "
+                f"got {type(spectrum_net).__name__}"
+            )
+        self.spectrum_net = spectrum_net
+        self._guided: GuidedGM | None = None
+
+    def _advance(self, p: GMPrediction, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
+        self._guided = p.guided  # the spectral draw's Gaussian target under guidance
+        return super()._advance(p, x, generator)
+
+    def _spectral_target(self, gm: GaussianMixture) -> Gaussian:
+        if self._second is not None and self._second.target is not None:
+            return self._second.target
+        g = self._guided
+        if g is not None:
+            return Gaussian(g.base.mean + g.bias, g.avg_var * (1.0 - float(g.scale) ** 2))
+        return gm.to_gaussian()
 
     def _gm_step(
         self, gm: GaussianMixture, x: Tensor, t: float, t_next: float, generator: torch.Generator | None
     ) -> Tensor:
-        x0_hat = gm.sample(generator)
+        if self.spectrum_net is None:
+            x0_hat = gm.sample(generator)
+        else:
+            target = self._spectral_target(gm)
+            x0_hat = spectral_sample(gm, self.spectrum_net(target.mean, target.var), generator)
         c1, c2, c3 = reverse_transition_coefs(t, t_next, x.dim(), like=x)
         out = c1 * x + c2 * x0_hat
         if t_next > 0:
