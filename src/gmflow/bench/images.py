@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         models[name] = load_network(cfg.loop.out_dir)
     test = cfgs["fm"].dataset("test")
     kw = {} if pr.classifier_epochs is None else {"epochs": pr.classifier_epochs}
-    clf = get_classifier(pr.data, cache_dir=out / "classifier", **kw)
+    clf = get_classifier(pr.data, **kw)  # trained once, cached by hash (GMFLOW_CACHE, ~/.cache/gmflow)
     reference = test.tensor()
     prev = out / "results.json"
     records = json.loads(prev.read_text()) if prev.is_file() else []
