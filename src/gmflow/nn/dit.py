@@ -52,7 +52,15 @@ from ..gm import GaussianMixture
 from .dit_blocks import CombinedEmbedding, DiTBlock, GMOutput, PatchEmbed, xavier_
 from .embeddings import time_vector
 from .heads import _at_least_fp32
-from .pretrained import CONFIG_NAME, load_strict, read_config, read_weights, weights_name, write_folder
+from .pretrained import (
+    CONFIG_NAME,
+    DeviceDtypeMixin,
+    load_strict,
+    read_config,
+    read_weights,
+    weights_name,
+    write_folder,
+)
 
 __all__ = ["GMDiT", "OFFICIAL_CLASS_NAME"]
 
@@ -147,7 +155,7 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class GMDiT(nn.Module):
+class GMDiT(DeviceDtypeMixin, nn.Module):
     """Class-conditional GM-DiT (or its velocity twin); equations in the module docstring.
 
     Keyword arguments are the official GM-DiT config keys (defaults: the paper's ImageNet model)

@@ -21,6 +21,7 @@ from ..io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
+    "DeviceDtypeMixin",
     "SAVE_VARIANTS",
     "load_strict",
     "read_config",
@@ -31,6 +32,18 @@ __all__ = [
 
 CONFIG_NAME = "config.json"
 SAVE_VARIANTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DeviceDtypeMixin:
+    """``device`` and ``dtype`` of a module's first parameter, as diffusers pipelines ask of their modules."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
 
 def weights_name(variant: str | None = None) -> str:

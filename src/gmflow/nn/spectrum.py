@@ -37,7 +37,15 @@ from torch import Tensor, nn
 
 from .dit_blocks import xavier_
 from .heads import _at_least_fp32
-from .pretrained import CONFIG_NAME, load_strict, read_config, read_weights, weights_name, write_folder
+from .pretrained import (
+    CONFIG_NAME,
+    DeviceDtypeMixin,
+    load_strict,
+    read_config,
+    read_weights,
+    weights_name,
+    write_folder,
+)
 
 __all__ = ["SpectrumMLP", "SPECTRUM_CLASS_NAME", "crop_frequencies"]
 
@@ -72,7 +80,7 @@ def crop_frequencies(spec: Tensor, size: tuple[int, int]) -> Tensor:
     return spec.index_select(-2, idx_r).index_select(-1, idx_c)
 
 
-class SpectrumMLP(nn.Module):
+class SpectrumMLP(DeviceDtypeMixin, nn.Module):
     """Spectrum net of spectral GM sampling; equations in the module docstring.
 
     Keyword arguments are the official config keys: ``base_size = [C, Hb, Wb]`` and ``layers`` (hidden

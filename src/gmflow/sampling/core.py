@@ -22,6 +22,9 @@ gm-ode         ``nfe`` steps; each runs ``substeps`` (default ``ceil(128/nfe)``)
 App. A.3; :class:`~gmflow.sampling.solvers.GMSDE`), automatically when the model carries one as
 ``model.spectrum_net``.
 
+``output_mode="mean"`` (gm-sde only): each step uses the mean of the x0-GM instead of a draw (the
+ancestral DDPM step on the GM mean).
+
 ``order=2`` (GM solvers only) adds the multistep extrapolation of GMFlow App. A.2 (no extra
 evaluations). Each solver is a class in :mod:`gmflow.sampling.solvers`; :func:`sample` validates its
 inputs, builds the solver from :data:`SOLVERS` and feeds it one model evaluation per
@@ -68,6 +71,7 @@ def sample(
     r: float = 0.5,
     variance: str = "small",
     spectral: SpectrumNet | bool | None = None,
+    output_mode: str = "sample",
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     guidance: Guidance | None = None,
@@ -98,6 +102,8 @@ def sample(
             (never), or ``None`` (default: ``model.spectrum_net`` if the model has one and the solver
             is ``gm-sde``, else plain per-pixel draws). An explicit net or ``True`` with another solver
             raises ValueError.
+        output_mode: gm-sde's x0 estimate, ``"sample"`` (a draw from the x0-GM, the GM-SDE) or
+            ``"mean"`` (its mean; ``spectral`` then defaults to no net).
         cond, uncond: keyword inputs of the conditional / unconditional model call.
         guidance: :class:`~gmflow.CFG`, :class:`~gmflow.ProbabilisticGuidance` or
             :class:`~gmflow.AutoGuidance`.
@@ -114,6 +120,9 @@ def sample(
     if substeps is not None and "substeps" not in cls.options:
         which = "/".join(repr(n) for n, c in SOLVERS.items() if "substeps" in c.options)
         raise ValueError(f"substeps applies to solver={which} only, got solver={solver!r}")
+    if output_mode != "sample" and "output_mode" not in cls.options:
+        which = "/".join(repr(n) for n, c in SOLVERS.items() if "output_mode" in c.options)
+        raise ValueError(f"output_mode applies to solver={which} only, got solver={solver!r}")
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -122,8 +131,13 @@ def sample(
         raise ValueError(f"noise must have shape (B, *event) with B >= 1, got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or Inf values")
+    if spectral is None and output_mode == "mean":
+        spectral = False  # nothing is drawn from the GM
     net = _spectrum_net(spectral, model, solver, "spectrum_net" in cls.options)
-    given = {"order": order, "substeps": substeps, "r": r, "variance": variance, "spectrum_net": net}
+    given = {
+        "order": order, "substeps": substeps, "r": r, "variance": variance, "spectrum_net": net,
+        "output_mode": output_mode,
+    }  # fmt: skip
     s = cls(**{k: given[k] for k in cls.options})
     s.set_timesteps(nfe, times=times, grid=grid, shift=shift, kappa=kappa)
 

@@ -18,7 +18,9 @@ from ...guidance import GuidedGM
 from ...spectral import SpectrumNet, spectral_sample
 from .base import GMPrediction, Solver, check_int
 
-__all__ = ["GMSDE", "GMODE", "SecondOrder", "ReanchoredMean", "default_substeps"]
+__all__ = ["GMSDE", "GMODE", "OUTPUT_MODES", "SecondOrder", "ReanchoredMean", "default_substeps"]
+
+OUTPUT_MODES = ("sample", "mean")  # GM-SDE x0 estimate: a draw from the x0-GM, or its mean
 
 _DAMP_CA = 0.005  # damping sqrt(max(0, 1 - (w~^2 + ca) s_c^2 / h_prev^2)) of the second-order step
 
@@ -150,20 +152,31 @@ class GMSDE(_GMSolver):
     docs/maths/spectral.md §5): ``x0^ = spectral_sample(gm, spectrum_net(m, v))`` with ``N(m, v)`` the
     step's Gaussian target: the second-order target when the step extrapolates, else the guided
     numerator ``N(mu_c + b, (1 - w~^2) s_c^2)`` under probabilistic guidance, else ``gm.to_gaussian()``.
+
+    ``output_mode="mean"``: ``x0^`` is the mean of the (extrapolated) x0-GM instead of a draw, i.e. the
+    ancestral DDPM step on the GM mean (order 1: :class:`~gmflow.sampling.solvers.DDPM` with
+    ``variance="small"``); only the transition noise is drawn.
     """
 
     name = "gm-sde"
     stochastic = True
-    options = ("order", "spectrum_net")
+    options = ("order", "spectrum_net", "output_mode")
 
-    def __init__(self, order: int = 1, spectrum_net: SpectrumNet | None = None) -> None:
+    def __init__(
+        self, order: int = 1, spectrum_net: SpectrumNet | None = None, output_mode: str = "sample"
+    ) -> None:
         super().__init__(order)
         if spectrum_net is not None and not callable(spectrum_net):
             raise TypeError(
                 "spectrum_net must be None or callable as spectrum_net(mean, var), "
                 f"got {type(spectrum_net).__name__}"
             )
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be 'sample' or 'mean', got {output_mode!r}")
+        if output_mode == "mean" and spectrum_net is not None:
+            raise ValueError("spectrum_net applies to output_mode='sample' only (the mean is not drawn)")
         self.spectrum_net = spectrum_net
+        self.output_mode = output_mode
         self._guided: GuidedGM | None = None
 
     def _advance(self, p: GMPrediction, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, bool]:
@@ -181,7 +194,9 @@ class GMSDE(_GMSolver):
     def _gm_step(
         self, gm: GaussianMixture, x: Tensor, t: float, t_next: float, generator: torch.Generator | None
     ) -> Tensor:
-        if self.spectrum_net is None:
+        if self.output_mode == "mean":
+            x0_hat = gm.mean()
+        elif self.spectrum_net is None:
             x0_hat = gm.sample(generator)
         else:
             target = self._spectral_target(gm)
