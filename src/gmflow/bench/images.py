@@ -182,6 +182,15 @@ def _best(records: list[dict], model: str, nfe: int) -> tuple[str, int, list[flo
     return solver, order, fds
 
 
+def draw_means(records: list[dict]) -> list[dict]:
+    """One record per (model, solver, order, NFE) with every metric averaged over the noise draws."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["model"], r["solver"], r["order"], r["nfe"]), []).append(r)
+    metrics = ("fd", "precision", "recall", "class_acc")
+    return [{**rs[0], **{m: statistics.fmean(r[m] for r in rs) for m in metrics}} for rs in groups.values()]
+
+
 def _mean_sd(v: list[float]) -> str:
     return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
@@ -259,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[bench images] {line}")
     figs = [
         metric_curves(
-            records,
+            draw_means(records),
             out / f"{m}_vs_nfe.png",
             metric=m,
             group_keys=("model", "solver", "order"),
