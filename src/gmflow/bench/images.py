@@ -38,7 +38,7 @@ from ..metrics import get_classifier, image_metrics
 from ..sampling import sample
 from ..train import flow_objective
 from ..viz import image_grid, metric_curves
-from .common import add_run_arguments, start_run
+from .common import add_run_arguments, interleaved_step_ms, start_run
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
@@ -113,21 +113,13 @@ def step_time_ratio(cfgs: dict[str, Any], steps: int = 10) -> dict[str, float]:
         torch.manual_seed(0)
         model = cfg.build_model(data)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        parts[name] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), data)
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for i in range(steps + 2):
-        for name, (model, opt, obj, data) in parts.items():
-            g = torch.Generator().manual_seed(i)
-            batch = data.sample(cfgs[name].loop.batch_size, generator=g, return_labels=True)
-            t0 = time.perf_counter()
-            loss = obj(model, batch, g).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i >= 2:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    fm, gm = statistics.median(times["fm"]), statistics.median(times["gmflow"])
-    return {"fm_step_ms": fm, "gmflow_step_ms": gm, "ratio": gm / fm}
+
+        def batch(i: int, g: torch.Generator, data=data, n=cfg.loop.batch_size):
+            return data.sample(n, generator=g, return_labels=True)
+
+        parts[name] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
+    ms = interleaved_step_ms(parts, steps)
+    return {"fm_step_ms": ms["fm"], "gmflow_step_ms": ms["gmflow"], "ratio": ms["gmflow"] / ms["fm"]}
 
 
 def _cells(pr: ImagesPreset) -> list[tuple[str, str, int, int, int]]:
