@@ -38,12 +38,7 @@ from torch import Tensor, nn
 from .dit_blocks import xavier_
 from .heads import _at_least_fp32
 from .pretrained import (
-    CONFIG_NAME,
-    DeviceDtypeMixin,
-    load_strict,
-    read_config,
-    read_weights,
-    weights_name,
+    PretrainedMixin,
     write_folder,
 )
 
@@ -80,13 +75,15 @@ def crop_frequencies(spec: Tensor, size: tuple[int, int]) -> Tensor:
     return spec.index_select(-2, idx_r).index_select(-1, idx_c)
 
 
-class SpectrumMLP(DeviceDtypeMixin, nn.Module):
+class SpectrumMLP(PretrainedMixin, nn.Module):
     """Spectrum net of spectral GM sampling; equations in the module docstring.
 
     Keyword arguments are the official config keys: ``base_size = [C, Hb, Wb]`` and ``layers`` (hidden
     widths). Call: ``net(mean (B, C, H, W), var (B, 1, H, W) or (B, 1, 1, 1)) -> lps (B, C, H, W)``,
     at least float32.
     """
+
+    pipeline_subfolder = "spectrum_net"
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -124,42 +121,7 @@ class SpectrumMLP(DeviceDtypeMixin, nn.Module):
         """JSON-serialisable constructor arguments: ``SpectrumMLP(**net.config)`` rebuilds the net."""
         return {k: list(v) for k, v in self._config.items()}
 
-    def to_config(self) -> dict[str, Any]:
-        return self.config
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> SpectrumMLP:
-        """Build from a config dict; metadata keys starting with ``_`` (``_class_name``, ...) are ignored."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-
     # ----------------------------------------------------------------------------------- folders
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        subfolder: str | None = None,
-        variant: str | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-    ) -> SpectrumMLP:
-        """Load ``path[/subfolder]`` = ``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``.
-
-        Strict keys (ValueError listing missing / unexpected keys and shape mismatches); returns the
-        net in eval mode on ``device`` / ``dtype`` (default float32). An official pipeline keeps it
-        under ``spectrum_net/``.
-        """
-        folder = Path(path) / subfolder if subfolder else Path(path)
-        if not (folder / CONFIG_NAME).is_file() and (folder / "spectrum_net" / CONFIG_NAME).is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} is a pipeline folder, not a model folder; pass subfolder='spectrum_net'"
-            )
-        net = cls.from_config(read_config(folder))
-        load_strict(net, read_weights(folder, variant), repr(str(folder / weights_name(variant))))
-        return net.to(device=device, dtype=dtype).eval()
-
     def save_pretrained(self, path: str | os.PathLike, *, variant: str | None = None) -> Path:
         """Write ``config.json`` (with the official ``_class_name``) + the weights atomically to ``path``."""
         cfg = {**self.config, "_class_name": SPECTRUM_CLASS_NAME}
