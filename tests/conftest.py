@@ -11,11 +11,14 @@ as read-only (copy them with the ``copy_run`` fixture before resuming or damagin
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +98,12 @@ def digits_run(tmp_path_factory) -> TinyRun:
 
 
 @pytest.fixture(scope="session")
+def cond_run(tmp_path_factory) -> TinyRun:
+    """A class-conditional GM-DiT on 8x8 digits (3 steps; not meant to be good)."""
+    return _train("images-smoke", tmp_path_factory.mktemp("runs") / "cond", "loop.steps=3")
+
+
+@pytest.fixture(scope="session")
 def digits_pairs(tmp_path_factory, digits_run) -> tuple[Path, Path]:
     """``(backward, forward)`` pair directories of the digits teacher (32 pairs each, NFE 2)."""
     d = tmp_path_factory.mktemp("digits_pairs")
@@ -138,3 +147,55 @@ def reflow_run(tmp_path_factory, digits_run, digits_pairs) -> TinyRun:
         ]
     )
     return TinyRun(out, run_experiment(cfg, progress=False))
+
+
+_IDX_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype("i2"): 0x0B, np.dtype("i4"): 0x0C}
+_IDX_CODES.update({np.dtype("f4"): 0x0D, np.dtype("f8"): 0x0E})
+
+
+def _idx_bytes(arr: np.ndarray) -> bytes:
+    """The IDX encoding of ``arr`` (header + big-endian data), written independently of gmflow.data.idx."""
+    header = bytes([0, 0, _IDX_CODES[arr.dtype], arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    return header + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx_file(path: Path, data: bytes | np.ndarray) -> Path:
+    """Write IDX bytes (or an array, encoded) to ``path``, gzip-compressed when the name ends in .gz."""
+    raw = _idx_bytes(data) if isinstance(data, np.ndarray) else data
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+@pytest.fixture
+def idx_bytes():
+    """``idx_bytes(array)``: the IDX encoding of an array (header + big-endian data)."""
+    return _idx_bytes
+
+
+@pytest.fixture
+def write_idx():
+    """``write_idx(path, bytes_or_array)``: write an IDX file (gzip when ``path`` ends in ``.gz``)."""
+    return write_idx_file
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """``make(n_train=40, n_test=20, gz=True, name="fm")``: a synthetic Fashion-MNIST directory.
+
+    Image ``i`` of a split has label ``i % 10`` and random grey levels, except pixel (0, 0) = 255 and
+    pixel (0, 1) = 0 (so both ends of the range occur); returns the directory.
+    """
+
+    def make(n_train: int = 40, n_test: int = 20, gz: bool = True, name: str = "fm") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        rng = np.random.default_rng(0)
+        ext = ".gz" if gz else ""
+        for prefix, n in (("train", n_train), ("t10k", n_test)):
+            x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+            x[:, 0, 0], x[:, 0, 1] = 255, 0
+            write_idx_file(d / f"{prefix}-images-idx3-ubyte{ext}", x)
+            write_idx_file(d / f"{prefix}-labels-idx1-ubyte{ext}", (np.arange(n) % 10).astype(np.uint8))
+        return d
+
+    return make

@@ -21,6 +21,7 @@ from .gm import Gaussian, GaussianMixture
 from .guidance import CFG, AutoGuidance, ProbabilisticGuidance, probabilistic_guidance
 from .losses import fm_loss, gm_kl_loss, gm_nll_loss, transition_loss
 from .sampling import SOLVERS, sample
+from .spectral import spectral_loss, spectral_sample
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,8 @@ __all__ = [
     "ring_gmm",
     "sample",
     "sample_time",
+    "spectral_loss",
+    "spectral_sample",
     "time_grid",
     "transition_loss",
     "transition_pair",

@@ -112,7 +112,8 @@ def standard_normal_to_gm(gm: GaussianMixture, z: Tensor, newton_steps: int | No
                 lo = torch.where(g < 0, x, lo)
                 hi = torch.where(g > 0, x, hi)
                 step = x - g / pdf.clamp_min(tiny)
-                inside = (step > lo) & (step < hi) & torch.isfinite(step)
+                # closed bracket: a converged iterate sits on an end point (step == x == lo or hi)
+                inside = (step >= lo) & (step <= hi) & torch.isfinite(step)
                 x = torch.where(inside, step, 0.5 * (lo + hi))
             out[:, j : j + 1] = x
             cum = cum + 0.5 * ((x.unsqueeze(1) - mu) / s).square()

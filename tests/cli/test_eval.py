@@ -70,7 +70,7 @@ def test_image_eval_against_the_test_split(request, fixture, experiment, tmp_pat
     assert math.isfinite(row["fd"]) and row["fd"] > 0
     assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 < row["confidence"] <= 1
     cache = Path(os.environ["GMFLOW_CACHE"])  # the classifier was cached there, not in $HOME
-    assert list(cache.glob("digits_classifier_16_*.safetensors"))
+    assert list(cache.glob("digits16_classifier_*.safetensors"))
 
 
 def test_eval_errors_exit_2(toy_run, velocity_run, ring_pairs, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gmflow.cli import main
 
@@ -133,3 +134,45 @@ def test_sample_errors_exit_2(toy_run, velocity_run, digits_run, copy_run, tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("gmflow: error: "), err
     assert match in err
+
+
+def test_class_grid_with_guidance_writes_samples_labels_and_a_row_per_class(cond_run, tmp_path):
+    out, png = tmp_path / "g.pt", tmp_path / "g.png"
+    args = ["--solver", "gm-sde", "--order", "2", "--nfe", "2", "--classes", "1,3-4", "--per-class", "5"]
+    guide = ["--guidance", "probabilistic", "--scale", "0.3", "--orthogonal", "1"]
+    assert _sample(cond_run.path, *args, *guide, "--out", str(out), "--png", str(png)) == 0
+    saved = torch.load(out, weights_only=True)
+    assert saved["samples"].shape == (15, 1, 8, 8)
+    assert saved["labels"].tolist() == [1] * 5 + [3] * 5 + [4] * 5
+    w, h = Image.open(png).size
+    assert h < w  # 3 rows of 5 images
+    assert (
+        _sample(
+            cond_run.path, "--solver", "euler", "--nfe", "2", "--n", "12", "--out", str(tmp_path / "a.npy")
+        )
+        == 0
+    )
+    assert np.load(tmp_path / "a.labels.npy").tolist() == [i % 10 for i in range(12)]  # every class in turn
+
+
+@pytest.mark.parametrize(
+    "extra, msg",
+    [
+        (["--classes", "0-10"], "--classes: ids must lie in [0, 9]"),
+        (["--classes", "a-b"], "--classes: expected ids"),
+        (["--guidance", "cfg"], "--guidance cfg needs --scale"),
+        (["--scale", "2"], "--scale needs --guidance"),
+        (["--guidance", "probabilistic", "--scale", "1.5"], "--scale/--orthogonal:"),
+    ],
+)
+def test_class_and_guidance_errors_are_one_line(cond_run, tmp_path, capsys, extra, msg):
+    code = _sample(cond_run.path, "--solver", "euler", "--nfe", "2", "--out", str(tmp_path / "x.pt"), *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_classes_on_an_unconditional_run_is_an_error(toy_run, tmp_path, capsys):
+    args = ["--solver", "euler", "--nfe", "1", "--classes", "0", "--out", str(tmp_path / "x.pt")]
+    assert _sample(toy_run.path, *args) == 2
+    assert "not class-conditional" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 from gmflow.config import ConfigError
 from gmflow.experiments import IMAGE_DATASETS, ImagesConfig, get_preset
 from gmflow.gm import GaussianMixture
-from gmflow.nn import SmallUNet
+from gmflow.nn import GMDiT, SmallUNet
 
 
 def test_defaults_and_smoke_preset():
@@ -69,3 +69,57 @@ def test_run_record(digits_run):
     assert (rec["experiment"], rec["data"], rec["step"]) == ("images", "digits16", 3)
     assert rec["model"]["class"] == "SmallUNet" and rec["model"]["config"]["image_size"] == 16
     assert ImagesConfig.from_dict(rec["config"]).model.base == 8
+
+
+def test_conditional_dit_build_batches_and_label_dropout():
+    cfg = get_preset("images-smoke").validate()
+    assert (cfg.model.arch, cfg.model.head, cfg.model.conditional) == ("dit", "gm", True)
+    assert (cfg.loss.kind, cfg.loss.trans_ratio, cfg.loss.time_sampler, cfg.loss.label_dropout) == (
+        "transition",
+        0.5,
+        "logit_normal",
+        0.1,
+    )
+    model, objective, batch_fn = cfg.build()
+    assert isinstance(model, GMDiT) and model.num_classes == 10 and tuple(model.event_shape) == (1, 8, 8)
+    x0, y = batch_fn(1, 0, 1, torch.Generator().manual_seed(0))
+    assert x0.shape == (16, 1, 8, 8) and y.shape == (16,) and y.dtype == torch.int64
+    # label dropout draws from the step generator: the same generator gives the same loss
+    seen = []
+
+    def spy(x, t, class_labels=None):
+        seen.append(class_labels.clone())
+        return model(x, t, class_labels=class_labels)
+
+    a = objective(spy, (x0, y), torch.Generator().manual_seed(3))
+    b = objective(spy, (x0, y), torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(seen[0], seen[1])
+    big = torch.arange(4000) % 10  # about 10 % of the labels become the null class (id 10)
+    objective(spy, (torch.zeros(4000, 1, 8, 8), big), torch.Generator().manual_seed(4))
+    frac = (seen[-1] == 10).float().mean().item()
+    assert 0.08 < frac < 0.12 and torch.equal(seen[-1][seen[-1] != 10], big[seen[-1] != 10])
+
+
+def test_velocity_twin_has_the_same_trunk():
+    gm = get_preset("images-smoke").validate().build()[0]
+    fm = get_preset("images-smoke").with_sets(["model.head=velocity", "loss.kind=fm"]).validate().build()[0]
+    trunk = {k: v.shape for k, v in gm.state_dict().items() if "proj_out_2" not in k and "logstd" not in k}
+    assert trunk == {k: v.shape for k, v in fm.state_dict().items() if "proj_out_2" not in k}
+
+
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (["model.conditional=false"], "model.conditional"),  # the GM-DiT is class-conditional
+        (["model.arch=vit"], "model.arch"),
+        (["model.num_layers=0"], "model.num_layers"),
+    ],
+)
+def test_dit_validation_names_the_field(sets, key):
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        get_preset("images-smoke").with_sets(sets).validate()
+
+
+def test_label_dropout_needs_a_conditional_model():
+    with pytest.raises(ConfigError, match="^loss.label_dropout:"):
+        get_preset("digits-smoke").with_sets(["loss.label_dropout=0.1"]).validate()

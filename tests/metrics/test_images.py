@@ -1,4 +1,4 @@
-"""gmflow.metrics.images (Fréchet distance, k-NN precision/recall) and metrics.classifier (the cache)."""
+"""gmflow.metrics.images (Fréchet distance, k-NN precision/recall) and the digits classifier and its cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 
 from gmflow.data.digits import Digits
 from gmflow.metrics import classifier as cm
-from gmflow.metrics.classifier import DigitClassifier, default_cache_dir, get_classifier
+from gmflow.metrics import classifier_cache as cc
+from gmflow.metrics.classifier import DigitClassifier
+from gmflow.metrics.classifier_cache import default_cache_dir, get_classifier
 from gmflow.metrics.images import (
     feature_stats,
     frechet_distance,
@@ -169,16 +171,20 @@ def test_cache_hit_loads_identical_weights(cache, clf8):
     s1, s2 = clf8.state_dict(), again.state_dict()
     assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
     assert not list(cache.glob("*.tmp"))  # atomic write left no temp file
-    # the key depends on the seed and on the training budget
-    assert cm._cache_key(8, 1, clf8.config, {**cm.DEFAULT_TRAIN, **FAST}) not in clf8.cache_path.name
-    assert cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, **FAST}) in clf8.cache_path.name
-    assert cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, "epochs": 7}) not in clf8.cache_path.name
+    # the key depends on the data, the seed and the training budget
+    data = cc._data_digest("digits8", *cm.classifier_data("digits8", cm.DEFAULT_TRAIN))
+    hp = {**cm.DEFAULT_TRAIN, **FAST}
+    assert clf8.cache_path.name == f"digits8_classifier_{cc._cache_key(data, 0, clf8.config, hp)}.safetensors"
+    assert cc._cache_key(data, 1, clf8.config, hp) not in clf8.cache_path.name
+    assert cc._cache_key(data, 0, clf8.config, {**hp, "epochs": 7}) not in clf8.cache_path.name
+    assert cc._cache_key({**data, "train": [0, "x"]}, 0, clf8.config, hp) not in clf8.cache_path.name
 
 
 def test_corrupt_cache_is_retrained(tmp_path, clf8):
     tiny = dict(epochs=1)  # any budget: this test only needs the file name and a retrain
-    key = cm._cache_key(8, 0, clf8.config, {**cm.DEFAULT_TRAIN, **tiny})
-    path = tmp_path / f"digits_classifier_8_{key}.safetensors"
+    data = cc._data_digest("digits8", *cm.classifier_data("digits8", cm.DEFAULT_TRAIN))
+    key = cc._cache_key(data, 0, clf8.config, {**cm.DEFAULT_TRAIN, **tiny})
+    path = tmp_path / f"digits8_classifier_{key}.safetensors"
     path.write_bytes(clf8.cache_path.read_bytes()[:100] + b"garbage")
     with pytest.warns(UserWarning, match="retraining"):
         fresh = get_classifier(8, cache_dir=tmp_path, seed=0, **tiny)
@@ -208,15 +214,15 @@ def test_untrusted_cache_files_are_rejected(tmp_path, clf8):
     bad = tmp_path / "nan.safetensors"
     save_file(state, str(bad), metadata=dict(key=key, test_accuracy="0.9"))
     with pytest.warns(UserWarning, match="non-finite"):
-        assert not cm._try_load(bad, key, DigitClassifier(8))
+        assert not cc._try_load(bad, key, DigitClassifier(8))
     good = {k: v.clone() for k, v in clf8.state_dict().items()}
     wrong_key = tmp_path / "key.safetensors"
     save_file(good, str(wrong_key), metadata=dict(key="0" * 16, test_accuracy="0.9"))
     with pytest.warns(UserWarning, match="key mismatch"):
-        assert not cm._try_load(wrong_key, key, DigitClassifier(8))
+        assert not cc._try_load(wrong_key, key, DigitClassifier(8))
     ok = tmp_path / "ok.safetensors"
     save_file(good, str(ok), metadata=dict(key=key, test_accuracy="0.9"))
-    assert cm._try_load(ok, key, DigitClassifier(8))
+    assert cc._try_load(ok, key, DigitClassifier(8))
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):

@@ -34,7 +34,7 @@ TRAITS = {
     "dpm-solver-2": (DPMSolver2, False, False, False, (1,), ("r",)),
     "dpm++2m": (DPMSolverPP2M, False, False, False, (1,), ()),
     "ddpm": (DDPM, False, True, False, (1,), ("variance",)),
-    "gm-sde": (GMSDE, True, True, False, (1, 2), ("order",)),
+    "gm-sde": (GMSDE, True, True, False, (1, 2), ("order", "spectrum_net", "output_mode")),
     "gm-ode": (GMODE, True, False, False, (1, 2), ("order", "substeps", "substep_method")),
 }
 
@@ -120,6 +120,27 @@ def test_gm_ode_default_substeps_follow_the_step_length(monkeypatch):
     counts.clear()
     sample(ring, noise, solver="gm-ode", nfe=3, times=torch.tensor(times), substeps=5)
     assert counts == [("pc3", 5)] * 3
+
+
+def test_gm_sde_mean_mode_is_the_ddpm_step_on_the_gm_mean():
+    ring = ring_gmm()
+    noise = torch.randn(64, 2, dtype=D, generator=torch.Generator().manual_seed(0))
+
+    def run(solver, **kw):
+        return sample(ring, noise, solver=solver, nfe=4, generator=torch.Generator().manual_seed(3), **kw)
+
+    mean1 = run("gm-sde", output_mode="mean")
+    torch.testing.assert_close(mean1, run("ddpm"), atol=1e-12, rtol=0)  # same noise draws, x0 = GM mean
+    assert not torch.allclose(run("gm-sde"), mean1)  # "sample" (default) draws x0 from the GM
+    # the exact posterior: the second-order extrapolation vanishes (the re-anchored GM is the current one)
+    torch.testing.assert_close(run("gm-sde", output_mode="mean", order=2), mean1, atol=1e-9, rtol=0)
+    assert repr(GMSDE(output_mode="mean")) == "GMSDE(order=1, spectrum_net=None, output_mode='mean')"
+    with pytest.raises(ValueError, match="output_mode must be 'sample' or 'mean', got 'median'"):
+        GMSDE(output_mode="median")
+    with pytest.raises(ValueError, match="spectrum_net applies to output_mode='sample' only"):
+        GMSDE(output_mode="mean", spectrum_net=lambda m, v: m)
+    with pytest.raises(ValueError, match="output_mode applies to solver='gm-sde' only, got solver='gm-ode'"):
+        run("gm-ode", output_mode="mean")
 
 
 # ------------------------------------------------------------------ driving step() by hand

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,3 +51,26 @@ def start_run(
     out = Path(args.out or f"runs/{bench}-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
     return pr, chosen, out
+
+
+def interleaved_step_ms(
+    parts: Mapping[str, tuple[Any, Any, Any, Any]], steps: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median ms of a training step (objective, backward, optimizer step) for each named part.
+
+    ``parts[name] = (model, optimizer, objective, batch(i, generator))``. The parts alternate step by
+    step, so slow drifts of a shared machine hit them equally; the first ``warmup`` rounds are dropped.
+    """
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for i in range(steps + warmup):
+        for name, (model, opt, objective, batch) in parts.items():
+            g = torch.Generator().manual_seed(i)
+            b = batch(i, g)
+            t0 = time.perf_counter()
+            loss = objective(model, b, g).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -38,7 +38,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..metrics import reference_set
 from ..nn import ToyMLP
 from ..train import flow_objective
-from .common import add_run_arguments, start_run
+from .common import add_run_arguments, interleaved_step_ms, start_run
 from .toy2d_report import evaluate, figures, results_markdown, summary_lines
 
 FM_SOLVERS: list[tuple[str, int]] = [
@@ -168,20 +168,13 @@ def step_time_ratio(
         return model, opt, flow_objective(cfg.loss)
 
     data = make_toy2d("checkerboard")
-    models = {"fm": build("velocity", "toy-fm"), "gmflow": build("gm", "toy-gmflow")}
-    times: dict[str, list[float]] = {"fm": [], "gmflow": []}
-    for i in range(steps + 2):
-        for name, (model, opt, obj) in models.items():
-            g = torch.Generator().manual_seed(i)
-            x0 = data.sample(batch_size, generator=g)
-            t0 = time.perf_counter()
-            loss = obj(model, x0, g).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i >= 2:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    fm, gm = statistics.median(times["fm"]), statistics.median(times["gmflow"])
+
+    def batch(i: int, g: torch.Generator) -> torch.Tensor:
+        return data.sample(batch_size, generator=g)
+
+    parts = {"fm": (*build("velocity", "toy-fm"), batch), "gmflow": (*build("gm", "toy-gmflow"), batch)}
+    ms = interleaved_step_ms(parts, steps)
+    fm, gm = ms["fm"], ms["gmflow"]
     return {
         "fm_step_ms": fm,
         "gmflow_step_ms": gm,

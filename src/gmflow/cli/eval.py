@@ -2,7 +2,7 @@
 
 Toy 2-D runs: sliced-W2 (and its ratio to the data-vs-data floor), MMD and, on the checkerboard,
 in-support fraction and cell-mass KL, against reference draws of the evaluation protocol. Image runs:
-Fréchet distance, precision / recall and classifier statistics in the digits classifier's feature
+Fréchet distance, precision / recall and classifier statistics in the data set classifier's feature
 space, against the held-out test split.
 """
 
@@ -103,12 +103,12 @@ class _ToyScorer:
 
 
 class _ImageScorer:
-    """FD / precision / recall in the digits classifier's features, against the test split."""
+    """FD / precision / recall in the data set classifier's features, against the test split."""
 
     def __init__(self, run: Run, n: int) -> None:
         test = run.config.dataset("test")
         self.reference = test.tensor()
-        self.classifier = get_classifier(int(self.reference.shape[-1]))
+        self.classifier = get_classifier(run.config.data_name)
         dim = self.classifier.feature_dim
         if n <= dim:
             raise UsageError(f"--n: FD in {dim}-d classifier features needs more than {dim} samples, got {n}")

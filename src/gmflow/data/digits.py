@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .images import ImageSet
+
 __all__ = ["DIGITS_SIZES", "DIGITS_SPLITS", "Digits", "load_digits_arrays"]
 
 DIGITS_SIZES: tuple[int, ...] = (8, 16)
@@ -47,7 +49,7 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-class Digits:
+class Digits(ImageSet):
     """The scikit-learn digits as a ``(N, 1, size, size)`` image set in ``[-1, 1]``.
 
     Args:
@@ -56,12 +58,10 @@ class Digits:
         test_fraction: fraction of the 1,797 images held out as ``"test"``, in ``(0, 1)``.
         seed: seed of the split permutation.
 
-    ``sample(n, generator=...)`` draws ``n`` images uniformly *with replacement* from the split;
-    the draw depends only on the generator's state. ``Digits(...)(n, generator)`` is the same (the
-    ``sampler(n, generator)`` protocol of the toy sets).
+    The interface of :class:`~gmflow.data.images.ImageSet`: ``sample(n, generator=...)`` draws ``n``
+    images uniformly *with replacement* from the split; the draw depends only on the generator's
+    state. ``Digits(...)(n, generator)`` is the same (the ``sampler(n, generator)`` protocol).
     """
-
-    channels: int = 1
 
     def __init__(
         self, size: int = 8, split: str = "train", test_fraction: float = 0.2, seed: int = 0
@@ -109,60 +109,10 @@ class Digits:
         """Shape of one image, ``(1, size, size)``."""
         return torch.Size((1, self.size, self.size))
 
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    def __len__(self) -> int:
-        return self._labels.shape[0]
-
-    def tensor(self) -> Tensor:
-        """All images of the split, ``(N, 1, size, size)`` float32 in ``[-1, 1]`` (a copy)."""
-        return self._images.clone()
-
-    def labels(self) -> Tensor:
-        """Class labels 0..9 of the split, ``(N,)`` int64 (a copy), aligned with :meth:`tensor`."""
-        return self._labels.clone()
-
-    # -------------------------------------------------------------------------------- sampling
-    def sample(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        return_labels: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """``n`` images drawn uniformly with replacement, ``(n, 1, size, size)`` on ``device``/``dtype``.
-
-        Indices are drawn on the generator's device (CPU without a generator), so the same seed
-        gives the same images everywhere. ``return_labels=True`` also returns the ``(n,)`` labels.
-        """
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) <= 0:
-            raise ValueError(f"n must be a positive int, got n={n!r}")
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-        rng_device = generator.device if generator is not None else torch.device("cpu")
-        idx = torch.randint(0, len(self), (int(n),), generator=generator, device=rng_device).cpu()
-        out_device = device if device is not None else rng_device
-        x = self._images[idx].to(device=out_device, dtype=dtype)
-        if return_labels:
-            return x, self._labels[idx].to(out_device)
-        return x
-
-    def __call__(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Shorthand for ``sample(n, generator=generator)``."""
-        return self.sample(n, generator=generator)  # type: ignore[return-value]
+    def _images_at(self, idx: Tensor | None) -> Tensor:
+        return self._images.clone() if idx is None else self._images[idx]
 
     @property
     def config(self) -> dict[str, Any]:
         """Constructor arguments: ``Digits(**ds.config)`` rebuilds the same split."""
         return dict(size=self.size, split=self.split, test_fraction=self.test_fraction, seed=self.seed)
-
-    def to_config(self) -> dict[str, Any]:
-        return self.config
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
-        return f"Digits({args}, n={len(self)})"

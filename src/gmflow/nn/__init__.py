@@ -1,4 +1,5 @@
-"""Networks: embeddings, output heads (usable on any trunk), the toy 2-D MLP, the U-Net and GM-DiT."""
+"""Networks: embeddings, output heads (usable on any trunk), the toy 2-D MLP, the U-Net, GM-DiT and the
+spectrum net of spectral GM sampling."""
 
 from .dit import GMDiT
 from .embeddings import (
@@ -11,6 +12,7 @@ from .embeddings import (
 )
 from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
 from .mlp import ToyMLP
+from .spectrum import SpectrumMLP
 from .unet import SmallUNet
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "LogStdHead",
     "PositionEmbedding2D",
     "SmallUNet",
+    "SpectrumMLP",
     "TimestepEmbedding",
     "ToyMLP",
     "VelocityHead",

@@ -52,7 +52,10 @@ from ..gm import GaussianMixture
 from .dit_blocks import CombinedEmbedding, DiTBlock, GMOutput, PatchEmbed, xavier_
 from .embeddings import time_vector
 from .heads import _at_least_fp32
-from .pretrained import CONFIG_NAME, load_strict, read_config, read_weights, weights_name, write_folder
+from .pretrained import (
+    PretrainedMixin,
+    write_folder,
+)
 
 __all__ = ["GMDiT", "OFFICIAL_CLASS_NAME"]
 
@@ -147,7 +150,7 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class GMDiT(nn.Module):
+class GMDiT(PretrainedMixin, nn.Module):
     """Class-conditional GM-DiT (or its velocity twin); equations in the module docstring.
 
     Keyword arguments are the official GM-DiT config keys (defaults: the paper's ImageNet model)
@@ -156,6 +159,8 @@ class GMDiT(nn.Module):
     Call: ``model(x_t (B, C, S, S), t (B,) in [0, 1], class_labels=(B,) int)``; ``class_labels=None``
     is the null class ``num_classes`` for every sample.
     """
+
+    pipeline_subfolder = "transformer"
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
@@ -222,16 +227,6 @@ class GMDiT(nn.Module):
         """JSON-serialisable constructor arguments: ``GMDiT(**model.config)`` rebuilds the model."""
         return dict(self._config)
 
-    def to_config(self) -> dict[str, Any]:
-        return self.config
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> GMDiT:
-        """Build from a config dict; metadata keys starting with ``_`` (``_class_name``, ...) are ignored."""
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
-        return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-
     @property
     def num_classes(self) -> int:
         """Number of classes N; the null class is id N."""
@@ -247,33 +242,6 @@ class GMDiT(nn.Module):
         return torch.Size((self.channels, self.sample_size, self.sample_size))
 
     # ----------------------------------------------------------------------------------- folders
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        *,
-        subfolder: str | None = None,
-        variant: str | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-    ) -> GMDiT:
-        """Load ``path[/subfolder]`` = ``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``.
-
-        Strict keys (ValueError listing missing / unexpected keys and shape mismatches). The weights
-        are copied into a float32 model, then moved to ``device`` and ``dtype`` (default: float32).
-        Returns the model in eval mode. ``_class_name`` is not checked: a folder is identified by
-        its location (an official pipeline keeps the GM-DiT under ``transformer/``).
-        """
-        folder = Path(path) / subfolder if subfolder else Path(path)
-        if not (folder / CONFIG_NAME).is_file() and (folder / "transformer" / CONFIG_NAME).is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} is a pipeline folder, not a model folder; pass subfolder='transformer'"
-            )
-        model = cls.from_config(read_config(folder))
-        state = read_weights(folder, variant)
-        load_strict(model, state, repr(str(folder / weights_name(variant))))
-        return model.to(device=device, dtype=dtype).eval()
-
     def save_pretrained(self, path: str | os.PathLike, *, variant: str | None = None) -> Path:
         """Write ``config.json`` + ``diffusion_pytorch_model[.variant].safetensors`` (atomically) to ``path``.
 

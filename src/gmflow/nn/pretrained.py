@@ -21,6 +21,7 @@ from ..io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CONFIG_NAME",
+    "PretrainedMixin",
     "SAVE_VARIANTS",
     "load_strict",
     "read_config",
@@ -31,6 +32,63 @@ __all__ = [
 
 CONFIG_NAME = "config.json"
 SAVE_VARIANTS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class PretrainedMixin:
+    """What the folder-backed networks (GM-DiT, SpectrumMLP) share.
+
+    ``device`` / ``dtype`` of the first parameter (as diffusers pipelines ask of their modules), the
+    config round trip (``from_config`` ignores metadata keys such as ``_class_name``) and
+    :meth:`from_pretrained`. A subclass sets ``pipeline_subfolder``, the folder an official pipeline
+    keeps it in, and provides ``config`` and ``save_pretrained``.
+    """
+
+    pipeline_subfolder: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def to_config(self) -> dict[str, Any]:
+        return self.config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]):
+        """Build from a config dict; metadata keys starting with ``_`` (``_class_name``, ...) are ignored."""
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+        return cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ):
+        """Load ``path[/subfolder]`` = ``config.json`` + ``diffusion_pytorch_model[.variant].safetensors``.
+
+        Strict keys (ValueError listing missing / unexpected keys and shape mismatches). The weights
+        are copied into a float32 model, then moved to ``device`` and ``dtype`` (default: float32).
+        Returns the model in eval mode. ``_class_name`` is not checked: a folder is identified by
+        its location (an official pipeline keeps the GM-DiT under ``transformer/``).
+        """
+        folder = Path(path) / subfolder if subfolder else Path(path)
+        sub = cls.pipeline_subfolder
+        if not (folder / CONFIG_NAME).is_file() and (folder / sub / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is a pipeline folder, not a model folder; pass subfolder={sub!r}"
+            )
+        model = cls.from_config(read_config(folder))
+        load_strict(model, read_weights(folder, variant), repr(str(folder / weights_name(variant))))
+        return model.to(device=device, dtype=dtype).eval()
 
 
 def weights_name(variant: str | None = None) -> str:

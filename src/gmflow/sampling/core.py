@@ -19,6 +19,13 @@ gm-ode         ``nfe`` steps; each runs ``substeps`` analytic sub-steps on one n
                on the uniform grid; ``"euler"``, the paper's, default ``ceil(128/nfe)``)
 ============== ============================================================================
 
+``spectral`` (gm-sde only): the GM-SDE draws ``x0^`` by spectral sampling with a spectrum net (GMFlow
+App. A.3; :class:`~gmflow.sampling.solvers.GMSDE`), automatically when the model carries one as
+``model.spectrum_net``.
+
+``output_mode="mean"`` (gm-sde only): each step uses the mean of the x0-GM instead of a draw (the
+ancestral DDPM step on the GM mean).
+
 ``order=2`` (GM solvers only) adds the multistep extrapolation of GMFlow App. A.2 (no extra
 evaluations). Each solver is a class in :mod:`gmflow.sampling.solvers`; :func:`sample` validates its
 inputs, builds the solver from :data:`SOLVERS` and feeds it one model evaluation per
@@ -35,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..gm import GaussianMixture
+from ..spectral import SpectrumNet
 from .evaluator import Evaluator, Guidance
 from .solvers import SOLVERS, get_solver
 from .solvers.base import check_int
@@ -64,6 +72,8 @@ def sample(
     kappa: float = 20.0,
     r: float = 0.5,
     variance: str = "small",
+    spectral: SpectrumNet | bool | None = None,
+    output_mode: str = "sample",
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     guidance: Guidance | None = None,
@@ -93,6 +103,13 @@ def sample(
         grid, shift, kappa: grid family when ``times`` is not given (see :func:`gmflow.time_grid`).
         r: DPM-Solver-2 intermediate point in (0, 1].
         variance: DDPM variance, ``"small"`` or ``"large"``.
+        spectral: spectral GM-SDE sampling: a spectrum net ``net(mean, var) -> log power spectrum``
+            (e.g. :class:`~gmflow.nn.SpectrumMLP`), ``True`` (use ``model.spectrum_net``), ``False``
+            (never), or ``None`` (default: ``model.spectrum_net`` if the model has one and the solver
+            is ``gm-sde``, else plain per-pixel draws). An explicit net or ``True`` with another solver
+            raises ValueError.
+        output_mode: gm-sde's x0 estimate, ``"sample"`` (a draw from the x0-GM, the GM-SDE) or
+            ``"mean"`` (its mean; ``spectral`` then defaults to no net).
         cond, uncond: keyword inputs of the conditional / unconditional model call.
         guidance: :class:`~gmflow.CFG`, :class:`~gmflow.ProbabilisticGuidance` or
             :class:`~gmflow.AutoGuidance`.
@@ -110,6 +127,9 @@ def sample(
         if val is not None and opt not in cls.options:
             which = "/".join(repr(n) for n, c in SOLVERS.items() if opt in c.options)
             raise ValueError(f"{opt} applies to solver={which} only, got solver={solver!r}")
+    if output_mode != "sample" and "output_mode" not in cls.options:
+        which = "/".join(repr(n) for n, c in SOLVERS.items() if "output_mode" in c.options)
+        raise ValueError(f"output_mode applies to solver={which} only, got solver={solver!r}")
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
     if not noise.is_floating_point():
@@ -118,13 +138,13 @@ def sample(
         raise ValueError(f"noise must have shape (B, *event) with B >= 1, got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
         raise ValueError("noise contains NaN or Inf values")
+    if spectral is None and output_mode == "mean":
+        spectral = False  # nothing is drawn from the GM
+    net = _spectrum_net(spectral, model, solver, "spectrum_net" in cls.options)
     given = {
-        "order": order,
-        "substeps": substeps,
-        "substep_method": substep_method,
-        "r": r,
-        "variance": variance,
-    }
+        "order": order, "substeps": substeps, "substep_method": substep_method, "r": r,
+        "variance": variance, "spectrum_net": net, "output_mode": output_mode,
+    }  # fmt: skip
     s = cls(**{k: given[k] for k in cls.options})
     s.set_timesteps(nfe, times=times, grid=grid, shift=shift, kappa=kappa)
 
@@ -154,3 +174,26 @@ def sample(
     if traj is not None:
         return out, torch.stack(traj).to(noise.dtype)
     return out
+
+
+def _spectrum_net(
+    spectral: SpectrumNet | bool | None, model: object, solver: str, supported: bool
+) -> SpectrumNet | None:
+    """The spectrum net the solver uses (see ``spectral`` of :func:`sample`)."""
+    own = getattr(model, "spectrum_net", None)
+    if spectral is None:
+        return own if supported else None
+    if spectral is False:
+        return None
+    which = "/".join(repr(n) for n, c in SOLVERS.items() if "spectrum_net" in c.options)
+    if not supported:
+        raise ValueError(f"spectral applies to solver={which} only, got solver={solver!r}")
+    if spectral is True:
+        if own is None:
+            raise ValueError("spectral=True needs a model with a spectrum_net attribute (or pass the net)")
+        return own
+    if not callable(spectral):
+        raise TypeError(
+            f"spectral must be a spectrum net, True, False or None, got {type(spectral).__name__}"
+        )
+    return spectral

@@ -14,11 +14,17 @@ from torch import Tensor
 from ...gaussian import Gaussian, reverse_transition_coefs
 from ...gm import GaussianMixture
 from ...guidance import GuidedGM
+from ...spectral import SpectrumNet, spectral_sample
 from .base import GMPrediction, Solver, check_int
 from .gm_field import GMField, PreparedGM, Tilt
 from .substeps import DEFAULT_SUBSTEP_METHOD, SUBSTEP_METHODS, default_substeps, integrate
 
-__all__ = ["GMSDE", "GMODE", "SecondOrder", "default_substeps", "gaussian_ratio_tilt", "guidance_tilt"]
+__all__ = [
+    "GMSDE", "GMODE", "OUTPUT_MODES", "SecondOrder", "default_substeps", "gaussian_ratio_tilt",
+    "guidance_tilt",
+]  # fmt: skip
+
+OUTPUT_MODES = ("sample", "mean")  # GM-SDE x0 estimate: a draw from the x0-GM, or its mean
 
 _DAMP_CA = 0.005  # damping sqrt(max(0, 1 - (w~^2 + ca) s_c^2 / h_prev^2)) of the second-order step
 
@@ -42,12 +48,13 @@ class SecondOrder:
 
     def __init__(self) -> None:
         self.prev: tuple[GMField, float] | None = None
+        self.target: Gaussian | None = None  # the last call's target (None if it did not extrapolate)
 
     def __call__(
         self, prep: PreparedGM, info: GuidedGM | None, x: Tensor, t: float, t_next: float
     ) -> Tilt | None:
         h = t - t_next
-        out = None
+        out, self.target = None, None
         if self.prev is not None:
             prev_field, prev_h = self.prev
             if info is not None:
@@ -65,9 +72,8 @@ class SecondOrder:
                 big_b = big_b + bias
             power = big_b.square().flatten(1).mean(1).reshape(avg_var.shape)
             big_b = torch.where(power > avg_var, big_b * torch.sqrt(avg_var / power.clamp_min(1e-30)), big_b)
-            out = gaussian_ratio_tilt(
-                Gaussian(base.mean + big_b, avg_var * (1.0 - power / avg_var).clamp_min(1e-6)), base
-            )
+            self.target = Gaussian(base.mean + big_b, avg_var * (1.0 - power / avg_var).clamp_min(1e-6))
+            out = gaussian_ratio_tilt(self.target, base)
         self.prev = (GMField(prep, prep.flat(x), t, guidance_tilt(info)), h)
         return out
 
@@ -125,12 +131,44 @@ class GMSDE(_GMSolver):
 
     ``c1, c2, c3`` from :func:`~gmflow.gaussian.reverse_transition_coefs`; an exact sample of the
     reverse transition, and at ``t' = 0`` (no noise) an exact sample of the x0-GM. Draws the GM
-    sample, then ``n``, from the step's ``generator``. ``order=2`` adds :class:`SecondOrder` and
-    draws ``x0^`` from its tilt of the base GM (:meth:`PreparedGM.sample`, same draws).
+    sample, then ``n``, from the step's ``generator``. ``order=2`` adds :class:`SecondOrder`.
+
+    ``spectrum_net`` (e.g. a :class:`~gmflow.nn.SpectrumMLP`): spectral sampling (GMFlow App. A.3,
+    docs/maths/spectral.md §5): ``x0^ = spectral_sample(gm, spectrum_net(m, v))`` with ``N(m, v)`` the
+    step's Gaussian target: the second-order target when the step extrapolates, else the guided
+    numerator ``N(mu_c + b, (1 - w~^2) s_c^2)`` under probabilistic guidance, else ``gm.to_gaussian()``.
+
+    ``output_mode="mean"``: ``x0^`` is the mean of the (extrapolated) x0-GM instead of a draw, i.e. the
+    ancestral DDPM step on the GM mean (order 1: :class:`~gmflow.sampling.solvers.DDPM` with
+    ``variance="small"``); only the transition noise is drawn.
     """
 
     name = "gm-sde"
     stochastic = True
+    options = ("order", "spectrum_net", "output_mode")
+
+    def __init__(
+        self, order: int = 1, spectrum_net: SpectrumNet | None = None, output_mode: str = "sample"
+    ) -> None:
+        super().__init__(order)
+        if spectrum_net is not None and not callable(spectrum_net):
+            raise TypeError(
+                "spectrum_net must be None or callable as spectrum_net(mean, var), "
+                f"got {type(spectrum_net).__name__}"
+            )
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be 'sample' or 'mean', got {output_mode!r}")
+        if output_mode == "mean" and spectrum_net is not None:
+            raise ValueError("spectrum_net applies to output_mode='sample' only (the mean is not drawn)")
+        self.spectrum_net = spectrum_net
+        self.output_mode = output_mode
+
+    def _spectral_target(self, gm: GaussianMixture, info: GuidedGM | None) -> Gaussian:
+        if self._second is not None and self._second.target is not None:
+            return self._second.target
+        if info is not None:
+            return Gaussian(info.base.mean + info.bias, info.avg_var * (1.0 - float(info.scale) ** 2))
+        return gm.to_gaussian()
 
     def _gm_step(
         self,
@@ -145,7 +183,14 @@ class GMSDE(_GMSolver):
         if self._second is not None:
             prep = PreparedGM(gm if info is None else info.cond)
             tilt = self._second(prep, info, x, t, t_next)
-        x0_hat = gm.sample(generator) if tilt is None else prep.sample(tilt, generator)
+        if self.output_mode == "mean":
+            x0_hat = gm.mean() if tilt is None else prep.unflat(prep.tilted_mean(tilt))
+        elif self.spectrum_net is None:
+            x0_hat = gm.sample(generator) if tilt is None else prep.sample(tilt, generator)
+        else:
+            target = self._spectral_target(gm, info)
+            drawn = gm if tilt is None else prep.gm.tilt(tilt.zeta, tilt.nu)
+            x0_hat = spectral_sample(drawn, self.spectrum_net(target.mean, target.var), generator)
         c1, c2, c3 = reverse_transition_coefs(t, t_next, x.dim(), like=x)
         out = c1 * x + c2 * x0_hat
         if t_next > 0:

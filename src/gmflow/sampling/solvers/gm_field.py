@@ -109,6 +109,12 @@ class PreparedGM:
         """``sum_k A_k mu_k``, flat ``(B, C[, P])``."""
         return self._average(self.weights)
 
+    def tilted_mean(self, tilt: Tilt) -> Tensor:
+        """Mean ``(mbar + v nu) / d`` of the GM tilted by ``tilt`` (``d = 1 + v zeta``), flat ``(B, C[, P])``."""
+        zeta, nu = self.scalar(tilt.zeta), self.flat(tilt.nu)
+        d = 1.0 + self.v * zeta
+        return (self.mbar(nu, zeta, d) + self.v * nu) / d
+
     def mbar(self, nu: Tensor, zeta: Tensor, d: Tensor) -> Tensor:
         """Mixture part ``sum_k A'_k mu_k`` of the tilt by ``(zeta, nu)``, all scaled by one factor.
 
@@ -189,10 +195,7 @@ class GMField:
 
     def mean0(self) -> Tensor:
         """Mean of the (tilted) GM at ``tau = t``."""
-        if self.zeta0 is None:
-            return self.prep.mean()
-        d = 1.0 + self.v * self.zeta0
-        return (self.mbar0() + self.v * self.nu0) / d
+        return self.prep.mean() if self.tilt is None else self.prep.tilted_mean(self.tilt)
 
     def mbar(self, x: Tensor, tau: float, energy: Tensor | None = None) -> Tensor:
         """Mixture part ``sum_k A'_k mu_k`` of ``q^(x0 | x_tau = x)``."""

@@ -1,0 +1,39 @@
+"""``gmflow bench images --preset smoke``: records, tables, figures and resumption end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gmflow.bench import images
+from gmflow.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_preset_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "images", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    pr = images.PRESETS["smoke"]
+    cells = {(r["model"], r["solver"], r["order"], r["nfe"], r["draw"]) for r in records}
+    assert len(cells) == len(records) == len(images._cells(pr))
+    keys = {"model", "K", "solver", "order", "nfe", "fd", "precision", "recall", "class_acc"}
+    assert all(keys <= set(r) for r in records)
+    assert {r["solver"] for r in records} == {s for s, _ in images.FM_SOLVERS + images.GM_SOLVERS}
+    head = [r for r in records if r["model"] == "gmflow" and r["nfe"] == pr.headline[0]]
+    assert {r["draw"] for r in head} == set(range(pr.draws))  # the headline rows are repeated
+    text = (out / "results.md").read_text()
+    assert "FD (test split" in text and "| gmflow | gm-sde | 2 |" in text
+    for name in ("fd_vs_nfe.png", "precision_vs_nfe.png", "class_acc_vs_nfe.png"):
+        assert (out / name).stat().st_size > 1000
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["step_time"]["ratio"] > 0
+    # re-running reuses the trained models and the scored cells
+    before = (out / "models" / "gmflow" / "checkpoint.json").read_text()
+    capsys.readouterr()
+    assert main(["bench", "images", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "models" / "gmflow" / "checkpoint.json").read_text() == before
+    assert json.loads((out / "results.json").read_text()) == records
+    assert "already trained" in capsys.readouterr().err
