@@ -12,7 +12,10 @@ were before #13 (``benchmarks/gm_legacy.py``, today's Euler sub-steps and second
   - ``replay``: ``sample()`` at NFE 8 on a model that returns a cached GM (no network cost), per
     network step: the GM maths of each solver / order / sub-step method (``euler`` is the
     network-only reference: Euler on the GM mean);
-  - ``e2e``: the same configurations with the real network at NFE 8;
+  - ``e2e``: the same configurations with the real network at NFE 8 (the GM-DiT: the main ones),
+    against Euler on the same model (network only) as the ratio of medians, the median of the
+    same-round ratios (``paired``), and ``network + GM maths`` = 1 + 8 (replay - replay of Euler) /
+    Euler's end-to-end CPU time, the least noisy of the three on a shared machine;
   - ``substeps``: one GM-ODE network step's sub-step integration (field set-up + sub-steps) at the
     default sub-step count of NFE 1, 2, 4, 8, per method (``legacy`` = today's).
 * ``error``: GM-ODE order 2 at NFE 1, 2, 4, 8 in float64, RMS distance per sample (per element for
@@ -60,7 +63,16 @@ SOLVERS = [
 ]
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+def _tag(name: str, order: int, method: str | None) -> str:
+    return f"{name} o{order}" + (f" {method}" if method else "")
+
+
+ALL_TAGS = tuple(_tag(*s) for s in SOLVERS)
+DIT_E2E = ("euler o1", "gm-sde o2", "gm-ode o2 pc3", "legacy gm-sde o2", "legacy gm-ode o2 euler")
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Round-robin timing: medians of wall and thread CPU time, and the per-round times (ms)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -72,7 +84,10 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str,
             f()
             wall[k].append((time.perf_counter() - t0) * 1e3)
             cpu[k].append((time.thread_time() - c0) * 1e3)
-    return {k: {"ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k])} for k in fns}
+    return {
+        k: {"ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k]), "rounds_ms": wall[k]}
+        for k in fns
+    }
 
 
 def build_models(toy_ckpt: str | None) -> dict[str, dict]:
@@ -100,6 +115,7 @@ def build_models(toy_ckpt: str | None) -> dict[str, dict]:
             "shape": (2,),
             "batch": 4096,
             "trained": bool(toy_ckpt),
+            "e2e": ALL_TAGS,
             "desc": f"ToyMLP 5x512, K=64 ({'trained: ' + toy_ckpt if toy_ckpt else 'untrained'})",
         },
         "dit": {
@@ -107,6 +123,7 @@ def build_models(toy_ckpt: str | None) -> dict[str, dict]:
             "shape": (1, 32, 32),
             "batch": 256,
             "trained": False,
+            "e2e": DIT_E2E,
             "desc": "GMDiT 4 layers, hidden 128, patch 4, 32x32x1, K=8 (random init)",
         },
     }
@@ -132,6 +149,7 @@ def substep_call(method: str, gm_x0, x, t: float, t_next: float, n: int):
 
 
 def timing(spec: dict, repeats: int) -> dict:
+    """The timed calls of the module docstring in one interleaved loop (end to end: ``spec["e2e"]``)."""
     model, b = spec["model"], spec["batch"]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, *spec["shape"], generator=g)
@@ -141,11 +159,12 @@ def timing(spec: dict, repeats: int) -> dict:
     gm_x0 = cached.u_to_x0(x, t)
     fns = {"forward": lambda: model(x, t)}
     for name, order, method in SOLVERS:
-        tag = f"{name} o{order}" + (f" {method}" if method else "")
+        tag = _tag(name, order, method)
         fns[f"replay {tag}"] = lambda a=(name, order, method): run_solver(
             a[0], lambda *_: cached, x, 8, a[1], a[2]
         )
-        fns[f"e2e {tag}"] = lambda a=(name, order, method): run_solver(a[0], model, x, 8, a[1], a[2])
+        if tag in spec["e2e"]:
+            fns[f"e2e {tag}"] = lambda a=(name, order, method): run_solver(a[0], model, x, 8, a[1], a[2])
     for nfe in NFES:  # one step of length 1/(2 nfe) from the GM at t = 0.5 (the cost does not depend on t)
         for method in ("legacy", "euler", "pc3"):
             n = default_substeps(nfe, "euler" if method == "legacy" else method)
@@ -158,7 +177,8 @@ def timing(spec: dict, repeats: int) -> dict:
         kind, _, tag = k.partition(" ")
         if kind == "replay":
             rows["replay"][tag] = {
-                **{m: v[m] / 8 for m in v},
+                "ms": v["ms"] / 8,
+                "cpu_ms": v["cpu_ms"] / 8,
                 "vs_forward": v["ms"] / 8 / fwd["ms"],
                 "cpu_vs_forward": v["cpu_ms"] / 8 / fwd["cpu_ms"],
             }
@@ -166,9 +186,12 @@ def timing(spec: dict, repeats: int) -> dict:
             rows["e2e"][tag] = v
         elif kind == "substeps":
             rows["substeps"][tag] = v
-    ref = rows["e2e"]["euler o1"]
-    for v in rows["e2e"].values():
+    ref, gm_ref = rows["e2e"]["euler o1"], rows["replay"]["euler o1"]
+    for tag, v in rows["e2e"].items():  # ratios of medians, and the median of same-round ratios
         v["vs_network"], v["cpu_vs_network"] = v["ms"] / ref["ms"], v["cpu_ms"] / ref["cpu_ms"]
+        v["paired_vs_network"] = statistics.median(a / b for a, b in zip(v["rounds_ms"], ref["rounds_ms"]))
+        # network-only time plus the GM maths measured without the network (the least noisy estimate)
+        v["replay_estimate"] = 1.0 + 8 * (rows["replay"][tag]["cpu_ms"] - gm_ref["cpu_ms"]) / ref["cpu_ms"]
     return rows
 
 
@@ -224,8 +247,8 @@ def error_study(name: str, model, noise, count_time: bool) -> list[dict]:
 
 def markdown(result: dict) -> str:
     out = ["# GM solver cost and GM-ODE sub-step accuracy (benchmarks/gm_cost.py)", ""]
-    for key, spec in result["models"].items():
-        tm = result["timing"][key]
+    for key, tm in result["timing"].items():
+        spec = result["models"][key]
         f = tm["forward"]
         out += [
             f"## {spec} — batch {result['batch'][key]}",
@@ -233,16 +256,22 @@ def markdown(result: dict) -> str:
             f"One forward: median {f['ms']:.1f} ms wall, {f['cpu_ms']:.1f} ms CPU.",
             "",
             "| solver (NFE 8) | GM maths ms / step | / forward | CPU / forward | end-to-end ms "
-            "| / network only | CPU / network only |",
-            "|---|---|---|---|---|---|---|",
+            "| / network only | CPU / network only | paired | network + GM maths |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for tag, r in tm["replay"].items():
-            e = tm["e2e"][tag]
-            out.append(
-                f"| {tag} | {r['ms']:.2f} | {100 * r['vs_forward']:.1f} % | "
-                f"{100 * r['cpu_vs_forward']:.1f} % | {e['ms']:.0f} | {e['vs_network']:.3f} | "
-                f"{e['cpu_vs_network']:.3f} |"
+            e = tm["e2e"].get(tag)
+            e2e = (
+                "| — | — | — | — | —"
+                if e is None
+                else (
+                    f"| {e['ms']:.0f} | {e['vs_network']:.3f} | {e['cpu_vs_network']:.3f} | "
+                    f"{e['paired_vs_network']:.3f} | {e['replay_estimate']:.3f}"
+                )
             )
+            share, cpu_share = 100 * r["vs_forward"], 100 * r["cpu_vs_forward"]
+            gm = f"| {tag} | {r['ms']:.2f} | {share:.1f} % | {cpu_share:.1f} % "
+            out.append(f"{gm}{e2e} |")
         out += ["", "| sub-step integration of one network step | ms | CPU ms |", "|---|---|---|"]
         out += [f"| {tag} | {v['ms']:.2f} | {v['cpu_ms']:.2f} |" for tag, v in tm["substeps"].items()]
         out.append("")
@@ -311,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-error", action="store_true", help="timing only")
+    ap.add_argument("--skip-timing", action="store_true", help="accuracy study only")
+    ap.add_argument("--models", default="toy,dit", help="timed models, comma-separated (default: toy,dit)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -327,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "error": [],
     }
     for key, spec in specs.items():
+        if args.skip_timing or key not in args.models.split(","):
+            continue
         print(f"[timing] {spec['desc']}", flush=True)
         result["timing"][key] = timing(spec, args.repeats)
         atomic_write_json(out / "results.json", result)
