@@ -23,6 +23,7 @@ import gmflow.sampling.solvers.gm as gm_solvers  # noqa: E402
 from gmflow import GaussianMixture  # noqa: E402
 from gmflow.diffusers import GMDiTPipeline, GMFlowODEScheduler, GMFlowSDEScheduler  # noqa: E402
 from gmflow.experiments import load_run  # noqa: E402
+from gmflow.sampling.solvers.gm_field import PreparedGM  # noqa: E402
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "official_gmdit"
 LABELS = [3, 7]
@@ -91,7 +92,12 @@ def test_reproduces_the_official_sde2_trajectory_with_its_draws(pipe, traj, monk
         def randn(self, shape, *, generator=None, device=None, dtype=None):
             return next(draws).to(device=device, dtype=dtype)
 
-    monkeypatch.setattr(GaussianMixture, "sample", recorded_sample)
+    monkeypatch.setattr(GaussianMixture, "sample", recorded_sample)  # the first step: no extrapolation yet
+    monkeypatch.setattr(  # later steps draw from the second-order tilt of the prepared GM
+        PreparedGM,
+        "sample",
+        lambda prep, tilt, generator=None: recorded_sample(prep.gm.tilt(tilt.zeta.reshape(-1), tilt.nu)),
+    )
     monkeypatch.setattr(gm_solvers, "torch", Noise())
     sde = GMDiTPipeline(
         pipe.transformer, None, pipe.vae, GMFlowSDEScheduler.from_config(pipe.scheduler.config)

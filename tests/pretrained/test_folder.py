@@ -79,8 +79,8 @@ def test_loaded_model_samples_the_official_trajectories(pm, run, guided):
             guidance=gmflow.ProbabilisticGuidance(0.45),
         )
     out = gmflow.sample(
-        pm.transformer, traj[f"{run}.noise"], solver="gm-ode", nfe=4, order=2, substeps=4, substep_method="euler",
-        cond={"class_labels": y}, **kw,
+        pm.transformer, traj[f"{run}.noise"], solver="gm-ode", nfe=4, order=2, substeps=4,
+        substep_method="euler", cond={"class_labels": y}, **kw,
     )  # fmt: skip
     torch.testing.assert_close(out, traj[f"{run}.output"], atol=1e-5 if guided else 2e-6, rtol=0)
 

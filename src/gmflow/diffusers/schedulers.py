@@ -200,7 +200,8 @@ class GMFlowSDEScheduler(GMFlowScheduler):
 class GMFlowODEScheduler(GMFlowScheduler):
     """GM-ODE (GMFlow Eq. 10) over :class:`~gmflow.sampling.GMODE`: ``substeps`` analytic sub-steps per
     network step with ``substep_method`` (default ``"pc3"`` with ``ceil(16 (t - t'))`` sub-steps;
-    ``"euler"``: the paper's, ``ceil(128 / num_inference_steps)``; the official GM-ODE 2 uses 32 x 4 Euler)."""
+    ``"euler"``: the paper's, ``ceil(128 / num_inference_steps)``; the official GM-ODE 2 uses 32 x 4
+    Euler)."""
 
     kind = "ode"
 

@@ -110,7 +110,7 @@ class PreparedGM:
         return self._average(self.weights)
 
     def tilted_mean(self, tilt: Tilt) -> Tensor:
-        """Mean ``(mbar + v nu) / d`` of the GM tilted by ``tilt`` (``d = 1 + v zeta``), flat ``(B, C[, P])``."""
+        """Mean ``(mbar + v nu) / d`` of the GM tilted by ``tilt`` (``d = 1 + v zeta``), ``(B, C[, P])``."""
         zeta, nu = self.scalar(tilt.zeta), self.flat(tilt.nu)
         d = 1.0 + self.v * zeta
         return (self.mbar(nu, zeta, d) + self.v * nu) / d
