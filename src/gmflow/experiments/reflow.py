@@ -24,7 +24,9 @@ from ..data import DATASETS, load_dataset
 from ..flow import GRID_KINDS, TIME_SAMPLERS
 from ..gm import GaussianMixture
 from ..reflow import PairDataset, read_manifest
+from ..nn import LogLossNet, WithLogLoss
 from ..reflow.objective import (
+    NORMALIZATIONS,
     PROJECTION_METHODS,
     WEIGHTS,
     PairMixing,
@@ -75,13 +77,14 @@ class ReflowSampling:
 
 
 _CHOICES = {
-    "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS, "pairs.projection_method": PROJECTION_METHODS,
+    "loss.normalize": NORMALIZATIONS, "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS, "pairs.projection_method": PROJECTION_METHODS,
     "sampling.solver": SAMPLE_SOLVERS, "sampling.grid": GRID_KINDS,
 }  # fmt: skip
 _RANGES = {
-    "loss.hpf_lambda": "[0, inf)", "loss.hpf_sigma": "(0, inf)", "loss.norm_eps": "[0, inf)",
-    "loss.time_eps": "[0, 1)", "student_dropout": "[0, 1)", "pairs.rho": "[0, 1]",
-    "pairs.projection_alpha": "[0, 1]", "pairs.projection_pool": "[1, inf)", "sampling.kappa": "(0, inf)",
+    "loss.hpf_lambda": "[0, inf)", "loss.hpf_radius": "(0, 1]", "loss.norm_floor": "(0, inf)",
+    "loss.time_eps": "[0, 1)", "loss.time_max": "(0, 1]", "student_dropout": "[0, 1)", "pairs.rho": "[0, 1]",
+    "pairs.projection_lambda": "[0, inf)", "pairs.projection_pool": "[1, inf)",
+    "pairs.projection_block": "[1, inf)", "sampling.kappa": "(0, inf)",
     "sampling.r": "(0, 1]", "sampling.guidance_scale": "(-inf, inf)",
 }  # fmt: skip
 _WHAT = {"pairs.rho": "the forward-pair ratio ", "sampling.kappa": "the sigmoid-grid kappa ",
@@ -135,6 +138,10 @@ class ReflowConfig(Experiment):
                 continue
             if not _within(float(v), spec):
                 raise ConfigError(f"{key}: {_WHAT.get(key, '')}must be a number in {spec}, got {v!r}")
+        if self.loss.time_eps >= self.loss.time_max:
+            raise ConfigError(
+                f"loss.time_max: must exceed loss.time_eps={self.loss.time_eps}, got {self.loss.time_max}"
+            )
         if self.data is not None and self.data not in DATASETS:
             raise ConfigError(f"data: unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         self.loop.validate()
@@ -162,11 +169,11 @@ class ReflowConfig(Experiment):
             raise ConfigError(
                 f"pairs.forward: rho={self.pairs.rho} > 0 draws forward pairs; set the directory"
             )
-        if self.pairs.projection_alpha > 0 and self.data is None:
-            raise ConfigError("data: projection_alpha > 0 projects onto real data; name the data set")
+        if self.pairs.projection_lambda > 0 and self.data is None:
+            raise ConfigError("data: projection_lambda > 0 projects onto real data; name the data set")
         teacher = load_network(self.teacher, use_ema=self.teacher_ema)
         pairs = PairDataset(self.pairs.backward, self.pairs.forward, rho=self.pairs.rho)
-        real = self.real_data() if self.pairs.projection_alpha > 0 else None
+        real = self.real_data() if self.pairs.projection_lambda > 0 else None
         return prepare_student(self, teacher, pairs, real_data=real)
 
     def record(self) -> dict[str, Any]:
@@ -193,7 +200,7 @@ RECIPES: dict[str, ReflowConfig] = {
     # guidance 0.6 -> 1.6 in the lerp convention); set student_dropout and projection per data set.
     # Measured (bench reflow `full`): FD -57 % / -36 % vs 2-RF at NFE 1 / 2 on digits (with AutoGuidance).
     "simple": ReflowConfig(
-        loss=ReflowLoss(normalize=True, time_sampler="pow10", hpf_lambda=10.0),
+        loss=ReflowLoss(normalize="sample", time_sampler="pow10", hpf_lambda=10.0),
         pairs=PairMixing(rho=0.4),
         sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=20.0, r=0.4),
     ),
@@ -289,8 +296,11 @@ def prepare_student(
     _check_pairs_fit(student, pairs)
     if cfg.student_dropout is not None:
         set_dropout(student, cfg.student_dropout)
+    if cfg.loss.normalize == "learned":
+        torch.manual_seed(cfg.loop.seed)
+        student = WithLogLoss(student, LogLossNet(tuple(pairs.event_shape)))
     objective = reflow_objective(cfg.loss)
-    batch_fn = reflow_batch_fn(pairs, cfg.pairs, cfg.loop.batch_size, real_data)
+    batch_fn = reflow_batch_fn(pairs, cfg.pairs, cfg.loop.batch_size, real_data, seed=cfg.loop.seed)
     return student, objective, batch_fn
 
 
@@ -313,7 +323,8 @@ def train_reflow(
         teacher_model: the network the student starts from (normally the teacher that made the pairs);
             deep-copied, never modified.
         pairs: backward (and, for ``rho > 0``, forward) pairs.
-        real_data: real ``x0`` for ``pairs.projection_alpha > 0``.
+        real_data: real ``x0`` for ``pairs.projection_lambda > 0`` (a tensor or a sampler; the train
+            split only: it must not be the data the student is evaluated against).
         student: optional module of the teacher's architecture to receive the teacher's weights
             (default: a deep copy of ``teacher_model``).
     """
