@@ -75,7 +75,9 @@ def test_toy_pairs_train_sample_and_eval(ring_teacher, tmp_path, capsys):
     assert main([*base, "--rho", "0.4", *sets, "--dry-run"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (
-        info["experiment"] == "reflow" and info["pairs"]["rho"] == 0.4 and info["loss"]["normalize"] == "sample"
+        info["experiment"] == "reflow"
+        and info["pairs"]["rho"] == 0.4
+        and info["loss"]["normalize"] == "sample"
     )
     assert (
         info["pair_settings"]["backward"]["nfe"] == 4 and info["pair_settings"]["forward"]["solver"] == "heun"
@@ -131,7 +133,12 @@ def test_recipe_and_real_data_alias(ring_teacher, tmp_path, capsys):
     assert main(args) == 0
     info = json.loads(capsys.readouterr().out)
     cfg = ReflowConfig.from_dict({k: v for k, v in info.items() if k not in ("experiment", "pair_settings")})
-    assert (cfg.data, cfg.teacher_ema, cfg.pairs.rho, cfg.pairs.projection_lambda) == ("ring", False, 0.4, 1.0)
+    assert (cfg.data, cfg.teacher_ema, cfg.pairs.rho, cfg.pairs.projection_lambda) == (
+        "ring",
+        False,
+        0.4,
+        1.0,
+    )
     assert (cfg.sampling.solver, cfg.loss.time_sampler, cfg.loop.out_dir) == (
         "dpm-solver-2",
         "pow10",

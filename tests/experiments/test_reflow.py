@@ -83,7 +83,11 @@ def test_config_round_trip_and_recipes():
         "grid": "uniform",
         "kappa": 20.0,
     }
-    assert (simple.loss.normalize, simple.loss.time_sampler, simple.loss.hpf_lambda) == ("sample", "pow10", 10.0)
+    assert (simple.loss.normalize, simple.loss.time_sampler, simple.loss.hpf_lambda) == (
+        "sample",
+        "pow10",
+        10.0,
+    )
     assert simple.pairs.rho == 0.4
     assert simple.sampling.sample_kwargs() == {
         "solver": "dpm-solver-2",

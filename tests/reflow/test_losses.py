@@ -78,7 +78,9 @@ def test_constant_error_costs_one_over_one_plus_lambda_squared(lam):
     err = torch.full((3, 2, 16, 12), 0.3, dtype=torch.float64)
     err[1] = -2.5
     mse = err.square().flatten(1).mean(1)
-    torch.testing.assert_close(error_distance(err, hpf_lambda=lam), mse / (1.0 + lam) ** 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        error_distance(err, hpf_lambda=lam), mse / (1.0 + lam) ** 2, rtol=1e-12, atol=0
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 16, 16), (2, 28, 28)])
@@ -133,7 +135,7 @@ def test_hpf_errors():
         hpf_mask(4, 4, 1.0, radius=-0.1)
 
 
-# ------------------------------------------------------------------------------------------ learned normaliser
+# ------------------------------------------------------------------------------------- learned normaliser
 def test_normalized_by_and_log_loss_fit():
     l = torch.tensor([0.5, 2.0, 1e-6], dtype=torch.float64, requires_grad=True)
     g = torch.tensor([0.0, math.log(2.0), -30.0], dtype=torch.float64, requires_grad=True)

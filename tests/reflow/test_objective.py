@@ -1,4 +1,4 @@
-"""gmflow.reflow.objective: the ReFlow objective (by hand), normalisers, the batches and the fixed projection."""
+"""gmflow.reflow.objective: the objective (by hand), normalisers, batches and the fixed projection."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def test_learned_normalisation_objective():
     g = torch.Generator().manual_seed(3)
     x0, x1 = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
     obj = reflow_objective(ReflowLoss(normalize="learned", time_sampler="pow10", time_max=0.9))
-    plain = reflow_objective(ReflowLoss(time_sampler="pow10", time_max=0.9))(net, (x0, x1), torch.Generator().manual_seed(1))
+    plain = reflow_objective(ReflowLoss(time_sampler="pow10", time_max=0.9))(
+        net, (x0, x1), torch.Generator().manual_seed(1)
+    )
     assert float(net.log_loss.initialized) == 0.0
     got = obj(net, (x0, x1), torch.Generator().manual_seed(1))
     # the first call sets the side net's level to log mean l; its output is then that constant

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import apply_sets
 from ..data import DATASETS, load_dataset
-from ..experiments import RECIPES, load_network, run_experiment
+from ..experiments import RECIPES, load_network, recipe, run_experiment
 from ..flow import GRID_KINDS
 from ..reflow import generate_pairs, read_manifest, teacher_hash
 from ..sampling import SOLVERS
@@ -136,7 +136,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_config(args: argparse.Namespace):
-    cfg = apply_sets(RECIPES[args.recipe], list(args.sets))
+    # the recipe's image or vector form, by the pairs' event shape
+    cfg = apply_sets(recipe(args.recipe, read_manifest(args.pairs).event_shape), list(args.sets))
     extra = [f"teacher={args.teacher}", f"pairs.backward={args.pairs}"]
     if args.forward_pairs is not None:
         extra.append(f"pairs.forward={args.forward_pairs}")

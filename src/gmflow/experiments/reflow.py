@@ -19,12 +19,12 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, apply_sets
 from ..data import DATASETS, load_dataset
 from ..flow import GRID_KINDS, TIME_SAMPLERS
 from ..gm import GaussianMixture
-from ..reflow import PairDataset, read_manifest
 from ..nn import LogLossNet, WithLogLoss
+from ..reflow import PairDataset, read_manifest
 from ..reflow.objective import (
     NORMALIZATIONS,
     PROJECTION_METHODS,
@@ -46,6 +46,7 @@ __all__ = [
     "ReflowSampling",
     "pairs_record",
     "prepare_student",
+    "recipe",
     "set_dropout",
     "train_reflow",
 ]
@@ -77,7 +78,8 @@ class ReflowSampling:
 
 
 _CHOICES = {
-    "loss.normalize": NORMALIZATIONS, "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS, "pairs.projection_method": PROJECTION_METHODS,
+    "loss.normalize": NORMALIZATIONS, "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS,
+    "pairs.projection_method": PROJECTION_METHODS,
     "sampling.solver": SAMPLE_SOLVERS, "sampling.grid": GRID_KINDS,
 }  # fmt: skip
 _RANGES = {
@@ -193,18 +195,39 @@ def pairs_record(manifests: dict[str, Any]) -> dict[str, Any]:
 
 RECIPES: dict[str, ReflowConfig] = {
     # 2-rectified flow (Liu et al. 2023) from the teacher: uniform t, velocity MSE, teacher dropout,
-    # backward pairs, Euler on the uniform grid. Measured (bench reflow `full`, docs/RESULTS.md §6): the
-    # reference rung of the ladder on every test bed.
+    # backward pairs, Euler on the uniform grid: the reference rung of the ladder on every test bed.
     "2rf": ReflowConfig(),
-    # Simple ReFlow, CIFAR10 values of appendix D.1.1 where known (lambda 10, rho 0.4, kappa 20, r 0.4,
-    # guidance 0.6 -> 1.6 in the lerp convention); set student_dropout and projection per data set.
-    # Measured (bench reflow `full`): FD -57 % / -36 % vs 2-RF at NFE 1 / 2 on digits (with AutoGuidance).
+    # Simple ReFlow for images: per-sample normalisation (teacher pairs), t ∝ 10^t, the FFT-mask HPF
+    # distance with the brief's lambda 10, forward pairs rho 0.4, DPM-Solver-2 (r 0.4) on the sigmoid
+    # grid. kappa 5, not the brief's 20: with N = 4-5 steps kappa 20 spends steps at t ~ 1 and t ~ 0
+    # (docs/maths/reflow.md §10). Projection off (it hurt in every measured setting, §9); set
+    # student_dropout per data set. Vector data get the overrides of `recipe` (measured, §13).
     "simple": ReflowConfig(
         loss=ReflowLoss(normalize="sample", time_sampler="pow10", hpf_lambda=10.0),
         pairs=PairMixing(rho=0.4),
-        sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=20.0, r=0.4),
+        sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=5.0, r=0.4),
     ),
 }
+
+# `recipe(name, event_shape)` for vector (non-image) data: the HPF distance needs images, and the
+# normaliser was chosen on the 2-D beds by the ladder (docs/maths/reflow.md §13).
+_VECTOR_SETS: dict[str, list[str]] = {
+    "2rf": [],
+    "simple": ["loss.hpf_lambda=0", "loss.normalize=none"],
+}
+
+
+def recipe(name: str, event_shape: tuple[int, ...] | None = None) -> ReflowConfig:
+    """The config of recipe ``name`` for data of ``event_shape`` (``(C, H, W)`` images, else vectors).
+
+    ``event_shape=None`` returns :data:`RECIPES` ``[name]`` itself (the image form).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    cfg = RECIPES[name]
+    if event_shape is None or len(tuple(event_shape)) == 3:
+        return copy.deepcopy(cfg)
+    return apply_sets(cfg, _VECTOR_SETS[name])
 
 
 def set_dropout(model: nn.Module, p: float) -> None:

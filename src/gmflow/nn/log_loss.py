@@ -37,7 +37,9 @@ class LogLossNet(nn.Module):
         super().__init__()
         shape = tuple(int(s) for s in event_shape)
         if len(shape) not in (1, 3) or min(shape) < 1:
-            raise ValueError(f"event_shape must be (D,) or (C, H, W) with positive sizes, got {event_shape!r}")
+            raise ValueError(
+                f"event_shape must be (D,) or (C, H, W) with positive sizes, got {event_shape!r}"
+            )
         for name, v in (("width", width), ("time_dim", time_dim), ("pool", pool)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -51,7 +53,11 @@ class LogLossNet(nn.Module):
             self.pooled = None
             n_in = shape[0]
         self.mlp = nn.Sequential(
-            nn.Linear(n_in + time_dim, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1)
+            nn.Linear(n_in + time_dim, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, 1),
         )
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
@@ -101,7 +107,10 @@ class WithLogLoss(nn.Module):
         conf = getattr(self.net, "config", None)
         if not isinstance(conf, dict):
             raise TypeError(f"{type(self.net).__name__} has no config dict, so WithLogLoss cannot record it")
-        return {"net": {"class": type(self.net).__name__, "config": dict(conf)}, "log_loss": self.log_loss.config}
+        return {
+            "net": {"class": type(self.net).__name__, "config": dict(conf)},
+            "log_loss": self.log_loss.config,
+        }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> WithLogLoss:

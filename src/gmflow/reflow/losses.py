@@ -100,7 +100,7 @@ def normalized(per_sample: Tensor, floor: float = 1e-4) -> Tensor:
 
 
 def normalized_by(per_sample: Tensor, log_loss: Tensor, floor: float = 1e-4) -> Tensor:
-    """``l / max(exp(sg[g]), floor)``: ``l`` divided by a predicted loss scale ``exp(g)`` (no gradient to g)."""
+    """``l / max(exp(sg[g]), floor)``: ``l`` over a predicted loss scale ``exp(g)`` (no gradient to g)."""
     _check_floor(floor)
     if log_loss.shape != per_sample.shape:
         raise ValueError(

@@ -172,7 +172,9 @@ def reflow_batch_fn(
     if mixing.rho > 0 and pairs.forward is None:
         raise ReflowError(f"rho={mixing.rho} > 0 draws forward pairs, but pairs has no forward pairs")
     if mixing.projection_lambda > 0 and real_data is None:
-        raise ReflowError("projection_lambda > 0 needs real_data (real x0 to project the backward pairs onto)")
+        raise ReflowError(
+            "projection_lambda > 0 needs real_data (real x0 to project the backward pairs onto)"
+        )
     global_batch = int(batch_size)
     source: list[PairDataset] = []
 
@@ -181,13 +183,19 @@ def reflow_batch_fn(
             m = mixing
             source.append(
                 pairs.projected(
-                    real_data, lam=m.projection_lambda, method=m.projection_method, pool=m.projection_pool,
-                    block=m.projection_block, seed=seed,
+                    real_data,
+                    lam=m.projection_lambda,
+                    method=m.projection_method,
+                    pool=m.projection_pool,
+                    block=m.projection_block,
+                    seed=seed,
                 )  # fmt: skip
                 if m.projection_lambda > 0
                 else pairs
             )
-        x0, x1, _ = source[0].draw(global_batch // world_size, mixing.rho, generator=_cpu_generator(generator))
+        x0, x1, _ = source[0].draw(
+            global_batch // world_size, mixing.rho, generator=_cpu_generator(generator)
+        )
         return torch.stack([x0, x1], dim=1)
 
     return batch_fn
