@@ -86,7 +86,7 @@ class BenchPreset:
 
 
 PRESETS: dict[str, BenchPreset] = {
-    # Measured: docs/RESULTS.md §9 (issue 12 definitions).
+    # Measured: docs/RESULTS.md §10 (issue 12 definitions; 2-D beds).
     "quick": BenchPreset(
         "<= 10 min on 2 idle cores: 3x128 MLPs, a base-16 UNet, short runs",
         toy=Sizes(1500, 600, 512, 512, 2e-3, 5e-4, 20000, 10000, 32, 5000, 2000),

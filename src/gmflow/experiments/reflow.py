@@ -210,10 +210,12 @@ RECIPES: dict[str, ReflowConfig] = {
 }
 
 # `recipe(name, event_shape)` for vector (non-image) data: the HPF distance needs images, and the
-# normaliser was chosen on the 2-D beds by the ladder (docs/maths/reflow.md §13).
+# normaliser was chosen on the 2-D beds by the ladder (docs/maths/reflow.md §13, docs/RESULTS.md §10):
+# recipe vs 2-RF, sliced-W2 at NFE 1 / 2 — checkerboard sample -12 / -9 %, none -16 / -13 %, learned
+# -32 / -25 %; ring sample +15 / -1 %, none -12 / -12 %, learned -13 / -9 %.
 _VECTOR_SETS: dict[str, list[str]] = {
     "2rf": [],
-    "simple": ["loss.hpf_lambda=0", "loss.normalize=none"],
+    "simple": ["loss.hpf_lambda=0", "loss.normalize=learned"],
 }
 
 
