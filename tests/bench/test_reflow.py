@@ -30,7 +30,9 @@ def test_smoke_run_writes_results_and_reuses_them(tmp_path, capsys):
             assert key in r, key
         assert r["sw2"] > 0 and r["sw2_floor"] > 0
     variants = [r["variant"] for r in records if r["dataset"] == "ring" and r["nfe"] == 1]
-    assert variants == ["teacher", "2rf", "+pow10", "+forward", "+projection", "+sigmoid", "+dpm", "full"]
+    assert variants == [
+        "teacher", "2rf", "+norm", "+pow10", "+forward", "+projection", "+sigmoid", "+dpm", "full"
+    ]  # fmt: skip
     for r in records:  # NFE (main + guide): AutoGuidance's guide calls are counted
         assert (r["nfe_main"], r["nfe_guide"]) == (r["nfe"], r["nfe"] if r["variant"] == "full" else 0)
         assert r["nfe_total"] == r["nfe_main"] + r["nfe_guide"]

@@ -15,6 +15,7 @@ from gmflow.experiments import (
     ReflowConfig,
     load_network,
     load_run,
+    recipe,
     run_experiment,
     set_dropout,
     train_reflow,
@@ -92,9 +93,17 @@ def test_config_round_trip_and_recipes():
     assert simple.sampling.sample_kwargs() == {
         "solver": "dpm-solver-2",
         "grid": "sigmoid",
-        "kappa": 20.0,
+        "kappa": 5.0,
         "r": 0.4,
     }
+    # per data type: images keep the HPF and the per-sample normaliser, vectors get the measured ones
+    assert recipe("simple", (1, 16, 16)) == simple and recipe("simple") == simple
+    vec = recipe("simple", (2,))
+    assert (vec.loss.hpf_lambda, vec.loss.normalize, vec.loss.time_sampler) == (0.0, "learned", "pow10")
+    assert RECIPES["simple"].loss.normalize == "sample"  # the table itself is not modified
+    assert recipe("2rf", (2,)) == two
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipe("nope")
     assert ReflowConfig.resume_ignore == {"teacher", "pairs.backward", "pairs.forward"} | {
         f"sampling.{k}" for k in ("solver", "grid", "kappa", "r", "guidance_scale")
     }
