@@ -286,5 +286,11 @@ def test_learned_normaliser_run_saves_loads_and_resumes(ring_pairs, tmp_path):
     assert isinstance(net, WithLogLoss) and isinstance(net.net, ToyMLP)
     x, t = torch.randn(4, 2), torch.full((4,), 0.5)
     torch.testing.assert_close(net(x, t), net.net(x, t))  # samplers see the plain network
+    run = load_run(d)  # what `gmflow sample` / `eval` read: the denoiser's shape, head and classes
+    assert run.network is run.model.net and (run.event_shape, run.head, run.num_classes) == (
+        (2,),
+        "velocity",
+        0,
+    )
     again = train_reflow(cfg.with_sets(["loop.steps=4"]), _net(), pairs, progress=False)
     assert (again.resumed_from, again.step) == (3, 4)

@@ -39,6 +39,7 @@ from ..sampling import SOLVERS
 from ..train import LoopConfig, TrainResult, train
 from .base import Experiment
 from .network import load_network
+from .reflow_upgrade import upgrade_reflow_config
 
 __all__ = [
     "RECIPES",
@@ -127,6 +128,11 @@ class ReflowConfig(Experiment):
     loop: LoopConfig = field(
         default_factory=lambda: LoopConfig(steps=2000, batch_size=256, optimizer="adam", warmup_steps=100)
     )
+
+    @classmethod
+    def upgrade_config(cls, config: Any) -> tuple[Any, list[str]]:
+        """Configs saved before the loss rework in today's keys (:func:`upgrade_reflow_config`)."""
+        return upgrade_reflow_config(config)
 
     def validate(self) -> ReflowConfig:
         """Raise :class:`~gmflow.config.ConfigError` naming the first invalid field; return ``self``."""
