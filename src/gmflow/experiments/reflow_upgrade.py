@@ -6,10 +6,11 @@ ReFlow runs written before the FFT-mask HPF, the normaliser choice and the fixed
 before:
 
 * ``loss.normalize: true / false`` -> ``"sample"`` / ``"none"``. Resumes.
-* ``loss.norm_eps: e`` -> ``loss.norm_floor: e``. The old weight ``l / (sg[l] + e)`` and today's
-  ``l / max(sg[l], e)`` agree to a relative ``e / l`` (the same ``l / sg[l]`` for ``e = 0``, mapped to
-  the smallest positive float). With ``normalize: false`` the value entered no loss and is dropped
-  (today's default), so that the run resumes under today's defaults. Resumes.
+* ``loss.norm_eps: e`` -> ``loss.norm_floor: e``. The old weight ``1 / (sg[l] + e)`` is today's
+  ``1 / max(sg[l], e)`` over ``1 + min(l, e) / max(l, e)``: equal up to ``e / l`` for ``l >> e`` (the
+  same ``l / sg[l]`` for ``e = 0``, mapped to the smallest positive float). With ``normalize: false``
+  the value entered no loss and is dropped (today's default), so that the run resumes under today's
+  defaults. Resumes.
 * ``loss.hpf_sigma`` -> ``loss.hpf_radius`` at its default: the Gaussian-blur HPF distance no longer
   exists. With ``hpf_lambda = 0`` no HPF was used and the run resumes; with ``hpf_lambda > 0`` the
   loss would change, so resuming is refused (loading, sampling and evaluation work).
