@@ -197,18 +197,22 @@ def sample_time(
     scale: float = 1.0,
     u_shape_a: float = 4.0,
     eps: float = 1e-4,
+    t_max: float = 1.0,
 ) -> Tensor:
-    """Draw ``n`` training times in ``[eps, 1]`` (t = 1 noise).
+    """Draw ``n`` training times in ``[eps, t_max]`` (t = 1 noise).
 
     * ``"uniform"``: ``t ~ U(0, 1)``.
     * ``"logit_normal"``: ``t = sigmoid(N(loc, scale^2))`` (SD3).
     * ``"pow10"``: density ``ln(10) 10^t / 9`` (Simple ReFlow), sampled as ``t = log10(1 + 9 u)``.
     * ``"u_shaped"``: the 2-RF++ baseline, a 50/50 mixture of ``p(t) ∝ e^{a t}`` and ``e^{a (1 - t)}``.
 
-    Values are clamped to ``[eps, 1]`` (``eps`` keeps ``sigma_t > 0``).
+    Values are clamped to ``[eps, t_max]`` (``eps`` keeps ``sigma_t > 0``; ``t_max < 1`` keeps an
+    EDM-style teacher's ``sigma = t / (1 - t)`` finite, e.g. ``80/81`` for ``sigma_max = 80``).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    if not (isinstance(t_max, (int, float)) and eps < t_max <= 1.0):
+        raise ValueError(f"t_max must be a number in (eps, 1] = ({eps}, 1], got {t_max!r}")
     u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
     if kind == "uniform":
         t = u
@@ -227,4 +231,4 @@ def sample_time(
         t = torch.where(v < 0.5, t_exp, 1.0 - t_exp)
     else:
         raise ValueError(f"kind must be one of {TIME_SAMPLERS}, got {kind!r}")
-    return t.clamp(eps, 1.0).to(dtype)
+    return t.clamp(eps, t_max).to(dtype)

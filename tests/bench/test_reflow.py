@@ -33,14 +33,20 @@ def test_smoke_run_writes_results_and_reuses_them(tmp_path, capsys):
     assert variants == [
         "teacher", "2rf", "+norm", "+pow10", "+forward", "+projection", "+sigmoid", "+dpm", "full"
     ]  # fmt: skip
+    for r in records:  # NFE (main + guide): AutoGuidance's guide calls are counted
+        assert (r["nfe_main"], r["nfe_guide"]) == (r["nfe"], r["nfe"] if r["variant"] == "full" else 0)
+        assert r["nfe_total"] == r["nfe_main"] + r["nfe_guide"]
     assert {r["nfe"] for r in records} == set(bench.PRESETS["smoke"].nfes)
     by = {(r["dataset"], r["variant"], r["nfe"]): r for r in records}
+    assert by[("ring", "+projection", 1)]["prev_variant"] == "+forward"  # a branch off +forward
+    assert by[("ring", "+sigmoid", 1)]["prev_variant"] == "+forward"
     r = by[("ring", "+forward", 2)]
     assert r["prev_variant"] == "+pow10"
     prev = by[("ring", "+pow10", 2)]["sw2"]
     assert r["rel_change"] == pytest.approx((r["sw2"] - prev) / prev)
     text = (tmp_path / "results.md").read_text()
     assert "## ring: sw2" in text and "Headline" in text and "| full |" in text
+    assert "NFE (main + guide) |" in text and "| 1+1, 2+2 |" in text
     diag = json.loads((tmp_path / "diagnostics.json").read_text())
     assert set(diag["ring"]["straightness"]) == {"teacher", "2rf", "full"}
     assert len(diag["ring"]["relative_loss"]["reflow_2rf_pairs"]["max"]) == 11
@@ -88,4 +94,40 @@ def test_relative_changes_and_headline():
     assert by[("full", 2)]["prev_variant"] == "2rf"
     assert by[("teacher", 1)]["rel_change"] is None
     (line,) = bench.headline(recs)
-    assert line.startswith("digits (fd)") and "(-50.0%)" in line and "(+25.0%)" in line
+    assert line.startswith("digits (fd)") and "(-50.0%;" in line and "(+25.0%;" in line
+    assert "vs 2rf at NFE 2: +25.0%" in line  # guided NFE 1 (1 + 1 evaluations) vs 2rf at NFE 2
+
+
+def test_digits_held_out_split_never_feeds_pairs(tmp_path):
+    """The digits reference is the test split; forward pairs invert training images only."""
+    import torch
+
+    from gmflow.bench.reflow_beds import PRESETS, Sizes, digits_reference, make_pairs, memorisation
+    from gmflow.data import Digits
+    from gmflow.nn import SmallUNet
+
+    tr = Digits.split_indices(1797, "train", 0.2, 0)
+    te = Digits.split_indices(1797, "test", 0.2, 0)
+    assert not set(tr.tolist()) & set(te.tolist()) and len(tr) + len(te) == 1797
+
+    class _Features:  # stands in for the classifier: features = pooled pixels
+        def features(self, x):
+            return torch.nn.functional.avg_pool2d(x, 4).flatten(1)
+
+    ref = digits_reference(_Features(), seed=0)
+    assert len(ref["ref"]) == len(te) and ref["floor"] > 0
+    assert torch.equal(ref["ref"], Digits(16, "test").tensor())
+    torch.manual_seed(0)
+    teacher = SmallUNet(1, 8, (1,), image_size=16, time_dim=16)
+    s = PRESETS["smoke"].digits
+    sizes = Sizes(**{**s.__dict__, "n_bwd": 16, "n_fwd": 24, "n_diag": 8, "pair_nfe": 2})
+    bed = dict(teacher=teacher, sizes=sizes, shape=(1, 16, 16), fwd_data=ref["train"][:24])
+    pairs, _ = make_pairs("digits", bed, tmp_path, 0, False)
+    x0_fwd = pairs.forward[0].flatten(1)
+    d_train = torch.cdist(x0_fwd.double(), ref["train"].flatten(1).double()).min(1).values
+    d_test = torch.cdist(x0_fwd.double(), ref["ref"].flatten(1).double()).min(1).values
+    assert d_train.max() < 1e-5 and d_test.min() > 1e-2  # every forward x0 is a training image
+    # memorisation: training images themselves are "copies", test images are not
+    assert memorisation(ref["train"][:50], ref["train"], ref["nn_test"])["nn_ratio"] == 0.0
+    m = memorisation(ref["ref"], ref["train"], ref["nn_test"])
+    assert m["nn_ratio"] == 1.0 and m["copy_frac"] <= 0.02  # 1 % by construction (ties aside)

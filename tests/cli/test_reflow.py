@@ -71,11 +71,13 @@ def test_toy_pairs_train_sample_and_eval(ring_teacher, tmp_path, capsys):
         "--data",
         "ring",
     ]
-    sets = ["--set", "loop.steps=3", "loop.batch_size=16", "loss.normalize=true", "loss.time_sampler=pow10"]
+    sets = ["--set", "loop.steps=3", "loop.batch_size=16", "loss.normalize=sample", "loss.time_sampler=pow10"]
     assert main([*base, "--rho", "0.4", *sets, "--dry-run"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (
-        info["experiment"] == "reflow" and info["pairs"]["rho"] == 0.4 and info["loss"]["normalize"] is True
+        info["experiment"] == "reflow"
+        and info["pairs"]["rho"] == 0.4
+        and info["loss"]["normalize"] == "sample"
     )
     assert (
         info["pair_settings"]["backward"]["nfe"] == 4 and info["pair_settings"]["forward"]["solver"] == "heun"
@@ -125,13 +127,18 @@ def test_recipe_and_real_data_alias(ring_teacher, tmp_path, capsys):
         "--raw",
         "--set",
         "loss.hpf_lambda=0",
-        "pairs.projection_alpha=0.5",
+        "pairs.projection_lambda=1.0",
         "--dry-run",
     ]
     assert main(args) == 0
     info = json.loads(capsys.readouterr().out)
     cfg = ReflowConfig.from_dict({k: v for k, v in info.items() if k not in ("experiment", "pair_settings")})
-    assert (cfg.data, cfg.teacher_ema, cfg.pairs.rho, cfg.pairs.projection_alpha) == ("ring", False, 0.4, 0.5)
+    assert (cfg.data, cfg.teacher_ema, cfg.pairs.rho, cfg.pairs.projection_lambda) == (
+        "ring",
+        False,
+        0.4,
+        1.0,
+    )
     assert (cfg.sampling.solver, cfg.loss.time_sampler, cfg.loop.out_dir) == (
         "dpm-solver-2",
         "pow10",
@@ -193,7 +200,7 @@ def test_train_bad_input(ring_teacher, tmp_path, capsys):
             "pairs.rho: the forward-pair ratio must be a number in [0, 1]",
         ),
         (["--pairs", str(bwd), "--rho", "0.4"], "pass --forward-pairs"),
-        (["--pairs", str(bwd), "--set", "pairs.projection_alpha=0.5"], "pass --data"),
+        (["--pairs", str(bwd), "--set", "pairs.projection_lambda=1.0"], "pass --data"),
         (["--pairs", str(bwd), "--set", "sampling.kappa=-1"], "sampling.kappa"),
         (["--pairs", str(bwd), "--set", "sampling.r=0"], "sampling.r:"),
         (["--pairs", str(bwd), "--set", "kappa=1"], "did you mean sampling.kappa"),
@@ -271,7 +278,7 @@ def test_digits_end_to_end_through_the_cli(tmp_path, capsys):
                 "--set",
                 "loop.steps=3",
                 "loop.batch_size=8",
-                "pairs.projection_alpha=0.5",
+                "pairs.projection_lambda=1.0",
                 "student_dropout=0.05",
             ]
         )
@@ -285,7 +292,7 @@ def test_digits_end_to_end_through_the_cli(tmp_path, capsys):
         3,
     )
     assert rec["config"]["teacher"] == str(teacher) and rec["model"]["config"]["dropout"] == 0.05
-    assert load_run(run).config.pairs.projection_alpha == 0.5
+    assert load_run(run).config.pairs.projection_lambda == 1.0
     assert main(["sample", "--ckpt", str(run), "--solver", "dpm-solver-2", "--nfe", "2", "--n", "16"]) == 0
     assert torch.load(run / "samples_dpm-solver-2_nfe2.pt", weights_only=True).shape == (16, 1, 16, 16)
     assert (run / "samples_dpm-solver-2_nfe2.png").is_file()

@@ -15,6 +15,7 @@ from gmflow.experiments import (
     ReflowConfig,
     load_network,
     load_run,
+    recipe,
     run_experiment,
     set_dropout,
     train_reflow,
@@ -40,7 +41,11 @@ def _cfg(steps: int = 1, **loss) -> ReflowConfig:
     [
         ("pairs.rho=1.5", "pairs.rho"),
         ("pairs.rho=-0.1", "pairs.rho"),
-        ("pairs.projection_alpha=2", "pairs.projection_alpha"),
+        ("pairs.projection_lambda=-1", "pairs.projection_lambda"),
+        ("pairs.projection_block=0", "pairs.projection_block"),
+        ("loss.normalize=true", "loss.normalize"),
+        ("loss.norm_floor=0", "loss.norm_floor"),
+        ("loss.time_max=0.00001", "loss.time_max"),
         ("pairs.projection_pool=0.5", "pairs.projection_pool"),
         ("pairs.projection_method=hungarian", "pairs.projection_method"),
         ("sampling.kappa=0", "sampling.kappa"),
@@ -50,7 +55,7 @@ def _cfg(steps: int = 1, **loss) -> ReflowConfig:
         ("sampling.grid=log", "sampling.grid"),
         ("loss.weight=x", "loss.weight"),
         ("loss.time_sampler=beta", "loss.time_sampler"),
-        ("loss.hpf_sigma=0", "loss.hpf_sigma"),
+        ("loss.hpf_radius=0", "loss.hpf_radius"),
         ("loss.time_eps=1", "loss.time_eps"),
         ("student_dropout=1", "student_dropout"),
         ("data=mnist", "data"),
@@ -64,13 +69,13 @@ def test_config_validation_names_the_field(item, key):
 
 def test_config_round_trip_and_recipes():
     extra = ReflowConfig(
-        student_dropout=0.05, data="digits16", pairs=PairMixing(rho=0.3, projection_alpha=0.5)
+        student_dropout=0.05, data="digits16", pairs=PairMixing(rho=0.3, projection_lambda=1.0)
     )
-    for cfg in (*RECIPES.values(), extra.with_sets(["loss.norm_eps=1e-9", "loop.out_dir=runs/x"])):
+    for cfg in (*RECIPES.values(), extra.with_sets(["loss.norm_floor=1e-9", "loop.out_dir=runs/x"])):
         assert ReflowConfig.from_dict(cfg.to_dict()) == cfg.validate()
     two, simple = RECIPES["2rf"], RECIPES["simple"]
     assert two == ReflowConfig() and (two.loss.normalize, two.loss.weight, two.pairs.rho) == (
-        False,
+        "none",
         "velocity",
         0.0,
     )
@@ -79,14 +84,26 @@ def test_config_round_trip_and_recipes():
         "grid": "uniform",
         "kappa": 20.0,
     }
-    assert (simple.loss.normalize, simple.loss.time_sampler, simple.loss.hpf_lambda) == (True, "pow10", 10.0)
+    assert (simple.loss.normalize, simple.loss.time_sampler, simple.loss.hpf_lambda) == (
+        "sample",
+        "pow10",
+        10.0,
+    )
     assert simple.pairs.rho == 0.4
     assert simple.sampling.sample_kwargs() == {
         "solver": "dpm-solver-2",
         "grid": "sigmoid",
-        "kappa": 20.0,
+        "kappa": 5.0,
         "r": 0.4,
     }
+    # per data type: images keep the HPF and the per-sample normaliser, vectors get the measured ones
+    assert recipe("simple", (1, 16, 16)) == simple and recipe("simple") == simple
+    vec = recipe("simple", (2,))
+    assert (vec.loss.hpf_lambda, vec.loss.normalize, vec.loss.time_sampler) == (0.0, "learned", "pow10")
+    assert RECIPES["simple"].loss.normalize == "sample"  # the table itself is not modified
+    assert recipe("2rf", (2,)) == two
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        recipe("nope")
     assert ReflowConfig.resume_ignore == {"teacher", "pairs.backward", "pairs.forward"} | {
         f"sampling.{k}" for k in ("solver", "grid", "kappa", "r", "guidance_scale")
     }
@@ -99,8 +116,8 @@ def test_build_and_dataset_need_their_paths():
     cfg = ReflowConfig(teacher="t", pairs=PairMixing(backward="b", rho=0.5))
     with pytest.raises(ConfigError, match="^pairs.forward: rho=0.5 > 0"):
         cfg.build()
-    cfg = ReflowConfig(teacher="t", pairs=PairMixing(backward="b", projection_alpha=0.5))
-    with pytest.raises(ConfigError, match="^data: projection_alpha > 0"):
+    cfg = ReflowConfig(teacher="t", pairs=PairMixing(backward="b", projection_lambda=1.0))
+    with pytest.raises(ConfigError, match="^data: projection_lambda > 0"):
         cfg.build()
     with pytest.raises(ConfigError, match="^data: this ReFlow run records no data set"):
         ReflowConfig().dataset()
@@ -120,7 +137,7 @@ def test_set_dropout_on_unet_and_mlp():
 
 
 # ------------------------------------------------------------------------------------- train_reflow
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", ["none", "sample", "learned"])
 def test_reflow_training_decreases_the_loss(ring_pairs, normalize):
     pairs = PairDataset(ring_pairs / "bwd", ring_pairs / "fwd", rho=0.4)
     teacher = _net()
@@ -133,12 +150,12 @@ def test_reflow_training_decreases_the_loss(ring_pairs, normalize):
 
     cfg = ReflowConfig(
         loss=ReflowLoss(normalize=normalize, time_sampler="pow10"),
-        pairs=PairMixing(rho=0.4, projection_alpha=0.5),
+        pairs=PairMixing(rho=0.4),
         loop=LoopConfig(steps=60, batch_size=256, lr=3e-3, warmup_steps=5, ema="none"),
     )
-    res = train_reflow(cfg, teacher, pairs, real_data=ring_gmm(), progress=False)
+    res = train_reflow(cfg, teacher, pairs, progress=False)
     # the normalised loss optimises E log l, which lowers the plain loss more slowly
-    assert eval_loss(res.model) < (0.85 if normalize else 0.7) * eval_loss(teacher)
+    assert eval_loss(res.model) < (0.7 if normalize == "none" else 0.85) * eval_loss(teacher)
     assert res.step == 60 and res.model is not teacher
     # the teacher is never modified
     assert torch.equal(teacher.state_dict()["trunk.0.weight"], _net().state_dict()["trunk.0.weight"])
@@ -254,3 +271,26 @@ def test_resume_from_the_run_config(reflow_run, copy_run, digits_pairs, tmp_path
         "backward"
     ] == str(moved)
     assert load_network(d).config == load_network(reflow_run.path).config
+
+
+def test_learned_normaliser_run_saves_loads_and_resumes(ring_pairs, tmp_path):
+    from gmflow.nn import WithLogLoss
+
+    pairs = PairDataset(ring_pairs / "bwd")
+    d = tmp_path / "learned"
+    loop = LoopConfig(steps=3, batch_size=16, warmup_steps=0, out_dir=str(d))
+    cfg = ReflowConfig(loss=ReflowLoss(normalize="learned"), loop=loop)
+    res = train_reflow(cfg, _net(), pairs, progress=False)
+    assert isinstance(res.model, WithLogLoss) and float(res.model.log_loss.initialized) == 1.0
+    net = load_network(d)
+    assert isinstance(net, WithLogLoss) and isinstance(net.net, ToyMLP)
+    x, t = torch.randn(4, 2), torch.full((4,), 0.5)
+    torch.testing.assert_close(net(x, t), net.net(x, t))  # samplers see the plain network
+    run = load_run(d)  # what `gmflow sample` / `eval` read: the denoiser's shape, head and classes
+    assert run.network is run.model.net and (run.event_shape, run.head, run.num_classes) == (
+        (2,),
+        "velocity",
+        0,
+    )
+    again = train_reflow(cfg.with_sets(["loop.steps=4"]), _net(), pairs, progress=False)
+    assert (again.resumed_from, again.step) == (3, 4)

@@ -59,7 +59,7 @@ def test_reflow_run_records_its_teacher_data_and_pairs(reflow_run, digits_run, d
     cfg = load_run(reflow_run.path).config
     assert (cfg.teacher, cfg.data) == (str(digits_run.path), "digits16")
     assert (cfg.pairs.backward, cfg.pairs.forward) == tuple(map(str, digits_pairs))
-    assert (cfg.pairs.rho, cfg.pairs.projection_alpha, cfg.loss.normalize) == (0.25, 0.5, True)
+    assert (cfg.pairs.rho, cfg.pairs.projection_lambda, cfg.loss.normalize) == (0.25, 1.0, "sample")
     rec = json.loads((reflow_run.path / "config.json").read_text())
     assert (rec["format"], rec["experiment"], rec["data"]) == ("gmflow-run/2", "reflow", "digits16")
     assert set(rec["pairs"]) == {"backward", "forward"} and rec["pairs"]["backward"]["n"] == 32

@@ -1,4 +1,4 @@
-"""gmflow.reflow.objective: the ReFlow objective (by hand) and the pair batches (mixing, projection)."""
+"""gmflow.reflow.objective: the objective (by hand), normalisers, batches and the fixed projection."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gmflow.reflow import (
     PairMixing,
     ReflowError,
     ReflowLoss,
-    hpf_operator,
+    error_distance,
     reflow_batch_fn,
     reflow_objective,
 )
@@ -50,8 +50,9 @@ def test_objective_matches_velocity_and_denoiser_mse(ring_pairs):
         assert torch.allclose(got, ref(weight), rtol=1e-4, atol=1e-6)
         tup = obj(net, (x0, x1), torch.Generator().manual_seed(5))  # tuple batches work too
         assert torch.allclose(tup, got)
-    norm = reflow_objective(ReflowLoss(normalize=True))(net, (x0, x1), torch.Generator().manual_seed(5))
-    assert torch.allclose(norm, torch.ones(64), atol=1e-5)
+    norm = reflow_objective(ReflowLoss(normalize="sample"))(net, (x0, x1), torch.Generator().manual_seed(5))
+    v = ref("velocity")
+    torch.testing.assert_close(norm, v / v.clamp_min(1e-4), rtol=1e-4, atol=1e-6)
 
 
 def test_gm_student_uses_the_gm_mean(ring_pairs):
@@ -76,23 +77,56 @@ def test_hpf_distance_and_normalised_gradient_on_images():
     net = SmallUNet(1, 8, (1,), image_size=8, time_dim=16)
     g = torch.Generator().manual_seed(3)
     x0, x1 = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
-    lam, sigma = 4.0, 0.8
-    loss = ReflowLoss(hpf_lambda=lam, hpf_sigma=sigma, weight="none", time_sampler="u_shaped")
+    lam, radius = 4.0, 0.3
+    loss = ReflowLoss(hpf_lambda=lam, hpf_radius=radius, weight="none", time_sampler="u_shaped")
     got = reflow_objective(loss)(net, (x0, x1), torch.Generator().manual_seed(9))
     t = _t(6, "u_shaped", 9)
     tb = t[:, None, None, None]
     d = (1 - tb) * x0 + tb * x1 - tb * net((1 - tb) * x0 + tb * x1, t)  # the denoiser D
-    e = d - x0
-    want = (e.square() + lam * hpf_operator(e, sigma).square()).flatten(1).mean(1)
+    want = error_distance(d - x0, hpf_lambda=lam, radius=radius)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
-    # normalize: value 1, gradient of log l
-    norm = reflow_objective(ReflowLoss(**{**loss.__dict__, "normalize": True}))
+    assert not torch.allclose(want, (d - x0).square().flatten(1).mean(1), rtol=1e-2)  # the HPF acts
+    # per-sample normalisation: value 1, gradient of log l (every l is above the floor here)
+    assert want.min() > 1e-3
+    norm = reflow_objective(ReflowLoss(**{**loss.__dict__, "normalize": "sample"}))
     n = norm(net, (x0, x1), torch.Generator().manual_seed(9))
     assert torch.allclose(n, torch.ones(6), atol=1e-6)
     ga = torch.autograd.grad(n.sum(), list(net.parameters()))
     gb = torch.autograd.grad(want.log().sum(), list(net.parameters()))
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_learned_normalisation_objective():
+    from gmflow.nn import LogLossNet, WithLogLoss
+
+    net = WithLogLoss(_net(), LogLossNet((2,), width=16, time_dim=8))
+    g = torch.Generator().manual_seed(3)
+    x0, x1 = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+    obj = reflow_objective(ReflowLoss(normalize="learned", time_sampler="pow10", time_max=0.9))
+    plain = reflow_objective(ReflowLoss(time_sampler="pow10", time_max=0.9))(
+        net, (x0, x1), torch.Generator().manual_seed(1)
+    )
+    assert float(net.log_loss.initialized) == 0.0
+    got = obj(net, (x0, x1), torch.Generator().manual_seed(1))
+    # the first call sets the side net's level to log mean l; its output is then that constant
+    assert float(net.log_loss.initialized) == 1.0
+    level = plain.detach().mean()
+    fit = plain / level - 1.0 - torch.log(plain / level)
+    torch.testing.assert_close(got, plain / level + fit, rtol=1e-4, atol=1e-6)
+    got.mean().backward()
+    assert net.log_loss.mlp[-1].weight.grad.abs().sum() > 0 and net.net.head.proj.weight.grad is not None
+    with pytest.raises(ReflowError, match="WithLogLoss"):
+        obj(_net(), (x0, x1), None)
+
+
+def test_time_is_clamped_to_time_max():
+    g = torch.Generator().manual_seed(0)
+    t = sample_time(10_000, "pow10", generator=g, eps=0.01, t_max=80 / 81, dtype=torch.float64)
+    assert float(t.max()) == pytest.approx(80 / 81) and float(t.min()) >= 0.01
+    assert float((t == t.max()).float().mean()) > 0.005  # the clamp is hit: 10^t puts mass near 1
+    with pytest.raises(ValueError, match="t_max"):
+        sample_time(4, t_max=1.5)
 
 
 def test_bad_batches():
@@ -102,36 +136,50 @@ def test_bad_batches():
 
 
 # -------------------------------------------------------------------------------------------- batches
-def test_batch_fn_mixing_and_projection(ring_pairs):
+def test_batch_fn_mixing(ring_pairs):
     pairs = PairDataset(ring_pairs / "bwd", ring_pairs / "fwd")
     g = torch.Generator().manual_seed(0)
     fwd_x0 = {tuple(v.tolist()) for v in pairs.forward[0]}
     b = reflow_batch_fn(pairs, PairMixing(rho=1.0), 32)(1, 0, 1, g)
     assert b.shape == (32, 2, 2)
     assert all(tuple(v.tolist()) in fwd_x0 for v in b[:, 0])
-    real = torch.randn(500, 2) * 0.01 + 7.0  # far from the ring: projected x0 must land on these
-    mixing = PairMixing(projection_alpha=1.0)
-    b = reflow_batch_fn(pairs, mixing, 32, real_data=real)(1, 0, 1, torch.Generator().manual_seed(0))
-    assert (b[:, 0] - 7.0).abs().max() < 0.1
-    bwd_x1 = {tuple(v.tolist()) for v in pairs.backward[1]}
-    assert all(tuple(v.tolist()) in bwd_x1 for v in b[:, 1])  # x1 untouched
-    with pytest.raises(ReflowError, match="real_data"):
-        reflow_batch_fn(pairs, mixing, 32)
     with pytest.raises(ReflowError, match="no forward pairs"):
         reflow_batch_fn(PairDataset(ring_pairs / "bwd"), PairMixing(rho=0.5), 32)
+    with pytest.raises(ReflowError, match="real_data"):
+        reflow_batch_fn(pairs, PairMixing(projection_lambda=1.0), 32)
 
 
-def test_projection_pool_draws_from_a_sampler(ring_pairs):
+def test_projected_coupling_is_fixed(ring_pairs):
+    """The projection is computed once over the pair set: the same x0 for a pair at every step."""
+    pairs = PairDataset(ring_pairs / "bwd")
+    real = torch.randn(len(pairs.backward[0]), 2, generator=torch.Generator().manual_seed(0)) * 0.1 + 7.0
+    proj = pairs.projected(real, lam=1e6, block=64, seed=1)
+    x0p, x1p = proj.backward
+    assert torch.equal(x1p, pairs.backward[1]) and (x0p - 7.0).abs().max() < 0.6  # far from the ring
+    assert torch.equal(pairs.backward[0], PairDataset(ring_pairs / "bwd").backward[0])  # self untouched
+    # a permutation-free match: each real sample is used once when pool = 1 and N reals = N pairs
+    near = torch.cdist(x0p.double(), real.double()).argmin(1)
+    assert len(set(near.tolist())) == len(near)
+    half = pairs.projected(real, lam=1.0, block=64, seed=1).backward[0]
+    torch.testing.assert_close(half, 0.5 * (pairs.backward[0] + x0p), rtol=1e-5, atol=1e-5)
+    assert torch.equal(pairs.projected(real, lam=1.0, block=64, seed=1).backward[0], half)  # pure function
+    fn = reflow_batch_fn(pairs, PairMixing(projection_lambda=1e6, projection_block=64), 16, real, seed=1)
+    for step in (1, 2):
+        b = fn(step, 0, 1, torch.Generator().manual_seed(step))
+        idx = torch.cdist(b[:, 1].double(), x1p.double()).argmin(1)
+        assert torch.equal(b[:, 0], x0p[idx])  # the batch's x0 is the pair's fixed projected x0
+
+
+def test_projection_from_a_sampler(ring_pairs):
     from gmflow.data import ring_gmm
 
     pairs = PairDataset(ring_pairs / "bwd")
-    mixing = PairMixing(projection_alpha=0.5, projection_pool=2.0, projection_method="sinkhorn")
-    fn = reflow_batch_fn(pairs, mixing, 16, real_data=ring_gmm())
-    a = fn(1, 0, 1, torch.Generator().manual_seed(4))
-    assert a.shape == (16, 2, 2) and torch.isfinite(a).all()
-    assert torch.equal(a, fn(1, 0, 1, torch.Generator().manual_seed(4)))
-    plain = reflow_batch_fn(pairs, PairMixing(), 16)(1, 0, 1, torch.Generator().manual_seed(4))
-    assert torch.equal(a[:, 1], plain[:, 1]) and not torch.equal(a[:, 0], plain[:, 0])
+    a = pairs.projected(ring_gmm(), lam=1.0, method="sinkhorn", pool=2.0, block=32, seed=4).backward[0]
+    assert a.shape == pairs.backward[0].shape and torch.isfinite(a).all()
+    b = pairs.projected(ring_gmm(), lam=1.0, method="sinkhorn", pool=2.0, block=32, seed=4).backward[0]
+    assert torch.equal(a, b) and not torch.equal(a, pairs.backward[0])
+    with pytest.raises(ValueError, match="lam"):
+        pairs.projected(ring_gmm(), lam=-1.0)
 
 
 @pytest.mark.parametrize("rho, world_size", [(0.0, 1), (0.4, 1), (0.4, 2), (1.0, 1)])

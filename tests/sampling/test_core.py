@@ -399,3 +399,28 @@ def test_bad_inputs_raise_clear_errors():
         sample(ring, x, solver="dpm-solver-2", nfe=2, r=0.0)
     with pytest.raises(ValueError, match="probabilistic guidance scale"):
         gmflow.ProbabilisticGuidance(1.0)
+
+
+@pytest.mark.parametrize("solver, nfe", [("euler", 3), ("dpm-solver-2", 9), ("heun", 4), ("dpm++2m", 5)])
+def test_network_evaluations_count_the_autoguidance_guide(solver, nfe):
+    """NFE (main + guide): every network call, the guide model's included, is accounted for."""
+    from gmflow import CFG, AutoGuidance
+    from gmflow.sampling import network_evaluations
+
+    calls = {"main": 0, "guide": 0}
+
+    def counting(name, scale):
+        def model(x, t, **cond):
+            calls[name] += 1
+            return scale * x
+
+        return model
+
+    guide = AutoGuidance(counting("guide", 0.5), 1.6)
+    x = sample(counting("main", 1.0), torch.randn(4, 2), solver=solver, nfe=nfe, guidance=guide)
+    assert torch.isfinite(x).all()
+    assert calls == {"main": nfe, "guide": nfe}
+    assert network_evaluations(nfe, guide) == {"main": nfe, "guide": nfe, "total": 2 * nfe}
+    assert network_evaluations(nfe) == {"main": nfe, "guide": 0, "total": nfe}
+    # CFG batches its unconditional half into the same call: no extra evaluation
+    assert network_evaluations(nfe, CFG(2.0)) == {"main": nfe, "guide": 0, "total": nfe}

@@ -8,39 +8,39 @@ Test beds (:mod:`gmflow.bench.reflow_beds`):
 * ``ring`` (8-mode GMM): the teacher is the EXACT GMM velocity ``ring_gmm().velocity``, so the pairs
   are exact up to the pair solver. A network cannot be copied from it, so the student is first trained
   from scratch with plain FM on the ring (OUT/teachers/ring-init) and ReFlow starts from that network.
-* ``digits`` (sklearn digits, 16x16): the teacher is a SmallUNet trained with FM; the metric is the
-  classifier-feature Fréchet distance of ``gmflow.metrics.images`` (skipped with a note if missing).
+* ``digits`` (sklearn digits, 16x16): the teacher is a SmallUNet trained with FM on the train split; the
+  metric is the classifier-feature Fréchet distance against the held-out **test** split (which never
+  feeds the teacher, the classifier, the pairs or the projection), with as many samples as test images
+  and a floor from as many training images; precision / recall and a memorisation check are recorded.
 
-Ladder (each rung adds one change to the previous one; every model is evaluated at each NFE with the
-same noise):
+Ladder (each rung adds the next knob of ``gmflow.experiments.recipe("simple", shape)``; every model is
+evaluated at each NFE with the same noise):
 
 =============== ===========================================================================================
 teacher         the teacher itself, Euler on the uniform grid
 2rf             student = copy of the teacher; uniform t, velocity MSE, teacher dropout, backward pairs
                 only; Euler, uniform grid (2-rectified flow)
-+norm           per-sample loss normalisation ``l / sg[l]``
++norm           the recipe's loss normaliser (``sample``: ``l / max(sg[l], floor)``; ``learned``: a side
+                network for ``log E[l | x_t, t]``); left out where the recipe has none
 +pow10          ``t ∝ 10^t``
-+hpf            HPF distance with weight lambda (images only; not run on 2-D)
++hpf            FFT-mask HPF distance (images only)
 +dropout        smaller student dropout (images only: the toy MLP has no dropout)
-+forward        forward pairs with ratio rho
-+projection     minibatch-OT coupling projection of the backward pairs, ``x0 <- (1-a) x0 + a OT(x0)``
++forward        forward pairs with ratio rho: the recipe's student
 +sigmoid        sigmoid time grid (kappa); same student, inference only
-+dpm            DPM-Solver-2 (r); inference only
-full            + AutoGuidance: weak model = the +projection student's checkpoint after ``weak_frac`` of
-                its steps; ``w`` in the EDM2 lerp convention (w = 1 is none; the paper's 0.6 is 1.6 here).
-                The guide costs one extra network call per step, which NFE does not count (EDM2).
++dpm            DPM-Solver-2 (r); inference only: **the recipe as a user runs it**
+full            + AutoGuidance: weak model = the recipe student's checkpoint after ``weak_frac`` of its
+                steps; ``w`` in the EDM2 lerp convention (w = 1 is none; the paper's 0.6 is 1.6 here).
+                The guide is a second network evaluation per solver call: the tables report NFE (main +
+                guide), and the headline also compares it with 2-RF at the same total NFE.
++projection     branch off ``+forward``: the coupling projection computed once over the pair set,
+                ``x0 <- (x0 + lambda y) / (1 + lambda)`` (a measurement; the recipe has no projection)
 =============== ===========================================================================================
 
-Choices that are ours (reconstructions; ``docs/maths/reflow.md``): the projection is a minibatch-OT
-stand-in (exact assignment of each batch's generated x0 to ``pool`` times as many real draws); it
-hurt in every setting we tried (alpha 0.05-1, pool 1-8; e.g. digits quick NFE 1 FD +9 % at alpha 0.05,
-+89 % at 0.5), so the ladder uses a mild alpha = 0.1. kappa = 5, not the paper's 20: with 4 or 5
-steps kappa = 20 wastes steps at t ~ 1 and t ~ 0 (t = 1, 0.993, 0.5, 0.007, 0). w = 1.6 is the
-paper's 0.6. The report adds eval-only sweeps of kappa, r and w on the final student.
-
-Outputs: ``results.json`` (records with dataset, variant, nfe, the metric: ``sw2`` + ``sw2_floor`` on 2-D,
-``fd`` on digits, and ``rel_change`` vs the previous rung), ``results.md``, ``diagnostics.json``
-(straightness, one-step error, per-t relative loss spread), NFE-vs-metric PNGs, histograms / digit grids.
+Outputs: ``results.json`` (records with dataset, variant, nfe, nfe_main / nfe_guide / nfe_total, the
+metric: ``sw2`` + ``sw2_floor`` on 2-D, ``fd`` + ``fd_floor``, precision, recall, ``nn_ratio``,
+``copy_frac`` on digits, and ``rel_change`` vs the previous rung), ``results.md``, ``diagnostics.json``
+(straightness, one-step error, per-t relative loss spread, inference sweeps), NFE-vs-metric PNGs,
+histograms / digit grids.
 """
 
 from __future__ import annotations
@@ -59,16 +59,18 @@ from ..config import apply_sets
 from ..experiments import (
     ReflowConfig,
     load_network,
+    recipe,
     train_reflow,
 )
 from ..guidance import AutoGuidance
 from ..io import atomic_write_json, atomic_write_text, sha256_bytes
-from ..reflow import one_step_error, per_t_relative_loss, straightness, teacher_hash
-from ..sampling import sample
+from ..reflow import NORMALIZATIONS, one_step_error, per_t_relative_loss, straightness, teacher_hash
+from ..sampling import network_evaluations, sample
 from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
 from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_metrics, digits_available, make_pairs, setup_bed
 from .reflow_report import (
+    BRANCH_OF,
     IMAGE_ONLY,
     LADDER,
     TRAIN_RUNGS,
@@ -84,39 +86,59 @@ __all__ = ["PRESETS", "LADDER", "TRAIN_RUNGS", "IMAGE_ONLY", "add_arguments", "r
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "reflow", PRESETS, DATASETS)
+    p.add_argument(
+        "--normalize", choices=NORMALIZATIONS, default=None,
+        help="loss normaliser of the +norm rung instead of the recipe's (none drops the rung); use a "
+        "fresh --out per choice (teachers/ and pairs/ may be shared by symlinks)",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ ladder
 def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
+    """The training rungs, each adding one knob of ``recipe("simple", shape)`` to the previous one.
+
+    ``+projection`` is a branch off ``+forward`` (the recipe has no projection); rungs whose knob is
+    off in the recipe (the normaliser, the HPF distance on vectors) are left out.
+    """
     s = pr.digits if name == "digits" else pr.toy
+    shape = (1, 16, 16) if name == "digits" else (2,)
+    rec = recipe("simple", shape)
     loop = LoopConfig(
         steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
     cfg = ReflowConfig(data="digits16" if name == "digits" else name, loop=loop)
+    norm = pr.normalize if pr.normalize is not None else rec.loss.normalize
     changes = {
-        "2rf": [], "+norm": ["loss.normalize=true"], "+pow10": ["loss.time_sampler=pow10"],
-        "+hpf": [f"loss.hpf_lambda={pr.hpf_lambda}"], "+dropout": [f"student_dropout={pr.student_dropout}"],
-        "+forward": [f"pairs.rho={pr.rho}"],
-        "+projection": [f"pairs.projection_alpha={pr.alpha}", f"pairs.projection_pool={pr.pool}"],
+        "2rf": [], "+norm": [f"loss.normalize={norm}"],
+        "+pow10": [f"loss.time_sampler={rec.loss.time_sampler}"],
+        "+hpf": [f"loss.hpf_lambda={rec.loss.hpf_lambda}"],
+        "+dropout": [f"student_dropout={pr.student_dropout}"], "+forward": [f"pairs.rho={rec.pairs.rho}"],
+        "+projection": [f"pairs.projection_lambda={pr.projection_lambda}",
+                        f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
+    skip = {"+norm"} if norm == "none" else set()
+    if name != "digits":
+        skip |= set(IMAGE_ONLY)
     out_cfgs = []
     for rung in TRAIN_RUNGS:
-        if name != "digits" and rung in IMAGE_ONLY:
+        if rung in skip:
             continue
-        cfg = apply_sets(cfg, changes[rung])
-        safe = rung.lstrip("+")
-        out_cfgs.append((rung, apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / safe}"])))
+        base = dict(out_cfgs)[BRANCH_OF[rung]] if rung in BRANCH_OF else cfg
+        new = apply_sets(base, changes[rung])
+        if rung not in BRANCH_OF:
+            cfg = new
+        out_cfgs.append(
+            (rung, apply_sets(new, [f"loop.out_dir={out / 'students' / name / rung.lstrip('+')}"]))
+        )
     return out_cfgs
 
 
 def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
     """Train one rung (resuming); with ``weak_frac`` also keep the early checkpoint as the weak guide."""
     run, weak = Path(cfg.loop.out_dir), None
-    kw = dict(
-        real_data=bed["ref"] if bed["shape"] != (2,) else bed["data"], progress=progress, verbose=progress
-    )
+    kw = dict(real_data=bed["real"], progress=progress, verbose=progress)
     if weak_frac is not None:
         wdir = run.with_name(run.name + "-weak")
         wsteps = max(1, int(cfg.loop.steps * weak_frac))
@@ -153,6 +175,8 @@ def _run_items(name: str, bed: dict, model: Any, items: list[tuple[dict, dict]])
         ms = (time.perf_counter() - t0) * 1e3
         g = kw.get("guidance")
         rec = {"dataset": name, **fields, "solver": kw["solver"], "grid": kw.get("grid")}
+        count = network_evaluations(kw["nfe"], g)  # NFE (main + guide): every network evaluation
+        rec.update(nfe_main=count["main"], nfe_guide=count["guide"], nfe_total=count["total"])
         rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x), ms=ms)
         records.append(rec)
     return records
@@ -163,10 +187,10 @@ def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, ca
     return _cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
 
 
-def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset) -> list[dict[str, Any]]:
-    """Inference-only sweeps on the final student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
+def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: Any) -> list[dict[str, Any]]:
+    """Inference-only sweeps on the recipe's student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
     nfes = [k for k in pr.nfes if k >= 4] or [max(pr.nfes)]
-    dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa}
+    dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": sp.kappa}
     items = [
         (
             {"knob": "kappa", "value": v, "nfe": k},
@@ -180,7 +204,7 @@ def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset) -> l
         for v in (0.3, 0.4, 0.5, 0.7, 1.0)
     ]
     items += [
-        ({"knob": "w", "value": v, "nfe": k}, {**dpm, "r": pr.r, "nfe": k, "guidance": AutoGuidance(weak, v)})
+        ({"knob": "w", "value": v, "nfe": k}, {**dpm, "r": sp.r, "nfe": k, "guidance": AutoGuidance(weak, v)})
         for v in (1.0, 1.2, 1.4, 1.6, 2.0)
         for k in (min(pr.nfes), max(nfes))
     ]
@@ -223,19 +247,24 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     )
     models: dict[str, Any] = {"teacher": (teacher, euler)}
     cfgs = _rung_configs(name, pr, out, seed)
+    main = [rung for rung, _ in cfgs if rung not in BRANCH_OF][-1]  # the recipe's student
     weak = student = None
-    for i, (rung, cfg) in enumerate(cfgs):
+    for rung, cfg in cfgs:
         print(f"[bench reflow] {name}: rung {rung} ({cfg.loop.steps} steps)")
-        last = i == len(cfgs) - 1
-        student, w = _train_rung(rung, cfg, bed, pairs, pr.weak_frac if last else None, progress)
-        weak = w if last else weak
-        models[rung] = (student, euler)
+        net, w = _train_rung(rung, cfg, bed, pairs, pr.weak_frac if rung == main else None, progress)
+        if rung == main:
+            student, weak, main_cfg = net, w, cfg
+        models[rung] = (net, euler)
         ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir)}
-        records += _evaluate(name, bed, student, rung, pr.nfes, euler, cache, {**key, **ids})
-    full_cfg = {**ids, "weak": teacher_hash(Path(cfgs[-1][1].loop.out_dir + "-weak"))}
+        records += _evaluate(name, bed, net, rung, pr.nfes, euler, cache, {**key, **ids})
+    sp = recipe("simple", bed["shape"]).sampling
+    full_cfg = {
+        "cfg": main_cfg.to_dict(), "weights": teacher_hash(main_cfg.loop.out_dir),
+        "weak": teacher_hash(Path(main_cfg.loop.out_dir + "-weak")),
+    }  # fmt: skip
     infer = [
-        ("+sigmoid", {"solver": "euler", "grid": "sigmoid", "kappa": pr.kappa}),
-        ("+dpm", {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": pr.kappa, "r": pr.r}),
+        ("+sigmoid", {"solver": "euler", "grid": "sigmoid", "kappa": sp.kappa}),
+        ("+dpm", {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": sp.kappa, "r": sp.r}),
     ]
     infer.append(("full", {**infer[-1][1], "guidance": AutoGuidance(weak, pr.guidance)}))
     for rung, kw in infer:
@@ -246,8 +275,10 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
     diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
     if name != "digits" or pr.image_sweeps:
-        skey = {**dkey, "kappa": pr.kappa, "r": pr.r}
-        diag["sweeps"] = _cached(cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr))
+        skey = {**dkey, "kappa": sp.kappa, "r": sp.r}
+        diag["sweeps"] = _cached(
+            cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr, sp)
+        )
     diag["training"] = {
         rung: json.loads((Path(c.loop.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
     }
@@ -264,9 +295,23 @@ def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[
     return out
 
 
+def _knobs(pr: BenchPreset) -> str:
+    parts = []
+    for label, shape in (("images", (1, 16, 16)), ("2-D", (2,))):
+        c = recipe("simple", shape)
+        norm = pr.normalize if pr.normalize is not None else c.loss.normalize
+        parts.append(
+            f"{label}: normalize {norm}, t {c.loss.time_sampler}, HPF lambda {c.loss.hpf_lambda:g}, rho "
+            f"{c.pairs.rho:g}, sigmoid kappa {c.sampling.kappa:g}, DPM-Solver-2 r {c.sampling.r:g}"
+        )
+    return "Recipe knobs (`recipe('simple', shape)`): " + "; ".join(parts) + ". "
+
+
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
     pr, datasets, out = start_run(args, "reflow", PRESETS, DATASETS)
+    if getattr(args, "normalize", None) is not None:
+        pr = dataclasses.replace(pr, normalize=args.normalize)
     progress = not args.no_progress
     t0 = time.perf_counter()
     print(f"[bench reflow] preset {args.preset}: {pr.description}\n[bench reflow] output: {out.resolve()}")
@@ -287,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(out / "results.json", records)  # partial results survive an interruption
         figs += figures(name, records, diag, samples, pr, out)
     add_relative_changes(records)
-    text = results_markdown(records, diags, pr, args.preset)
+    text = results_markdown(records, diags, pr, args.preset, _knobs(pr))
     text += (
         f"\nWall time: {(time.perf_counter() - t0) / 60:.1f} min ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items())
@@ -299,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "meta.json", meta)
     atomic_write_text(out / "results.md", text)
     print(text)
-    print("[bench reflow] headline (full recipe vs 2rf; negative = better):")
+    print("[bench reflow] headline (the simple recipe, unguided and guided, vs 2rf; negative = better):")
     for h in headline(records):
         print(f"  {h}")
     print("[bench reflow] figures:\n" + "\n".join(f"  {f}" for f in figs))

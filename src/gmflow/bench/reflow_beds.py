@@ -35,8 +35,8 @@ from ..metrics import (
 from ..reflow import PairDataset, generate_pairs
 from ..train import FlowLoss, LoopConfig
 
-__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_metrics", "digits_available", "make_pairs",
-           "setup_bed"]  # fmt: skip
+__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_metrics", "digits_available",
+           "digits_reference", "make_pairs", "memorisation", "setup_bed"]  # fmt: skip
 
 DATASETS = ("checkerboard", "ring", "digits")
 
@@ -62,18 +62,22 @@ class Sizes:
 
 @dataclass(frozen=True)
 class BenchPreset:
+    """A ladder budget; the Simple ReFlow knobs come from ``gmflow.experiments.recipe("simple", shape)``.
+
+    normalize: override of the recipe's normaliser for the ``+norm`` rung (``None``: the recipe's;
+    ``"none"`` drops the rung), for the normaliser comparisons of docs/maths/reflow.md §13.
+    projection_lambda, pool: the ``+projection`` branch (a measurement: the recipe has no projection).
+    """
+
     description: str
     toy: Sizes
     digits: Sizes
     datasets: tuple[str, ...] = ("checkerboard", "ring", "digits")
     nfes: tuple[int, ...] = (1, 2, 4, 9)
-    rho: float = 0.4
-    alpha: float = 0.1  # projection strength; larger values hurt more in our tests (see the module docstring)
-    pool: float = 4.0  # real draws per projected pair
-    kappa: float = 5.0
-    r: float = 0.4
+    normalize: str | None = None
+    projection_lambda: float = 1.0 / 9.0  # x0 <- 0.9 x0 + 0.1 y (alpha = lambda / (1 + lambda) = 0.1)
+    pool: float = 1.0
     guidance: float = 1.6
-    hpf_lambda: float = 10.0
     teacher_dropout: float = 0.13
     student_dropout: float = 0.05
     weak_frac: float = 0.1
@@ -82,15 +86,13 @@ class BenchPreset:
 
 
 PRESETS: dict[str, BenchPreset] = {
-    # Measured (docs/RESULTS.md §5): full recipe vs 2-RF at NFE 1 / 2: digits FD -37 % / -23 %;
-    # checkerboard sw2 +272 % / +114 % (unguided recipe -2.1 % / -0.7 %); ring +144 % / +10.6 %.
+    # Measured: docs/RESULTS.md §10 (issue 12 definitions; 2-D beds).
     "quick": BenchPreset(
         "<= 10 min on 2 idle cores: 3x128 MLPs, a base-16 UNet, short runs",
         toy=Sizes(1500, 600, 512, 512, 2e-3, 5e-4, 20000, 10000, 32, 5000, 2000),
         digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 200, 200, width=16),
     ),
-    # Measured (§7, 56 min): full recipe vs 2-RF at NFE 1 / 2: digits FD -57.4 % / -35.6 % (with
-    # AutoGuidance, whose guide calls NFE does not count); checkerboard sw2 +12 % / +3.5 %; ring +48 / +27 %.
+    # Measured before issue 12 (docs/RESULTS.md §7, old definitions, FD against the training split).
     "full": BenchPreset(
         "about an hour on 2 cores: 4x256 MLPs and 6x longer teachers on 2-D, a longer-trained base-16 "
         "UNet on digits, more pairs and samples",
@@ -142,36 +144,78 @@ def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, 
     return load_network(d)
 
 
+def digits_reference(clf: Any, seed: int) -> dict[str, Any]:
+    """The digits evaluation protocol: held-out reference, equal-count floor, memorisation baseline.
+
+    ``ref`` is the **test** split (never used for pairs, projection, teacher or classifier training);
+    ``train`` the train split. ``floor`` is the FD of ``len(ref)`` train images (a seeded subset)
+    against ``ref``, the score of a perfect sampler evaluated with as many samples as the reference
+    holds. ``nn_test`` are the distances of the test images to their nearest training image (RMS
+    per pixel), the baseline of :func:`memorisation`.
+    """
+    train = load_dataset("digits16", split="train").tensor()
+    ref = load_dataset("digits16", split="test").tensor()
+    g = torch.Generator().manual_seed(seed + 11)
+    sub = train[torch.randperm(len(train), generator=g)[: len(ref)]]
+    floor = frechet_distance(clf.features(sub), clf.features(ref))
+    return dict(train=train, ref=ref, floor=floor, nn_test=_nn_distance(ref, train))
+
+
+def _nn_distance(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """RMS-per-pixel distance of each ``x`` to its nearest ``train`` image, ``(N,)``."""
+    a, b = x.flatten(1).double(), train.flatten(1).double()
+    d2 = (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min(0)
+    return (d2.min(1).values / a.shape[1]).sqrt()
+
+
+def memorisation(x: torch.Tensor, train: torch.Tensor, nn_test: torch.Tensor) -> dict[str, float]:
+    """Samples' nearest-training-image distances against the test images' (the same statistic).
+
+    ``nn_ratio`` = median NN distance of the samples / that of the test images (about 1 for a model
+    that generalises like fresh data, well below 1 when it reproduces training images);
+    ``copy_frac`` = fraction of samples closer to a training image than the closest 1 % of test images.
+    """
+    d = _nn_distance(x.clamp(-1, 1), train)
+    q = float(torch.quantile(nn_test, 0.01))
+    return {"nn_ratio": float(d.median() / nn_test.median()), "copy_frac": float((d < q).double().mean())}
+
+
 def setup_bed(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
-    """A test bed: data, reference set and floor, teacher and student-init networks, evaluation noise."""
+    """A test bed: data, reference set and floor, teacher and student-init networks, evaluation noise.
+
+    Digits: :func:`digits_reference` (test-split reference, as many samples as reference images);
+    2-D: fresh reference draws of the known distribution (:func:`~gmflow.metrics.reference_set`).
+    """
     if name == "digits":
         data = load_dataset("digits16")
         clf = get_classifier(16, cache_dir=out / "classifier", epochs=pr.classifier_epochs)
-        ref, test = data.tensor(), load_dataset("digits16", split="test").tensor()
-        floor = frechet_distance(clf.features(ref), clf.features(test))
-        bed = dict(data=data, sizes=pr.digits, ref=ref, floor=floor, clf=clf, shape=(1, 16, 16))
-        bed["fwd_data"] = ref[: pr.digits.n_fwd]
+        bed = dict(data=data, sizes=pr.digits, clf=clf, shape=(1, 16, 16), **digits_reference(clf, seed))
+        bed["fwd_data"] = bed["train"][: pr.digits.n_fwd]
+        bed["real"] = bed["train"]  # projection target
+        n_eval = len(bed["ref"])
     else:
         data = load_dataset(name)
         s = pr.toy
         ref, floor = reference_set(data, s.n_eval)
-        bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data)
+        bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data, real=data)
+        n_eval = s.n_eval
     net = _train_teacher(name, bed, pr, out, seed, progress)
     bed["init"] = net  # the network every student starts from
     bed["teacher"] = data if name == "ring" else net  # exact GM teacher for the ring
-    bed["noise"] = torch.randn(
-        bed["sizes"].n_eval, *bed["shape"], generator=torch.Generator().manual_seed(seed + 7)
-    )
+    bed["noise"] = torch.randn(n_eval, *bed["shape"], generator=torch.Generator().manual_seed(seed + 7))
     return bed
 
 
 def bed_metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
-    """The test bed's metric record of samples ``x`` (sliced-W2 on 2-D, FD / precision / recall on digits)."""
+    """The test bed's metric record of samples ``x`` (sliced-W2 on 2-D; FD / precision / recall against
+    the held-out test split and the memorisation check on digits)."""
     finite = torch.isfinite(x.flatten(1)).all(1)
     rec: dict[str, Any] = {"nonfinite": int((~finite).sum())}
     if name == "digits":
-        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), bed["ref"], bed["clf"])
+        xs = torch.nan_to_num(x, 0.0, 1.0, -1.0)
+        m = image_metrics(xs, bed["ref"], bed["clf"])
         rec.update(fd=m["fd"], fd_floor=bed["floor"], precision=m["precision"], recall=m["recall"])
+        rec.update(memorisation(xs, bed["train"], bed["nn_test"]))
         return rec
     xf = x[finite]
     sw2 = sliced_w2_mean(xf, bed["ref"]) if len(xf) >= 2 else math.inf
@@ -182,7 +226,11 @@ def bed_metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
 
 
 def make_pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
-    """Backward, forward and held-out test pairs of a test bed (resumable pair directories)."""
+    """Backward, forward and test pairs of a test bed (resumable pair directories).
+
+    The forward pairs invert ``bed["fwd_data"]`` (digits: training images only; the test split is the
+    evaluation reference and never enters a pair). The "test" pairs are teacher pairs from other noise.
+    """
     s, d = bed["sizes"], out / "pairs" / name
     teacher = bed["teacher"]
     common = dict(shard_size=4096, progress=progress)

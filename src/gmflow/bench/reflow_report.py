@@ -15,7 +15,9 @@ from ..viz import histogram_grid, image_grid, metric_curves
 from .reflow_beds import BenchPreset
 
 TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
-LADDER = ("teacher", *TRAIN_RUNGS, "+sigmoid", "+dpm", "full")
+#: rungs that branch off another rung instead of extending the previous one
+BRANCH_OF = {"+projection": "+forward"}
+LADDER = ("teacher", *(r for r in TRAIN_RUNGS if r not in BRANCH_OF), "+sigmoid", "+dpm", "full", *BRANCH_OF)
 IMAGE_ONLY = ("+hpf", "+dropout")
 
 
@@ -30,7 +32,13 @@ def add_relative_changes(records: list[dict[str, Any]]) -> None:
     for r in records:
         metric = metric_name(r["dataset"])
         i = LADDER.index(r["variant"])
-        prev = next((v for v in reversed(LADDER[:i]) if (r["dataset"], v, r["nfe"]) in by), None)
+        if r["variant"] in BRANCH_OF:
+            prev = (
+                BRANCH_OF[r["variant"]] if (r["dataset"], BRANCH_OF[r["variant"]], r["nfe"]) in by else None
+            )
+        else:
+            chain = [v for v in LADDER[:i] if v not in BRANCH_OF]
+            prev = next((v for v in reversed(chain) if (r["dataset"], v, r["nfe"]) in by), None)
         r["prev_variant"] = prev
         r["rel_change"] = None
         if prev is not None:
@@ -45,48 +53,60 @@ def _rel(a: float, b: float) -> str:
 
 
 def headline(records: list[dict[str, Any]]) -> list[str]:
-    """Full recipe (and the unguided ``+dpm`` rung) vs 2rf at NFE 1 and 2 per data set (negative = better)."""
+    """The recipe as a user runs it (``+dpm``, unguided) and ``full`` (+ AutoGuidance, with its guide
+    evaluations) vs 2rf at NFE 1 and 2 per data set (negative = better)."""
     lines = []
     for ds in dict.fromkeys(r["dataset"] for r in records):
         metric = metric_name(ds)
         get = {(r["variant"], r["nfe"]): r[metric] for r in records if r["dataset"] == ds}
         parts = []
         for k in (1, 2):
-            if ("2rf", k) in get and ("full", k) in get:
-                a, b = get[("full", k)], get[("2rf", k)]
-                dpm = (
-                    f", unguided +dpm {get[('+dpm', k)]:.4g} ({_rel(get[('+dpm', k)], b)})"
-                    if ("+dpm", k) in get
-                    else ""
-                )
-                parts.append(f"NFE {k}: 2rf {b:.4g} -> full {a:.4g} ({_rel(a, b)}{dpm})")
+            if ("2rf", k) not in get:
+                continue
+            b = get[("2rf", k)]
+            part = f"NFE {k}: 2rf {b:.4g}"
+            if ("+dpm", k) in get:
+                part += f" -> recipe {get[('+dpm', k)]:.4g} ({_rel(get[('+dpm', k)], b)})"
+            if ("full", k) in get:
+                a = get[("full", k)]
+                part += f", guided full {a:.4g} ({_rel(a, b)}; NFE {k} main + {k} guide"
+                if ("2rf", 2 * k) in get:
+                    part += f"; vs 2rf at NFE {2 * k}: {_rel(a, get[('2rf', 2 * k)])}"
+                part += ")"
+            parts.append(part)
         if parts:
             lines.append(f"{ds} ({metric}): " + "; ".join(parts))
     return lines
 
 
+def _nfe_cell(rows: list[dict[str, Any]]) -> str:
+    """``"1+1, 2+2"``: the NFE (main + guide) of a rung's cells."""
+    return ", ".join(f"{r.get('nfe_main', r['nfe'])}+{r.get('nfe_guide', 0)}" for r in rows)
+
+
 def results_markdown(
-    records: list[dict[str, Any]], diags: dict[str, Any], pr: BenchPreset, preset: str
+    records: list[dict[str, Any]], diags: dict[str, Any], pr: BenchPreset, preset: str, knobs: str = ""
 ) -> str:
     lines = [f"# gmflow bench reflow — preset `{preset}`", "", pr.description, ""]
-    lines += ["## Headline: full recipe vs 2-rectified flow (negative = better)", ""]
+    lines += ["## Headline: the simple recipe vs 2-rectified flow (negative = better)", ""]
     lines += [f"- {h}" for h in headline(records)] + [""]
     lines += [
-        f"Knobs: rho {pr.rho}, projection alpha {pr.alpha} (pool {pr.pool}), sigmoid kappa {pr.kappa}, "
-        f"DPM-Solver-2 r {pr.r}, "
-        f"AutoGuidance w {pr.guidance} (EDM2 lerp: 1 = none), HPF lambda {pr.hpf_lambda}, dropout "
-        f"{pr.teacher_dropout} -> {pr.student_dropout} (digits). Each cell: metric (signed change vs the "
-        "previous rung; negative = better).",
+        f"{knobs}Ladder extras: projection branch lambda {pr.projection_lambda:.4g} (pool {pr.pool}), "
+        f"AutoGuidance w {pr.guidance} (EDM2 lerp: 1 = none), dropout {pr.teacher_dropout} -> "
+        f"{pr.student_dropout} (digits). Each cell: metric (signed change vs the previous rung, or vs the "
+        "rung a branch starts from; negative = better). Columns are solver NFE; the last column counts "
+        "every network evaluation, NFE (main + guide).",
         "",
     ]
     for ds in dict.fromkeys(r["dataset"] for r in records):
         metric = metric_name(ds)
         rows = [r for r in records if r["dataset"] == ds]
         floor = rows[0].get(f"{metric}_floor")
-        lines += [f"## {ds}: {metric} (floor {floor:.4g}; lower is better)", ""]
+        ref = "held-out test split, floor with equal counts" if ds == "digits" else "fresh draws"
+        lines += [f"## {ds}: {metric} (reference: {ref}; floor {floor:.4g}; lower is better)", ""]
         lines += [
-            "| rung | " + " | ".join(f"NFE {k}" for k in pr.nfes) + " |",
-            "|---|" + "---|" * len(pr.nfes),
+            "| rung | " + " | ".join(f"NFE {k}" for k in pr.nfes) + " | NFE (main + guide) |",
+            "|---|" + "---|" * (len(pr.nfes) + 1),
         ]
         for v in LADDER:
             cells = {r["nfe"]: r for r in rows if r["variant"] == v}
@@ -97,7 +117,19 @@ def results_markdown(
                 c = cells.get(k)
                 ch = "" if c is None or c.get("rel_change") is None else f" ({100 * c['rel_change']:+.1f}%)"
                 fmt.append("" if c is None else f"{c[metric]:.4g}{ch}")
-            lines.append(f"| {v} | " + " | ".join(fmt) + " |")
+            lines.append(f"| {v} | " + " | ".join(fmt) + f" | {_nfe_cell(list(cells.values()))} |")
+        if ds == "digits":
+            lines += ["", "Precision / recall and memorisation (nn_ratio: median distance of samples to "
+                      "their nearest training image / that of the test images; copy_frac: samples closer "
+                      "than the closest 1 % of test images):", "",
+                      "| rung | NFE | precision | recall | nn_ratio | copy_frac |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for r in rows:
+                if r["nfe"] in (min(pr.nfes), max(pr.nfes)):
+                    lines.append(
+                        f"| {r['variant']} | {r['nfe_main']}+{r['nfe_guide']} | {r['precision']:.3f} | "
+                        f"{r['recall']:.3f} | {r['nn_ratio']:.3f} | {r['copy_frac']:.3f} |"
+                    )
         d = diags.get(ds)
         if d:
             s, e = d["straightness"], d["one_step_error"]
@@ -123,7 +155,7 @@ def results_markdown(
                 )
             sw = d.get("sweeps")
             if sw:
-                lines += ["", f"Inference sweeps on the final student (eval only; {metric}):", ""]
+                lines += ["", f"Inference sweeps on the recipe's student (eval only; {metric}):", ""]
                 lines += ["| knob | NFE | values |", "|---|---|---|"]
                 for knob, k in dict.fromkeys((r["knob"], r["nfe"]) for r in sw):
                     vals = ", ".join(

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import apply_sets
 from ..data import DATASETS, load_dataset
-from ..experiments import RECIPES, load_network, run_experiment
+from ..experiments import RECIPES, load_network, recipe, run_experiment
 from ..flow import GRID_KINDS
 from ..reflow import generate_pairs, read_manifest, teacher_hash
 from ..sampling import SOLVERS
@@ -33,9 +33,9 @@ TRAIN_EPILOG = """\
 examples:
   gmflow reflow train --teacher runs/fm --pairs pairs/bwd --data checkerboard --out runs/2rf   # 2-RF
   gmflow reflow train --teacher runs/fm --pairs pairs/bwd --forward-pairs pairs/fwd --rho 0.4 \\
-      --data checkerboard --out runs/srf --set loss.normalize=true loss.time_sampler=pow10 --dry-run
+      --data checkerboard --out runs/srf --set loss.normalize=sample loss.time_sampler=pow10 --dry-run
   gmflow reflow train --recipe simple --teacher runs/unet --pairs p/bwd --forward-pairs p/fwd \\
-      --data digits16 --set pairs.projection_alpha=0.5 student_dropout=0.05 --out runs/srf-digits
+      --data digits16 --set pairs.projection_lambda=1 student_dropout=0.05 --out runs/srf-digits
 
 Keys are dotted: teacher, data, student_dropout, loss.*, pairs.*, sampling.*, loop.* (see --dry-run)."""
 
@@ -136,7 +136,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve_config(args: argparse.Namespace):
-    cfg = apply_sets(RECIPES[args.recipe], list(args.sets))
+    # the recipe's image or vector form, by the pairs' event shape
+    cfg = apply_sets(recipe(args.recipe, read_manifest(args.pairs).event_shape), list(args.sets))
     extra = [f"teacher={args.teacher}", f"pairs.backward={args.pairs}"]
     if args.forward_pairs is not None:
         extra.append(f"pairs.forward={args.forward_pairs}")
@@ -159,8 +160,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = _resolve_config(args)
     if cfg.pairs.rho > 0 and cfg.pairs.forward is None:
         raise ValueError(f"rho={cfg.pairs.rho} > 0 draws forward pairs: pass --forward-pairs DIR")
-    if cfg.pairs.projection_alpha > 0 and cfg.data is None:
-        raise ValueError("projection_alpha > 0 projects onto real data: pass --data NAME")
+    if cfg.pairs.projection_lambda > 0 and cfg.data is None:
+        raise ValueError("projection_lambda > 0 projects onto real data: pass --data NAME")
     if args.dry_run:
         read_checkpoint_manifest(args.teacher)
         info = {"experiment": cfg.kind, **cfg.to_dict()}

@@ -32,6 +32,7 @@ from .reflow import (
     ReflowSampling,
     pairs_record,
     prepare_student,
+    recipe,
     set_dropout,
     train_reflow,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "network_from_checkpoint",
     "pairs_record",
     "prepare_student",
+    "recipe",
     "run_experiment",
     "set_dropout",
     "train_reflow",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar
 
-from ..config import apply_overrides, apply_sets, check_types, to_dict
+from ..config import ConfigError, apply_overrides, apply_sets, check_types, to_dict
 from ..train import TrainResult, train
 
 __all__ = ["Experiment", "run_experiment"]
@@ -58,16 +58,30 @@ class Experiment:
 
     # ------------------------------------------------------------------------------- the run record
     @classmethod
-    def upgrade_record(cls, record: dict[str, Any]) -> dict[str, Any]:
-        """A saved record with its config completed by today's defaults (keys added since it was saved).
+    def upgrade_config(cls, config: Any) -> tuple[Any, list[str]]:
+        """``(config, changes)``: a saved config dict in today's keys, and one line per setting whose
+        training no longer exists (naming its key; such a run loads but cannot resume). Default: as is."""
+        return config, []
 
-        A record that does not parse as this experiment is returned unchanged (the comparison then
-        reports the differences).
+    @classmethod
+    def upgrade_record(cls, record: dict[str, Any]) -> dict[str, Any]:
+        """A saved record in today's keys (:meth:`upgrade_config`), completed by today's defaults.
+
+        Raises :class:`~gmflow.config.ConfigError` naming the keys when resuming the run would change
+        its training (an upgrade ``change``). A record that does not parse as this experiment is
+        returned unchanged (the comparison then reports the differences).
         """
         try:
-            return {**record, "config": cls.from_dict(record.get("config", {})).to_dict()}
+            config, changes = cls.upgrade_config(record.get("config", {}))
+            upgraded = cls.from_dict(config).to_dict()
         except ValueError:
             return record
+        if changes:
+            raise ConfigError(
+                f"cannot resume, the run's training no longer exists: {'; '.join(changes)}; train it "
+                "again into a new out_dir (the run still loads for sampling and eval)"
+            )
+        return {**record, "config": upgraded}
 
     def record(self) -> dict[str, Any]:
         """What ``config.json`` records: ``{"experiment": kind, "data": name, "config": dict}``."""

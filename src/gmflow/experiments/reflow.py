@@ -19,12 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, apply_sets
 from ..data import DATASETS, load_dataset
 from ..flow import GRID_KINDS, TIME_SAMPLERS
 from ..gm import GaussianMixture
+from ..nn import LogLossNet, WithLogLoss
 from ..reflow import PairDataset, read_manifest
 from ..reflow.objective import (
+    NORMALIZATIONS,
     PROJECTION_METHODS,
     WEIGHTS,
     PairMixing,
@@ -37,6 +39,7 @@ from ..sampling import SOLVERS
 from ..train import LoopConfig, TrainResult, train
 from .base import Experiment
 from .network import load_network
+from .reflow_upgrade import upgrade_reflow_config
 
 __all__ = [
     "RECIPES",
@@ -44,6 +47,7 @@ __all__ = [
     "ReflowSampling",
     "pairs_record",
     "prepare_student",
+    "recipe",
     "set_dropout",
     "train_reflow",
 ]
@@ -75,13 +79,15 @@ class ReflowSampling:
 
 
 _CHOICES = {
-    "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS, "pairs.projection_method": PROJECTION_METHODS,
+    "loss.normalize": NORMALIZATIONS, "loss.time_sampler": TIME_SAMPLERS, "loss.weight": WEIGHTS,
+    "pairs.projection_method": PROJECTION_METHODS,
     "sampling.solver": SAMPLE_SOLVERS, "sampling.grid": GRID_KINDS,
 }  # fmt: skip
 _RANGES = {
-    "loss.hpf_lambda": "[0, inf)", "loss.hpf_sigma": "(0, inf)", "loss.norm_eps": "[0, inf)",
-    "loss.time_eps": "[0, 1)", "student_dropout": "[0, 1)", "pairs.rho": "[0, 1]",
-    "pairs.projection_alpha": "[0, 1]", "pairs.projection_pool": "[1, inf)", "sampling.kappa": "(0, inf)",
+    "loss.hpf_lambda": "[0, inf)", "loss.hpf_radius": "(0, 1]", "loss.norm_floor": "(0, inf)",
+    "loss.time_eps": "[0, 1)", "loss.time_max": "(0, 1]", "student_dropout": "[0, 1)", "pairs.rho": "[0, 1]",
+    "pairs.projection_lambda": "[0, inf)", "pairs.projection_pool": "[1, inf)",
+    "pairs.projection_block": "[1, inf)", "sampling.kappa": "(0, inf)",
     "sampling.r": "(0, 1]", "sampling.guidance_scale": "(-inf, inf)",
 }  # fmt: skip
 _WHAT = {"pairs.rho": "the forward-pair ratio ", "sampling.kappa": "the sigmoid-grid kappa ",
@@ -123,6 +129,11 @@ class ReflowConfig(Experiment):
         default_factory=lambda: LoopConfig(steps=2000, batch_size=256, optimizer="adam", warmup_steps=100)
     )
 
+    @classmethod
+    def upgrade_config(cls, config: Any) -> tuple[Any, list[str]]:
+        """Configs saved before the loss rework in today's keys (:func:`upgrade_reflow_config`)."""
+        return upgrade_reflow_config(config)
+
     def validate(self) -> ReflowConfig:
         """Raise :class:`~gmflow.config.ConfigError` naming the first invalid field; return ``self``."""
         self.check_types()
@@ -135,6 +146,10 @@ class ReflowConfig(Experiment):
                 continue
             if not _within(float(v), spec):
                 raise ConfigError(f"{key}: {_WHAT.get(key, '')}must be a number in {spec}, got {v!r}")
+        if self.loss.time_eps >= self.loss.time_max:
+            raise ConfigError(
+                f"loss.time_max: must exceed loss.time_eps={self.loss.time_eps}, got {self.loss.time_max}"
+            )
         if self.data is not None and self.data not in DATASETS:
             raise ConfigError(f"data: unknown data set {self.data!r}; choose one of {', '.join(DATASETS)}")
         self.loop.validate()
@@ -162,11 +177,11 @@ class ReflowConfig(Experiment):
             raise ConfigError(
                 f"pairs.forward: rho={self.pairs.rho} > 0 draws forward pairs; set the directory"
             )
-        if self.pairs.projection_alpha > 0 and self.data is None:
-            raise ConfigError("data: projection_alpha > 0 projects onto real data; name the data set")
+        if self.pairs.projection_lambda > 0 and self.data is None:
+            raise ConfigError("data: projection_lambda > 0 projects onto real data; name the data set")
         teacher = load_network(self.teacher, use_ema=self.teacher_ema)
         pairs = PairDataset(self.pairs.backward, self.pairs.forward, rho=self.pairs.rho)
-        real = self.real_data() if self.pairs.projection_alpha > 0 else None
+        real = self.real_data() if self.pairs.projection_lambda > 0 else None
         return prepare_student(self, teacher, pairs, real_data=real)
 
     def record(self) -> dict[str, Any]:
@@ -186,18 +201,41 @@ def pairs_record(manifests: dict[str, Any]) -> dict[str, Any]:
 
 RECIPES: dict[str, ReflowConfig] = {
     # 2-rectified flow (Liu et al. 2023) from the teacher: uniform t, velocity MSE, teacher dropout,
-    # backward pairs, Euler on the uniform grid. Measured (bench reflow `full`, docs/RESULTS.md §6): the
-    # reference rung of the ladder on every test bed.
+    # backward pairs, Euler on the uniform grid: the reference rung of the ladder on every test bed.
     "2rf": ReflowConfig(),
-    # Simple ReFlow, CIFAR10 values of appendix D.1.1 where known (lambda 10, rho 0.4, kappa 20, r 0.4,
-    # guidance 0.6 -> 1.6 in the lerp convention); set student_dropout and projection per data set.
-    # Measured (bench reflow `full`): FD -57 % / -36 % vs 2-RF at NFE 1 / 2 on digits (with AutoGuidance).
+    # Simple ReFlow for images: per-sample normalisation (teacher pairs), t ∝ 10^t, the FFT-mask HPF
+    # distance with the brief's lambda 10, forward pairs rho 0.4, DPM-Solver-2 (r 0.4) on the sigmoid
+    # grid. kappa 5, not the brief's 20: with N = 4-5 steps kappa 20 spends steps at t ~ 1 and t ~ 0
+    # (docs/maths/reflow.md §10). Projection off (it hurt in every measured setting, §9); set
+    # student_dropout per data set. Vector data get the overrides of `recipe` (measured, §13).
     "simple": ReflowConfig(
-        loss=ReflowLoss(normalize=True, time_sampler="pow10", hpf_lambda=10.0),
+        loss=ReflowLoss(normalize="sample", time_sampler="pow10", hpf_lambda=10.0),
         pairs=PairMixing(rho=0.4),
-        sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=20.0, r=0.4),
+        sampling=ReflowSampling(solver="dpm-solver-2", grid="sigmoid", kappa=5.0, r=0.4),
     ),
 }
+
+# `recipe(name, event_shape)` for vector (non-image) data: the HPF distance needs images, and the
+# normaliser was chosen on the 2-D beds by the ladder (docs/maths/reflow.md §13, docs/RESULTS.md §10):
+# recipe vs 2-RF, sliced-W2 at NFE 1 / 2 — checkerboard sample -12 / -9 %, none -16 / -13 %, learned
+# -32 / -25 %; ring sample +15 / -1 %, none -12 / -12 %, learned -13 / -9 %.
+_VECTOR_SETS: dict[str, list[str]] = {
+    "2rf": [],
+    "simple": ["loss.hpf_lambda=0", "loss.normalize=learned"],
+}
+
+
+def recipe(name: str, event_shape: tuple[int, ...] | None = None) -> ReflowConfig:
+    """The config of recipe ``name`` for data of ``event_shape`` (``(C, H, W)`` images, else vectors).
+
+    ``event_shape=None`` returns :data:`RECIPES` ``[name]`` itself (the image form).
+    """
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {name!r}")
+    cfg = RECIPES[name]
+    if event_shape is None or len(tuple(event_shape)) == 3:
+        return copy.deepcopy(cfg)
+    return apply_sets(cfg, _VECTOR_SETS[name])
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -289,8 +327,11 @@ def prepare_student(
     _check_pairs_fit(student, pairs)
     if cfg.student_dropout is not None:
         set_dropout(student, cfg.student_dropout)
+    if cfg.loss.normalize == "learned":
+        torch.manual_seed(cfg.loop.seed)
+        student = WithLogLoss(student, LogLossNet(tuple(pairs.event_shape)))
     objective = reflow_objective(cfg.loss)
-    batch_fn = reflow_batch_fn(pairs, cfg.pairs, cfg.loop.batch_size, real_data)
+    batch_fn = reflow_batch_fn(pairs, cfg.pairs, cfg.loop.batch_size, real_data, seed=cfg.loop.seed)
     return student, objective, batch_fn
 
 
@@ -313,7 +354,8 @@ def train_reflow(
         teacher_model: the network the student starts from (normally the teacher that made the pairs);
             deep-copied, never modified.
         pairs: backward (and, for ``rho > 0``, forward) pairs.
-        real_data: real ``x0`` for ``pairs.projection_alpha > 0``.
+        real_data: real ``x0`` for ``pairs.projection_lambda > 0`` (a tensor or a sampler; the train
+            split only: it must not be the data the student is evaluated against).
         student: optional module of the teacher's architecture to receive the teacher's weights
             (default: a deep copy of ``teacher_model``).
     """

@@ -3,12 +3,15 @@
 ``config.json`` (format ``gmflow-run/2``) holds ``{"experiment": kind, "data": name, "config": the
 experiment's nested dict, "model": {"class", "config"}, "step", ...}``; :func:`load_run` turns it back
 into the experiment config (:data:`EXPERIMENTS` maps kinds to classes) and the trained network.
-Runs written by gmflow 0.1 (``gmflow-run/1``, toy 2-D only) are converted on load.
+Runs written by gmflow 0.1 (``gmflow-run/1``, toy 2-D only) are converted on load, and configs in
+the keys of an earlier version by the experiment's :meth:`~gmflow.experiments.base.Experiment.upgrade_config`
+(ReFlow: :mod:`gmflow.experiments.reflow_upgrade`; a setting that no longer exists gives a warning).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..nn import WithLogLoss
 from ..train import CheckpointError, load_checkpoint
 from .base import Experiment
 from .images import ImagesConfig
@@ -54,14 +58,22 @@ def experiment_from_record(record: dict[str, Any], where: str = "config.json") -
             raise CheckpointError(
                 f"{where} records experiment {kind!r}; this version knows {', '.join(EXPERIMENTS)}"
             )
-        return EXPERIMENTS[kind].from_dict(record.get("config", {}))
+        cls = EXPERIMENTS[kind]
+        config, changes = cls.upgrade_config(record.get("config", {}))
+        for change in changes:
+            warnings.warn(f"{where}: {change}; the run loads, but cannot be resumed", stacklevel=3)
+        return cls.from_dict(config)
     except ConfigError as e:
         raise CheckpointError(f"{where} is not a valid run config: {e}") from None
 
 
 @dataclass
 class Run:
-    """A trained run: its directory, step, experiment config and network (eval mode, no gradients)."""
+    """A trained run: its directory, step, experiment config and network (eval mode, no gradients).
+
+    ``model`` is what was trained (for a learned-normaliser ReFlow run a :class:`~gmflow.nn.WithLogLoss`,
+    which samples like its ``net``); the properties describe the denoiser, :attr:`network`.
+    """
 
     path: Path
     step: int
@@ -69,21 +81,26 @@ class Run:
     model: nn.Module
 
     @property
+    def network(self) -> nn.Module:
+        """The denoiser: :attr:`model`, or its ``net`` when it carries a learned loss normaliser."""
+        return self.model.net if isinstance(self.model, WithLogLoss) else self.model
+
+    @property
     def event_shape(self) -> tuple[int, ...]:
         """Shape of one sample: the network's ``event_shape``, else ``(channels,)``."""
-        if hasattr(self.model, "event_shape"):
-            return tuple(int(v) for v in self.model.event_shape)
-        return (int(self.model.channels),)
+        if hasattr(self.network, "event_shape"):
+            return tuple(int(v) for v in self.network.event_shape)
+        return (int(self.network.channels),)
 
     @property
     def num_classes(self) -> int:
         """Classes of a class-conditional network (its null class id), 0 for an unconditional one."""
-        return int(getattr(self.model, "num_classes", 0) or 0)
+        return int(getattr(self.network, "num_classes", 0) or 0)
 
     @property
     def head(self) -> str:
         """``"gm"`` if the network returns a GaussianMixture, else ``"velocity"``."""
-        conf = getattr(self.model, "config", None)
+        conf = getattr(self.network, "config", None)
         return "gm" if isinstance(conf, dict) and conf.get("head") == "gm" else "velocity"
 
 

@@ -1,5 +1,5 @@
 """Networks: embeddings, output heads (usable on any trunk), the toy 2-D MLP, the U-Net, GM-DiT and the
-spectrum net of spectral GM sampling."""
+spectrum net of spectral GM sampling, the learned loss normaliser of Simple ReFlow."""
 
 from .dit import GMDiT
 from .embeddings import (
@@ -11,6 +11,7 @@ from .embeddings import (
     timestep_embedding,
 )
 from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
+from .log_loss import LogLossNet, WithLogLoss
 from .mlp import ToyMLP
 from .spectrum import SpectrumMLP
 from .unet import SmallUNet
@@ -20,6 +21,7 @@ __all__ = [
     "FourierPositionEmbedding",
     "GMDiT",
     "GMHead",
+    "LogLossNet",
     "LogStdHead",
     "PositionEmbedding2D",
     "SmallUNet",
@@ -27,6 +29,7 @@ __all__ = [
     "TimestepEmbedding",
     "ToyMLP",
     "VelocityHead",
+    "WithLogLoss",
     "drop_labels",
     "kaiming_linear_",
     "timestep_embedding",

@@ -16,8 +16,9 @@ Training the student is the ReFlow experiment, :mod:`gmflow.experiments.reflow` 
 
 from .dataset import PairDataset
 from .diagnostics import one_step_error, per_t_relative_loss, straightness, velocity
-from .losses import error_distance, hpf_operator, normalized, reflow_distance
+from .losses import error_distance, hpf_mask, log_loss_fit, normalized, normalized_by, reflow_distance
 from .objective import (
+    NORMALIZATIONS,
     PROJECTION_METHODS,
     WEIGHTS,
     PairMixing,
@@ -27,17 +28,20 @@ from .objective import (
     reflow_objective,
 )
 from .pairs import generate_pairs, shard_seed, teacher_hash
-from .projection import project_pairs
+from .projection import project_coupling, project_pairs
 from .store import PairError, PairManifest, ShardInfo, load_shard, read_manifest, shard_name
 
 __all__ = [
+    "NORMALIZATIONS",
     "PROJECTION_METHODS",
     "PairMixing",
     "ReflowLoss",
     "WEIGHTS",
     "ReflowError",
     "error_distance",
-    "hpf_operator",
+    "hpf_mask",
+    "log_loss_fit",
+    "normalized_by",
     "normalized",
     "reflow_batch_fn",
     "reflow_distance",
@@ -50,6 +54,7 @@ __all__ = [
     "load_shard",
     "one_step_error",
     "per_t_relative_loss",
+    "project_coupling",
     "project_pairs",
     "read_manifest",
     "shard_name",

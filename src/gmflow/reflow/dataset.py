@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .projection import project_coupling
 from .store import PairError, PairManifest, load_shard, read_manifest
 
 __all__ = ["PairDataset"]
@@ -104,6 +107,28 @@ class PairDataset:
             jf = torch.randint(len(self.forward[0]), (int(is_fwd.sum()),), generator=generator).to(dev)
             x0[is_fwd], x1[is_fwd] = self.forward[0][jf], self.forward[1][jf]
         return x0, x1, is_fwd
+
+    def projected(
+        self,
+        real_data: Any,
+        *,
+        lam: float,
+        method: str = "ot",
+        pool: float = 1.0,
+        block: int = 1024,
+        seed: int = 0,
+    ) -> PairDataset:
+        """A copy whose backward ``x0`` are replaced by :func:`~gmflow.reflow.project_coupling` (once).
+
+        The projection is a pure function of the pairs, ``real_data`` and ``seed``; the forward pairs
+        and every ``x1`` are shared with ``self`` unchanged.
+        """
+        out = copy.copy(self)
+        x0, x1 = self.backward
+        g = torch.Generator().manual_seed(int(seed))
+        x0p = project_coupling(x0, real_data, lam=lam, method=method, pool=pool, block=block, generator=g)
+        out.backward = (x0p, x1)
+        return out
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``(x0, x1)`` of :meth:`draw` with ratio :attr:`rho`."""

@@ -1,13 +1,18 @@
-"""Coupling projection (reconstructed, docs/maths/reflow.md §9): move generated x0 towards real data."""
+"""Coupling projection (reconstructed, docs/maths/reflow.md §9): move generated x0 towards real data.
+
+:func:`project_coupling` computes a fixed projected coupling once over a whole pair set (in blocks);
+:func:`project_pairs` is its per-block solver.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["project_pairs"]
+__all__ = ["project_coupling", "project_pairs"]
 
 
 def project_pairs(
@@ -82,3 +87,65 @@ def project_pairs(
     else:
         raise ValueError(f"method must be 'ot' or 'sinkhorn', got {method!r}")
     return (1.0 - alpha) * x0_gen + alpha * matched, x1
+
+
+class _RealStream:
+    """Real samples in blocks: a tensor is read through seeded permutations (each sample once per
+    pass, a new permutation when a pass is used up); a sampler is asked for ``.sample(m, generator=)``."""
+
+    def __init__(self, real_data: Any, g: torch.Generator) -> None:
+        self.data, self.g = real_data, g
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def take(self, m: int) -> Tensor:
+        if not isinstance(self.data, Tensor):
+            return self.data.sample(m, generator=self.g)
+        while len(self.order) < m:
+            self.order = torch.cat([self.order, torch.randperm(len(self.data), generator=self.g)])
+        idx, self.order = self.order[:m], self.order[m:]
+        return self.data[idx.to(self.data.device)]
+
+
+def project_coupling(
+    x0_gen: Tensor,
+    real_data: Any,
+    *,
+    lam: float,
+    method: str = "ot",
+    pool: float = 1.0,
+    block: int = 1024,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The projected ``x0`` of a whole backward pair set, computed once (its ``x1`` are unchanged).
+
+    The pairs are shuffled (``generator``) into blocks of ``block``; each block is matched by
+    :func:`project_pairs` to ``ceil(pool * len(block))`` real samples (from a tensor ``(N, *event)``:
+    consecutive slices of seeded permutations, so with ``pool * n <= N`` no real sample is used twice;
+    from a sampler: ``real_data.sample(m, generator=)``), and::
+
+        x0 <- (x0 + lam y) / (1 + lam)  = (1 - alpha) x0 + alpha y,   alpha = lam / (1 + lam),
+
+    the minimiser of ``||z - x0||^2 + lam ||z - y||^2``: ``lam`` weighs the distance to the matched real
+    sample ``y`` (our stand-in for the paper's marginal penalty) against moving away from the teacher's
+    ``x0``. ``lam = 0`` returns a copy of ``x0_gen``; ``lam = inf`` is not allowed (use a large value).
+    Returns a tensor shaped like ``x0_gen``.
+    """
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam (projection lambda) must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(pool, (int, float)) and math.isfinite(pool) and pool >= 1):
+        raise ValueError(f"pool must be a number >= 1, got {pool!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    out = x0_gen.clone()
+    if lam == 0:
+        return out
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x0_gen), generator=g)
+    stream = _RealStream(real_data, g)
+    alpha = lam / (1.0 + lam)
+    for start in range(0, len(perm), block):
+        idx = perm[start : start + block].to(x0_gen.device)
+        real = stream.take(math.ceil(pool * len(idx))).to(x0_gen)
+        part = x0_gen[idx]
+        out[idx], _ = project_pairs(part, part, real, alpha=alpha, method=method)
+    return out

@@ -26,6 +26,11 @@ App. A.3; :class:`~gmflow.sampling.solvers.GMSDE`), automatically when the model
 ``output_mode="mean"`` (gm-sde only): each step uses the mean of the x0-GM instead of a draw (the
 ancestral DDPM step on the GM mean).
 
+Network evaluations (:func:`network_evaluations`): ``nfe`` counts calls of the main model. A batched
+cond+uncond pass (:class:`~gmflow.CFG`, :class:`~gmflow.ProbabilisticGuidance`) is one network call
+(on a doubled batch); :class:`~gmflow.AutoGuidance` also calls its guide model once per evaluation,
+so it costs ``nfe`` main + ``nfe`` guide = ``2 nfe`` network evaluations.
+
 ``order=2`` (GM solvers only) adds the multistep extrapolation of GMFlow App. A.2 (no extra
 evaluations). Each solver is a class in :mod:`gmflow.sampling.solvers`; :func:`sample` validates its
 inputs, builds the solver from :data:`SOLVERS` and feeds it one model evaluation per
@@ -42,17 +47,29 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..gm import GaussianMixture
+from ..guidance import AutoGuidance
 from ..spectral import SpectrumNet
 from .evaluator import Evaluator, Guidance
 from .solvers import SOLVERS, get_solver
 from .solvers.base import check_int
 
-__all__ = ["sample", "SOLVERS", "num_steps"]
+__all__ = ["sample", "SOLVERS", "network_evaluations", "num_steps"]
 
 
 def num_steps(solver: str, nfe: int) -> int:
     """Number of grid intervals ``solver`` uses for ``nfe`` evaluations."""
     return get_solver(solver).num_steps(nfe)
+
+
+def network_evaluations(nfe: int, guidance: Guidance | None = None) -> dict[str, int]:
+    """``{"main", "guide", "total"}`` network evaluations per sample of :func:`sample` with ``nfe``.
+
+    ``main = nfe`` (CFG's unconditional half is batched with the conditional one: no extra call);
+    ``guide = nfe`` with :class:`~gmflow.AutoGuidance`, else 0; ``total = main + guide``.
+    """
+    nfe = check_int("nfe", nfe, 1)
+    guide = nfe if isinstance(guidance, AutoGuidance) else 0
+    return {"main": nfe, "guide": guide, "total": nfe + guide}
 
 
 @torch.no_grad()
@@ -168,8 +185,11 @@ def sample(
                 bar.update()
     if bar is not None:
         bar.close()
-    if ev.nfe != nfe:  # pragma: no cover - guards the accounting documented above
-        raise RuntimeError(f"internal error: solver {solver!r} used {ev.nfe} evaluations for nfe={nfe}")
+    count = network_evaluations(nfe, guidance)
+    if (ev.nfe, ev.guide_nfe) != (count["main"], count["guide"]):  # pragma: no cover - guards the docs
+        raise RuntimeError(
+            f"internal error: solver {solver!r} used {ev.nfe} + {ev.guide_nfe} evaluations for nfe={nfe}"
+        )
     out = x.to(noise.dtype)
     if traj is not None:
         return out, torch.stack(traj).to(noise.dtype)

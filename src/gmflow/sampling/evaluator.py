@@ -33,8 +33,8 @@ def _cat_cond(cond: dict[str, Any], uncond: dict[str, Any]) -> dict[str, Any]:
 class Evaluator:
     """Calls ``model(x_t, t, **cond)`` and returns x0-space predictions in the working dtype.
 
-    One call = one NFE, also when the conditional and unconditional halves are batched together
-    (AutoGuidance additionally evaluates the guide model, which is not counted).
+    One call = one NFE (:attr:`nfe`), also when the conditional and unconditional halves are batched
+    together; AutoGuidance's guide-model calls are counted separately in :attr:`guide_nfe`.
     """
 
     def __init__(
@@ -63,6 +63,7 @@ class Evaluator:
         self.guidance = guidance
         self.solver = solver
         self.nfe = 0
+        self.guide_nfe = 0
 
     # ------------------------------------------------------------------ raw calls
     def _check(self, out: object, x: Tensor, who: str, at: tuple[int, float]) -> Tensor | GaussianMixture:
@@ -126,6 +127,7 @@ class Evaluator:
         out = self._call(self.model, x, t, self.cond, "model", at)
         if isinstance(g, AutoGuidance):
             gc = self.cond if g.guide_cond is None else g.guide_cond
+            self.guide_nfe += 1
             return out, self._call(g.guide_model, x, t, gc, "guide_model", at)
         return out, None
 

@@ -175,7 +175,8 @@ def train(
         resume_ignore: dotted keys of ``record["config"]`` that may differ on resumption, on top of
             ``loop.steps / out_dir / ckpt_every / log_every / device``.
         upgrade_record: maps the saved record to the current format before the comparison (e.g. fills
-            config keys added by a later version with their defaults), so such runs still resume.
+            config keys added by a later version with their defaults), so such runs still resume; a
+            ConfigError it raises (a run that cannot resume) is reported with ``out_dir``.
         progress: tqdm progress bar on stderr (rank 0).
         verbose: status lines ("resuming from step N") on stderr (rank 0); default: ``progress``.
     """
@@ -195,7 +196,10 @@ def train(
         ck: Checkpoint | None = None
         if out_dir is not None and has_checkpoint(out_dir):
             ck = load_checkpoint(out_dir)
-            saved_record = upgrade_record(ck.config) if upgrade_record is not None else ck.config
+            try:
+                saved_record = upgrade_record(ck.config) if upgrade_record is not None else ck.config
+            except ConfigError as e:
+                raise ConfigError(f"out_dir {str(out_dir)!r}: {e}") from None
             saved = {k: saved_record.get(k) for k in record}
             diff = [d.removeprefix("config.") for d in config_diff(saved, record, ignore)]
             if diff:
