@@ -56,7 +56,9 @@ def test_w1_with_unequal_sizes_and_repeated_values():
     assert pixel_w1(a, b) == pytest.approx(0.25)
     # uniform grid of n points vs the same grid scaled by 2 (both centred at 0): W1 = mean |v|
     v = torch.linspace(-0.5, 0.5, 11, dtype=torch.float64)
-    assert pixel_w1(v.reshape(1, 1, 1, -1), (2 * v).reshape(1, 1, 1, -1)) == pytest.approx(float(v.abs().mean()))
+    assert pixel_w1(v.reshape(1, 1, 1, -1), (2 * v).reshape(1, 1, 1, -1)) == pytest.approx(
+        float(v.abs().mean())
+    )
 
 
 def test_saturation_metrics_differences_and_precomputed_reference():

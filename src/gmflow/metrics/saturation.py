@@ -1,4 +1,4 @@
-"""Over-saturation measures for grey images, computed on samples *before* clipping (docs/maths/evaluation.md §7).
+"""Over-saturation measures of grey images, on samples *before* clipping (docs/maths/evaluation.md §7).
 
 Images live in the data range ``[-1, 1]``; an 8-bit grey level is ``2/255`` wide, so a value rounds to
 grey level 0 or 255 exactly when ``|x| >= 1 - 1/255`` (:data:`HALF_LEVEL`). For images ``x (N, C, H, W)``
