@@ -20,6 +20,7 @@ def test_fractions_at_and_beyond_the_range():
     s = pixel_stats(x)
     assert s.frac_bounds == pytest.approx(5 / 8)
     assert s.frac_beyond == pytest.approx(3 / 8)
+    assert s.excess == pytest.approx((0.2 + 0.5 + 1e-9) / 8)
     assert s.num_images == 2
 
 
@@ -65,7 +66,8 @@ def test_saturation_metrics_differences_and_precomputed_reference():
     ref = _img([[-1.0, -1.0, 0.0, 1.0]])
     x = _img([[-1.2, -1.0, 0.1, 1.3]])
     m = saturation_metrics(x, ref)
-    assert m["ref_frac_bounds"] == pytest.approx(3 / 4) and m["ref_frac_beyond"] == 0.0
+    assert m["ref_frac_bounds"] == pytest.approx(3 / 4) and m["ref_frac_beyond"] == m["ref_excess"] == 0.0
+    assert m["excess"] == pytest.approx((0.2 + 0.3) / 4)
     assert m["frac_bounds"] == pytest.approx(3 / 4) and m["frac_beyond"] == pytest.approx(2 / 4)
     assert m["d_mean_abs"] == pytest.approx((1.2 + 1.0 + 0.1 + 1.3) / 4 - 3 / 4)
     assert m["d_frac_bounds"] == pytest.approx(0.0)

@@ -27,6 +27,7 @@ SATURATION = (
     ("d_contrast", "Δ contrast", True),
     ("d_frac_bounds", "Δ at bounds", True),
     ("frac_beyond", "beyond range", False),
+    ("excess", "mean excess", False),
     ("pixel_w1", "pixel W1", False),
 )
 QUALITY = ("precision", "recall", "class_acc", "fd")
@@ -201,7 +202,7 @@ def report_markdown(
         f"Test split ({n_ref} images): mean abs {ref.mean_abs:.4f}, contrast (per-image std) "
         f"{ref.contrast:.4f}, fraction at the bounds {ref.frac_bounds:.4f}, beyond the range "
         f"{ref.frac_beyond:.4f}. Saturation columns are computed on the samples before clipping "
-        "(Δ = samples − test split; docs/maths/evaluation.md §7); precision, recall, class accuracy "
+        "(Δ = samples − test split; docs/maths/evaluation.md §9); precision, recall, class accuracy "
         "and FD on the clipped samples.", "",
         "## Table 2 analogue: best precision of each sweep", "", *table2_lines(sw), "",
         "## At equal precision, which saturates less", "",

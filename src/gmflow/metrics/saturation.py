@@ -1,4 +1,4 @@
-"""Over-saturation measures of grey images, on samples *before* clipping (docs/maths/evaluation.md §7).
+"""Over-saturation measures of grey images, on samples *before* clipping (docs/maths/evaluation.md §9).
 
 Images live in the data range ``[-1, 1]``; an 8-bit grey level is ``2/255`` wide, so a value rounds to
 grey level 0 or 255 exactly when ``|x| >= 1 - 1/255`` (:data:`HALF_LEVEL`). For images ``x (N, C, H, W)``
@@ -7,6 +7,8 @@ with ``D = C H W`` pixels each:
 * ``frac_bounds``  = mean over all pixels of ``1[|x| >= 1 - 1/255]``: at or beyond the range (what a
   clip to ``[-1, 1]`` and 8-bit rounding turns into pure black or white);
 * ``frac_beyond``  = mean of ``1[|x| > 1]``: strictly outside the range (0 for real data);
+* ``excess``       = mean of ``max(|x| - 1, 0)``: how far values overshoot the range, per pixel (0 for
+  real data; unlike ``frac_beyond`` it barely sees small noise around a bound);
 * ``mean_abs``     = mean of ``|x|``;
 * ``contrast``     = mean over images of the per-image standard deviation ``sqrt(mean_d (x_d - xbar)^2)``
   (divisor ``D``);
@@ -41,6 +43,7 @@ class PixelStats:
 
     frac_bounds: float
     frac_beyond: float
+    excess: float
     mean_abs: float
     contrast: float
     values: Tensor
@@ -48,7 +51,7 @@ class PixelStats:
     num_images: int
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
-        keys = ("frac_bounds", "frac_beyond", "mean_abs", "contrast")
+        keys = ("frac_bounds", "frac_beyond", "excess", "mean_abs", "contrast")
         return {prefix + k: getattr(self, k) for k in keys}
 
 
@@ -78,6 +81,7 @@ def _stats(images: object, name: str) -> PixelStats:
     return PixelStats(
         frac_bounds=float((a >= 1.0 - HALF_LEVEL).double().mean()),
         frac_beyond=float((a > 1.0).double().mean()),
+        excess=float((a - 1.0).clamp_min(0.0).mean()),
         mean_abs=float(a.mean()),
         contrast=float(flat.std(dim=1, unbiased=False).mean()),
         values=values,
@@ -110,7 +114,7 @@ def saturation_metrics(samples: Tensor, reference: PixelStats | Tensor) -> dict[
     """Saturation measures of ``samples (N, C, H, W)`` (before clipping) against ``reference``.
 
     ``reference``: real images ``(M, C, H, W)`` or their :func:`pixel_stats` (compute it once when
-    scoring many sample sets). Returns ``frac_bounds, frac_beyond, mean_abs, contrast, pixel_w1``,
+    scoring many sample sets). Returns ``frac_bounds, frac_beyond, excess, mean_abs, contrast, pixel_w1``,
     ``ref_*`` for the reference and ``d_frac_bounds, d_mean_abs, d_contrast`` (samples - reference).
     Raises TypeError / ValueError for a non-tensor, a wrong shape or non-finite values.
     """
