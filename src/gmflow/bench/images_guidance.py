@@ -62,7 +62,11 @@ class GuidancePreset:
     grid_per_class: int = 8  # samples per class (grid row) in the sample grids
 
 
-# Scales: subsets of the paper's grids (CFG 1.2-6.5, w~ 0.02-0.75; research notes §7.2).
+# Scales: subsets of the paper's grids (CFG 1.2-6.5, w~ 0.02-0.75). Times are estimates (not measured end
+# to end): per-call costs measured on a loaded 2-core machine in units of the quick GM-DiT training step,
+# scaled by that step's 161 ms on 2 threads. quick: a guided NFE-32 cell of 300 samples ~25 s, 17 cells
+# + grids ~7.5 min, + 5.4 min if the model must be trained -> ~13 min. full: a cell of 400 samples
+# ~70 s, 21 cells + grids ~26 min, + ~43 min training (6000 x 0.43 s) if DIR/models/gmflow is missing.
 GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
     "quick": GuidancePreset(
         "<= 15 min on 2 idle cores (incl. training the quick GM-DiT if DIR/models/gmflow is missing): "
@@ -163,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"[bench images guidance] preset {args.preset}: {gp.description}")
     cfg = images_setup.model_configs(pr, root, args.seed)["gmflow"]
     reused = (Path(cfg.loop.out_dir) / "checkpoint.json").is_file()
-    print(f"[bench images guidance] GM-DiT K={pr.components} in {cfg.loop.out_dir} "
-          f"({'reusing it' if reused else 'training it'}: {cfg.loop.steps} steps)")  # fmt: skip
+    how = "an existing run: reused, resumed if unfinished" if reused else "training it"
+    print(
+        f"[bench images guidance] GM-DiT K={pr.components} in {cfg.loop.out_dir} ({how}; {cfg.loop.steps} steps)"
+    )
     run_experiment(cfg, progress=progress, verbose=True)
     model = load_network(cfg.loop.out_dir)
     scorer = images_setup.make_scorer(pr.data, pr.classifier_epochs)
