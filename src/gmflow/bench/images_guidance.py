@@ -168,9 +168,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = images_setup.model_configs(pr, root, args.seed)["gmflow"]
     reused = (Path(cfg.loop.out_dir) / "checkpoint.json").is_file()
     how = "an existing run: reused, resumed if unfinished" if reused else "training it"
-    print(
-        f"[bench images guidance] GM-DiT K={pr.components} in {cfg.loop.out_dir} ({how}; {cfg.loop.steps} steps)"
-    )
+    where = f"GM-DiT K={pr.components} in {cfg.loop.out_dir}"
+    print(f"[bench images guidance] {where} ({how}; {cfg.loop.steps} steps)")
     run_experiment(cfg, progress=progress, verbose=True)
     model = load_network(cfg.loop.out_dir)
     scorer = images_setup.make_scorer(pr.data, pr.classifier_epochs)
