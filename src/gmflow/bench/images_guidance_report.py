@@ -79,7 +79,10 @@ def crossing(sweep: Sequence[dict], key: str, level: float) -> dict[str, float] 
 
 
 def _sat_cells(p: dict) -> list[str]:
-    return [f"{p[k]:+.4f}" if signed else f"{p[k]:.4f}" for k, _, signed in SATURATION]
+    """Saturation columns (``n/a`` when no sample of the cell was finite)."""
+    return [
+        "n/a" if k not in p else f"{p[k]:+.4f}" if signed else f"{p[k]:.4f}" for k, _, signed in SATURATION
+    ]
 
 
 def table2_lines(sw: dict[tuple[str, float], list[dict]]) -> list[str]:
@@ -142,6 +145,9 @@ def _comparison(rows: list[dict], key: str) -> tuple[list[str], str]:
         c, p = r["cfg"], r["pg"]
         cells = []
         for k, _, signed in SATURATION:
+            if k not in c or k not in p:
+                cells.append("n/a")
+                continue
             mark = "prob." if p[k] < c[k] else "CFG" if c[k] < p[k] else "tie"
             less += p[k] < c[k]
             total += 1
