@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from gmflow.data import make_toy2d
-from gmflow.viz import histogram_grid, image_grid, metric_curves
+from gmflow.viz import histogram_grid, image_grid, metric_curves, sweep_panels
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -63,6 +63,23 @@ def test_metric_curves_writes_png(tmp_path):
     assert metric_curves(many, tmp_path / "many.png", metric="score").stat().st_size > 1000
     with pytest.raises(ValueError, match="metric"):
         metric_curves(recs, tmp_path / "none.png", metric="fid")
+
+
+def test_sweep_panels_writes_png_and_skips_missing_values(tmp_path):
+    sweeps = {
+        "cfg": [
+            {"scale": w, "precision": 0.5 + 0.1 * w, "d_mean_abs": 0.02 * w, "w1": 0.1}
+            for w in (1.0, 2.0, 3.0)
+        ],
+        "pg": [{"scale": s, "precision": 0.5 + s, "d_mean_abs": -0.01 * s} for s in (0.0, 0.2, 0.4)],
+    }
+    p = sweep_panels(sweeps, tmp_path / "s.png", xs=("d_mean_abs", "w1"), y="precision", label_key="scale",
+                     vlines={"d_mean_abs": 0.0}, title="t")  # fmt: skip
+    assert p.stat().st_size > 1000
+    with pytest.raises(ValueError, match="no record"):
+        sweep_panels(sweeps, tmp_path / "n.png", xs=("fd",), y="precision")
+    with pytest.raises(ValueError, match="xs"):
+        sweep_panels(sweeps, tmp_path / "n.png", xs=(), y="precision")
 
 
 def test_image_grid(tmp_path):

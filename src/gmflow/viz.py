@@ -1,4 +1,4 @@
-"""Figures: paper-style 2-D sample histograms, metric-vs-NFE curves and image grids.
+"""Figures: paper-style 2-D sample histograms, metric-vs-NFE curves, parameter sweeps and image grids.
 
 Uses matplotlib's object API with the Agg canvas directly (no ``pyplot``, no global backend switch,
 no display). Every PNG is written atomically: to a temporary file in the target directory, then
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .io import atomic_write
 
-__all__ = ["CHECKERBOARD_DENSITY", "histogram_grid", "image_grid", "metric_curves"]
+__all__ = ["CHECKERBOARD_DENSITY", "histogram_grid", "image_grid", "metric_curves", "sweep_panels"]
 
 CHECKERBOARD_DENSITY = 1.0 / 32.0  # uniform density of the scale-4 checkerboard on its support (area 32)
 
@@ -217,6 +217,60 @@ def metric_curves(
         ax.legend(fontsize=7, frameon=False)
     else:
         ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save_figure(fig, path, dpi)
+
+
+def sweep_panels(
+    sweeps: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: str | os.PathLike,
+    *,
+    xs: Sequence[str],
+    y: str,
+    label_key: str | None = None,
+    vlines: Mapping[str, float] | None = None,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Path:
+    """One panel per metric in ``xs``: ``y`` against it along each named sweep, on linear axes.
+
+    ``sweeps[name]`` is a list of records in sweep order (e.g. increasing guidance scale); each sweep is
+    a line through its points, each point annotated with ``record[label_key]`` when given. Points whose
+    x or y is missing or non-finite are skipped. ``vlines[x]`` draws a dashed vertical reference line
+    (e.g. 0 = the value of real data for a difference).
+    """
+    if not xs:
+        raise ValueError("xs must name at least one metric")
+    fig = Figure(figsize=(3.6 * len(xs), 3.4))
+    axes = fig.subplots(1, len(xs), sharey=True, squeeze=False)[0]
+    plotted = False
+    for ax, xk in zip(axes, xs):
+        for i, (name, recs) in enumerate(sweeps.items()):
+            pts = [
+                (_as_float(r.get(xk)), _as_float(r.get(y)), r.get(label_key) if label_key else None)
+                for r in recs
+            ]
+            pts = [p for p in pts if p[0] is not None and p[1] is not None]
+            if not pts:
+                continue
+            plotted = True
+            style = ("-", "--", ":", "-.")[(i // 10) % 4]
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3.5,
+                           linewidth=1.3, label=name)[0]  # fmt: skip
+            for px, py, lab in pts:
+                if lab is not None:
+                    text = f"{lab:g}" if isinstance(lab, float) else str(lab)
+                    ax.annotate(text, (px, py), fontsize=6, xytext=(2, 2), textcoords="offset points",
+                                color=line.get_color())  # fmt: skip
+        if vlines and xk in vlines:
+            ax.axvline(vlines[xk], color="0.35", linestyle="--", linewidth=1.0)
+        ax.set_xlabel(xk)
+        ax.grid(True, alpha=0.3)
+    if not plotted:
+        raise ValueError(f"no record has finite numeric values for {y!r} and any of {list(xs)}")
+    axes[0].set_ylabel(y)
+    axes[0].legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path, dpi)
 
 

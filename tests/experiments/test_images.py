@@ -100,6 +100,18 @@ def test_conditional_dit_build_batches_and_label_dropout():
     assert 0.08 < frac < 0.12 and torch.equal(seen[-1][seen[-1] != 10], big[seen[-1] != 10])
 
 
+def test_unconditional_dit_has_only_the_null_row_and_takes_no_labels():
+    cfg = get_preset("images-smoke").with_sets(["model.conditional=false", "loss.label_dropout=0"]).validate()
+    model, objective, batch_fn = cfg.build()
+    assert isinstance(model, GMDiT) and model.num_classes == 0
+    assert model.emb.class_embedder.embedding_table.weight.shape[0] == 1  # the null row only
+    x0 = batch_fn(1, 0, 1, torch.Generator().manual_seed(0))
+    assert isinstance(x0, torch.Tensor) and x0.shape == (16, 1, 8, 8)  # no labels in the batch
+    assert torch.isfinite(objective(model, x0, torch.Generator().manual_seed(1))).all()
+    t = torch.full((16,), 0.5)
+    assert torch.equal(model(x0, t).means, model(x0, t, class_labels=torch.zeros(16, dtype=torch.long)).means)
+
+
 def test_velocity_twin_has_the_same_trunk():
     gm = get_preset("images-smoke").validate().build()[0]
     fm = get_preset("images-smoke").with_sets(["model.head=velocity", "loss.kind=fm"]).validate().build()[0]
@@ -110,7 +122,6 @@ def test_velocity_twin_has_the_same_trunk():
 @pytest.mark.parametrize(
     "sets, key",
     [
-        (["model.conditional=false"], "model.conditional"),  # the GM-DiT is class-conditional
         (["model.arch=vit"], "model.arch"),
         (["model.num_layers=0"], "model.num_layers"),
     ],

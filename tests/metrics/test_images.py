@@ -248,6 +248,9 @@ def test_image_metrics_on_digits(clf8):
     fds = [image_metrics(te.tensor() + s * noise, tr, clf8)["fd"] for s in (0.0, 0.3, 1.0)]
     assert held_out["fd"] == pytest.approx(fds[0])
     assert fds[0] < fds[1] < fds[2]
+    # precomputed reference features give the same numbers
+    feats = clf8.features_and_logits(tr.tensor())[0]
+    assert image_metrics(te.tensor(), tr.tensor(), clf8, reference_features=feats) == held_out
 
 
 def test_image_metrics_errors(clf8):
@@ -260,6 +263,8 @@ def test_image_metrics_errors(clf8):
         image_metrics(bad, tr, clf8)
     with pytest.raises(ValueError, match="N > F"):
         image_metrics(tr[:20], tr, clf8)
+    with pytest.raises(ValueError, match=r"^reference_features must have shape"):
+        image_metrics(tr[:200], tr, clf8, reference_features=torch.zeros(len(tr) - 1, clf8.feature_dim))
 
 
 def test_16x16_classifier_short_budget(cache):

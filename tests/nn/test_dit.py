@@ -110,7 +110,7 @@ def test_strict_loading_errors(tmp_path):
         ("class_dropout_prob", 1.0),
         ("constant_logstd", float("nan")),
         ("head", "eps"),
-        ("num_embeds_ada_norm", 0),
+        ("num_embeds_ada_norm", -1),
         ("attention_head_dim", 3),
         ("not_a_key", 1),
     ],

@@ -15,6 +15,13 @@ the train split (cached by hash): Fréchet distance, k-NN precision / recall and
 classifier's accuracy on the samples w.r.t. the requested class. The headline rows are repeated
 with ``draws`` fresh noise draws (mean ± sd). Writes ``results.json`` (one record per model x solver
 x order x NFE x draw), ``results.md``, NFE-vs-FD / NFE-vs-precision curves and sample grids.
+
+Other parts (``--part``, same presets and ``--out``; each writes into ``DIR/<part>/``):
+
+* ``guidance`` (:mod:`gmflow.bench.images_guidance`): CFG vs probabilistic guidance sweeps on this
+  GM-DiT at NFE 32, precision vs over-saturation (GMFlow Table 2 analogue);
+* ``ddpm`` (:mod:`gmflow.bench.images_ddpm`): unconditional GMFlow K = 2 with GM-SDE 2 vs DDPM small /
+  large variance on its FM twin at NFE 10-100 (GMFlow Table 5 analogue).
 """
 
 from __future__ import annotations
@@ -24,85 +31,34 @@ import dataclasses
 import json
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..config import apply_sets
-from ..experiments import get_preset, load_network, run_experiment
+from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import get_classifier, image_metrics
 from ..sampling import sample
 from ..train import flow_objective
 from ..viz import image_grid, metric_curves
+from . import images_ddpm, images_guidance
 from .common import add_run_arguments, interleaved_step_ms, start_run
+from .images_setup import PRESETS, ImagesPreset, model_configs
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
-
-
-@dataclass(frozen=True)
-class ImagesPreset:
-    """One benchmark setting: data, trunk, budget, evaluation grid and the headline comparison."""
-
-    description: str
-    data: str
-    steps: int
-    batch_size: int
-    trunk: tuple[str, ...]  # --set overrides of the GM-DiT trunk (shared by both models)
-    nfes: tuple[int, ...]
-    n_eval: int  # samples per cell
-    headline: tuple[int, int]  # (GMFlow NFE, FM NFE) of the headline comparison
-    draws: int = 3  # noise draws of the headline rows
-    lr: float = 3e-4
-    warmup_steps: int = 200
-    components: int = 8
-    classifier_epochs: int | None = None  # None: the classifier's default
-
-
-PRESETS: dict[str, ImagesPreset] = {
-    "quick": ImagesPreset(
-        "<= 15 min on 2 idle cores: a 4-layer 64-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
-        data="fmnist32", steps=2000, batch_size=64,
-        trunk=("model.patch_size=4", "model.num_layers=4", "model.num_heads=2", "model.head_dim=32"),
-        nfes=(2, 4, 8, 16), n_eval=500, headline=(4, 8),
-    ),
-    "full": ImagesPreset(
-        "<= 90 min on 2 idle cores: a 6-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 6000 steps",
-        data="fmnist32", steps=6000, batch_size=64,
-        trunk=("model.patch_size=4", "model.num_layers=6", "model.num_heads=3", "model.head_dim=32"),
-        nfes=(2, 4, 6, 8, 16, 24, 32), n_eval=1000, headline=(6, 24), warmup_steps=500,
-    ),
-    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
-    "smoke": ImagesPreset(
-        "smoke test: a one-layer GM-DiT on 8x8 digits, a few steps",
-        data="digits8", steps=4, batch_size=16,
-        trunk=("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8",
-               "model.logstd_inner_dim=16"),
-        nfes=(2, 4), n_eval=100, headline=(2, 4), draws=2, warmup_steps=1, components=4, classifier_epochs=1,
-    ),
-}  # fmt: skip
+PARTS = {"guidance": images_guidance.run, "ddpm": images_ddpm.run}  # besides "main" (this module)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "images", PRESETS)
-
-
-def model_configs(pr: ImagesPreset, out: Path, seed: int) -> dict[str, Any]:
-    """The two runs: ``gmflow`` (GM head, K components) and ``fm`` (velocity twin), same trunk/recipe."""
-    common = [
-        f"data.name={pr.data}", *pr.trunk, f"model.num_components={pr.components}",
-        f"loop.steps={pr.steps}", f"loop.batch_size={pr.batch_size}", f"loop.lr={pr.lr}",
-        f"loop.warmup_steps={pr.warmup_steps}", f"loop.seed={seed}", "loop.ckpt_every=500",
-        "loop.log_every=50",
-    ]  # fmt: skip
-    return {
-        name: apply_sets(get_preset(preset), [*common, f"loop.out_dir={out / 'models' / name}"])
-        for name, preset in (("fm", "fmnist-fm"), ("gmflow", "fmnist-gmdit"))
-    }
+    p.add_argument(
+        "--part", choices=("main", *PARTS), default="main",
+        help="main: GMFlow vs FM over NFE (default); guidance: CFG vs probabilistic guidance; "
+        "ddpm: unconditional K = 2 GM-SDE 2 vs DDPM (Table 5 analogue)",
+    )  # fmt: skip
 
 
 def step_time_ratio(cfgs: dict[str, Any], steps: int = 10) -> dict[str, float]:
@@ -233,6 +189,8 @@ def _grids(models, pr: ImagesPreset, event: tuple[int, ...], num_classes: int, o
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.part != "main":
+        return PARTS[args.part](args)
     pr, _, out = start_run(args, "images", PRESETS)
     progress = not args.no_progress
     t_start = time.perf_counter()

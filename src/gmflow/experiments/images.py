@@ -2,9 +2,9 @@
 
 Data sets (:func:`gmflow.data.load_dataset`): Fashion-MNIST (``fmnist`` 28x28, ``fmnist32`` padded),
 MNIST-5k (``mnist5k``, ``mnist5k32``) and sklearn digits (``digits8``, ``digits16``). Networks:
-:class:`~gmflow.nn.SmallUNet` (``model.arch=unet``) or :class:`~gmflow.nn.GMDiT` (``model.arch=dit``,
-class-conditional), each with a GM head (``model.head=gm``, K = ``model.num_components``) or a velocity
-head with the identical trunk (``model.head=velocity``, the flow-matching baseline).
+:class:`~gmflow.nn.SmallUNet` (``model.arch=unet``) or :class:`~gmflow.nn.GMDiT` (``model.arch=dit``),
+each with a GM head (``model.head=gm``, K = ``model.num_components``) or a velocity head with the
+identical trunk (``model.head=velocity``, the flow-matching baseline), class-conditional or not.
 
 Class-conditional models (``model.conditional``) get ``class_labels`` with every batch; the label of
 each sample is replaced by the null class (id = number of classes) with probability
@@ -47,7 +47,8 @@ class ImageModel:
 
     ``unet``: ``base``, ``mults``, ``num_res``, ``time_dim``, ``dropout`` (:class:`~gmflow.nn.SmallUNet`).
     ``dit``: ``patch_size``, ``num_layers``, ``num_heads`` x ``head_dim`` (hidden size),
-    ``logstd_inner_dim`` (:class:`~gmflow.nn.GMDiT`; always class-conditional).
+    ``logstd_inner_dim`` (:class:`~gmflow.nn.GMDiT`; unconditional when ``conditional`` is false: its
+    class table then holds only the null row).
     """
 
     arch: str = "unet"
@@ -94,11 +95,6 @@ class ImagesConfig(Experiment):
             need(getattr(m, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(m, k)}")
         need(len(m.mults) >= 1 and min(m.mults) >= 1, "model.mults", f"must be ints >= 1, got {m.mults}")
         need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-        need(
-            m.conditional or m.arch != "dit",
-            "model.conditional",
-            "the GM-DiT is class-conditional (set model.conditional=true)",
-        )
         self.loss.validate(m.head)
         need(
             m.conditional or self.loss.label_dropout == 0,

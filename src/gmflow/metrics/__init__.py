@@ -1,12 +1,13 @@
 """Sample-quality metrics: toy 2-D (sliced-W2, MMD, checkerboard support/mass) with the reference protocol,
 and labelled images (classifier-feature FD, precision/recall, class accuracy; digits, Fashion-MNIST,
-MNIST-5k)."""
+MNIST-5k), and over-saturation measures of grey images before clipping."""
 
-from gmflow.metrics import classifier, classifier_cache, images, reference, toy2d
+from gmflow.metrics import classifier, classifier_cache, images, reference, saturation, toy2d
 from gmflow.metrics.classifier import *  # noqa: F403
 from gmflow.metrics.classifier_cache import *  # noqa: F403
 from gmflow.metrics.images import *  # noqa: F403
 from gmflow.metrics.reference import *  # noqa: F403
+from gmflow.metrics.saturation import *  # noqa: F403
 from gmflow.metrics.toy2d import *  # noqa: F403
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     *classifier_cache.__all__,
     *images.__all__,
     *reference.__all__,
+    *saturation.__all__,
     *toy2d.__all__,
 ]

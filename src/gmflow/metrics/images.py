@@ -203,6 +203,7 @@ def image_metrics(
     k: int = 3,
     shrinkage: float = 0.0,
     clamp: bool = True,
+    reference_features: Tensor | None = None,
 ) -> dict[str, float]:
     """FD, k-NN precision/recall and classifier statistics of ``samples`` against ``reference``.
 
@@ -213,6 +214,8 @@ def image_metrics(
         classifier: the :class:`ImageClassifier` of the data set (see :func:`get_classifier`).
         labels: the class ids ``(N,)`` the samples were generated for (class-conditional sampling);
             adds ``class_acc`` (:func:`class_accuracy`).
+        reference_features: ``classifier.features_and_logits(reference)[0]`` ``(M, F)``, computed once
+            when many sample sets are scored against one reference (skips recomputing it).
 
     Returns ``dict(fd, precision, recall, confidence, classifier_score, n_samples, n_reference)``
     (and ``class_acc`` given ``labels``): ``confidence`` is the mean max softmax probability on the
@@ -230,7 +233,15 @@ def image_metrics(
     if clamp:
         samples = samples.clamp(-1.0, 1.0)
     f_fake, logits = classifier.features_and_logits(samples)
-    f_real, _ = classifier.features_and_logits(reference)
+    if reference_features is None:
+        f_real = classifier.features_and_logits(reference)[0]
+    else:
+        f_real = _as_feats(reference_features, "reference_features")
+        if f_real.shape != (reference.shape[0], f_fake.shape[1]):
+            raise ValueError(
+                f"reference_features must have shape ({reference.shape[0]}, {f_fake.shape[1]}) "
+                f"(the classifier features of reference), got {tuple(f_real.shape)}"
+            )
     fd = frechet_distance(f_real, f_fake, shrinkage=shrinkage)
     precision, recall = knn_precision_recall(f_real, f_fake, k=k)
     logp = torch.log_softmax(logits.double(), dim=1)

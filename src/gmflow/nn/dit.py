@@ -112,7 +112,7 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     out = dict(cfg)
     # norm_num_groups is unused by a DiT; it is checked and kept for the official config
     for key in _INT_KEYS:
-        _int(cfg, key, 1)
+        _int(cfg, key, 0 if key == "num_embeds_ada_norm" else 1)
     for key in ("dropout", "class_dropout_prob"):
         out[key] = _prob(cfg, key)
     for key, allowed in _FIXED.items():
@@ -157,7 +157,9 @@ class GMDiT(PretrainedMixin, nn.Module):
     plus ``head`` (``"gm"`` or ``"velocity"``). Unsupported values raise ValueError naming the key.
 
     Call: ``model(x_t (B, C, S, S), t (B,) in [0, 1], class_labels=(B,) int)``; ``class_labels=None``
-    is the null class ``num_classes`` for every sample.
+    is the null class ``num_classes`` for every sample. ``num_embeds_ada_norm=0`` builds an
+    unconditional DiT: the table holds only the null row (a learned constant added to the time
+    embedding) and the model is called without labels.
     """
 
     pipeline_subfolder = "transformer"

@@ -204,15 +204,16 @@ class ClassEmbedding(nn.Module):
     """Learned class table with one extra null row: ``(B,) int -> (B, dim)``.
 
     ``embedding_table`` has ``num_classes + 1`` rows; id ``num_classes`` is the null class (the
-    unconditional input of guidance). Init ``N(0, 0.02^2)`` (DiT). ``dropout_prob > 0`` applies
+    unconditional input of guidance). ``num_classes = 0`` leaves only the null row: a learned constant,
+    i.e. an unconditional network. Init ``N(0, 0.02^2)`` (DiT). ``dropout_prob > 0`` applies
     :func:`drop_labels` in train mode, drawing from the *global* RNG (the official GM-DiT behaviour);
     the project's experiments keep it at 0 and drop labels in the objective with the step generator.
     """
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float = 0.0) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
         if not (isinstance(dropout_prob, Real) and 0.0 <= float(dropout_prob) < 1.0):
             raise ValueError(f"class dropout probability must be in [0, 1), got {dropout_prob!r}")
         self.num_classes = num_classes

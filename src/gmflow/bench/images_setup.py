@@ -1,0 +1,141 @@
+"""What the parts of ``gmflow bench images`` share: the presets of the trained models and the scorer.
+
+* :data:`PRESETS` / :class:`ImagesPreset`: the main benchmark's settings; its class-conditional GM-DiT
+  (``DIR/models/gmflow``) is also the model of the guidance part.
+* :func:`model_configs`: the GMFlow run and its flow-matching twin (identical trunk, budget, recipe).
+* :class:`Scorer`: scores sample sets against the held-out **test** split with the data set's cached
+  classifier (FD, precision / recall, class accuracy on clipped samples; the over-saturation
+  measures of :mod:`gmflow.metrics.saturation` on the samples *before* clipping). The test split's
+  features and pixel statistics are computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import apply_sets
+from ..data import load_dataset
+from ..experiments import get_preset
+from ..metrics import (
+    ImageClassifier,
+    PixelStats,
+    get_classifier,
+    image_metrics,
+    pixel_stats,
+    saturation_metrics,
+)
+
+__all__ = ["ImagesPreset", "PRESETS", "Scorer", "make_scorer", "model_configs"]
+
+
+@dataclass(frozen=True)
+class ImagesPreset:
+    """One benchmark setting: data, trunk, budget, evaluation grid and the headline comparison."""
+
+    description: str
+    data: str
+    steps: int
+    batch_size: int
+    trunk: tuple[str, ...]  # --set overrides of the GM-DiT trunk (shared by both models)
+    nfes: tuple[int, ...]
+    n_eval: int  # samples per cell
+    headline: tuple[int, int]  # (GMFlow NFE, FM NFE) of the headline comparison
+    draws: int = 3  # noise draws of the headline rows
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    components: int = 8
+    classifier_epochs: int | None = None  # None: the classifier's default
+
+
+QUICK_TRUNK = ("model.patch_size=4", "model.num_layers=4", "model.num_heads=2", "model.head_dim=32")
+FULL_TRUNK = ("model.patch_size=4", "model.num_layers=6", "model.num_heads=3", "model.head_dim=32")
+SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8",
+               "model.logstd_inner_dim=16")  # fmt: skip
+
+PRESETS: dict[str, ImagesPreset] = {
+    "quick": ImagesPreset(
+        "<= 15 min on 2 idle cores: a 4-layer 64-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
+        data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
+        headline=(4, 8),
+    ),
+    "full": ImagesPreset(
+        "<= 90 min on 2 idle cores: a 6-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 6000 steps",
+        data="fmnist32", steps=6000, batch_size=64, trunk=FULL_TRUNK, nfes=(2, 4, 6, 8, 16, 24, 32),
+        n_eval=1000, headline=(6, 24), warmup_steps=500,
+    ),
+    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
+    "smoke": ImagesPreset(
+        "smoke test: a one-layer GM-DiT on 8x8 digits, a few steps",
+        data="digits8", steps=4, batch_size=16, trunk=SMOKE_TRUNK, nfes=(2, 4), n_eval=100, headline=(2, 4),
+        draws=2, warmup_steps=1, components=4, classifier_epochs=1,
+    ),
+}  # fmt: skip
+
+
+def model_configs(
+    pr: Any, out: Path, seed: int, *, sets: Sequence[str] = (), root: str = "models"
+) -> dict[str, Any]:
+    """The two runs: ``gmflow`` (GM head, K components) and ``fm`` (velocity twin), same trunk/recipe.
+
+    ``pr`` has the fields ``data, trunk, components, steps, batch_size, lr, warmup_steps`` (e.g. an
+    :class:`ImagesPreset`); ``sets`` are further ``--set`` overrides of both runs, which live in
+    ``out / root / {gmflow,fm}``.
+    """
+    common = [
+        f"data.name={pr.data}", *pr.trunk, f"model.num_components={pr.components}",
+        f"loop.steps={pr.steps}", f"loop.batch_size={pr.batch_size}", f"loop.lr={pr.lr}",
+        f"loop.warmup_steps={pr.warmup_steps}", f"loop.seed={seed}", "loop.ckpt_every=500",
+        "loop.log_every=50", *sets,
+    ]  # fmt: skip
+    return {
+        name: apply_sets(get_preset(preset), [*common, f"loop.out_dir={out / root / name}"])
+        for name, preset in (("fm", "fmnist-fm"), ("gmflow", "fmnist-gmdit"))
+    }
+
+
+@dataclass(frozen=True, eq=False)
+class Scorer:
+    """Scores ``(N, C, H, W)`` sample sets against one reference set (the test split)."""
+
+    classifier: ImageClassifier
+    reference: Tensor
+    features: Tensor  # classifier features of the reference (M, F)
+    pixels: PixelStats  # saturation statistics of the reference
+    num_classes: int
+
+    def __call__(
+        self, x: Tensor, labels: Tensor | None = None, *, saturation: bool = False
+    ) -> dict[str, Any]:
+        """``fd, precision, recall, classifier_score`` (+ ``class_acc`` given ``labels``), ``nonfinite``
+        and, when ``saturation``, the saturation measures of the finite samples before clipping.
+
+        Non-finite values are replaced (NaN -> 0, +-Inf -> +-1) for the classifier metrics only.
+        """
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        clean = torch.nan_to_num(x, 0.0, 1.0, -1.0)
+        m = image_metrics(
+            clean, self.reference, self.classifier, labels=labels, reference_features=self.features
+        )
+        keys = ("fd", "precision", "recall", "classifier_score", "class_acc")
+        out: dict[str, Any] = {k: m[k] for k in keys if k in m}
+        out["nonfinite"] = int((~finite).sum())
+        if saturation and bool(finite.any()):
+            sat = saturation_metrics(x[finite], self.pixels)
+            out.update({k: v for k, v in sat.items() if not k.startswith("ref_")})
+        return out
+
+
+def make_scorer(data: str, classifier_epochs: int | None = None) -> Scorer:
+    """The :class:`Scorer` of data set ``data`` against its test split (classifier cached by hash)."""
+    test = load_dataset(data, "test")
+    kw = {} if classifier_epochs is None else {"epochs": classifier_epochs}
+    clf = get_classifier(data, **kw)  # trained once, cached (GMFLOW_CACHE, ~/.cache/gmflow)
+    reference = test.tensor()
+    feats = clf.features_and_logits(reference)[0]
+    return Scorer(clf, reference, feats, pixel_stats(reference), int(test.num_classes))
