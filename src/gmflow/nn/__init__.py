@@ -1,5 +1,5 @@
 """Networks: embeddings, output heads (usable on any trunk), the toy 2-D MLP, the U-Net, GM-DiT and the
-spectrum net of spectral GM sampling."""
+spectrum net of spectral GM sampling (alone, or trained and saved with a GM denoiser: SpectralDenoiser)."""
 
 from .dit import GMDiT
 from .embeddings import (
@@ -12,6 +12,7 @@ from .embeddings import (
 )
 from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
 from .mlp import ToyMLP
+from .spectral_denoiser import SpectralDenoiser
 from .spectrum import SpectrumMLP
 from .unet import SmallUNet
 
@@ -23,6 +24,7 @@ __all__ = [
     "LogStdHead",
     "PositionEmbedding2D",
     "SmallUNet",
+    "SpectralDenoiser",
     "SpectrumMLP",
     "TimestepEmbedding",
     "ToyMLP",
