@@ -38,6 +38,7 @@ from ..metrics import get_classifier, image_metrics
 from ..sampling import sample
 from ..train import flow_objective
 from ..viz import image_grid, metric_curves
+from . import images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
@@ -89,6 +90,13 @@ PRESETS: dict[str, ImagesPreset] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, "images", PRESETS)
+    p.add_argument(
+        "--part",
+        choices=("main", "nll"),
+        default="main",
+        help="main: GMFlow vs FM over solvers and NFEs (default); nll: bits/dim vs K, K = 16 + spectral "
+        "(GMFlow Table 3; gmflow.bench.images_nll)",
+    )
 
 
 def model_configs(pr: ImagesPreset, out: Path, seed: int) -> dict[str, Any]:
@@ -233,6 +241,8 @@ def _grids(models, pr: ImagesPreset, event: tuple[int, ...], num_classes: int, o
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.part == "nll":
+        return images_nll.run(args, PRESETS)
     pr, _, out = start_run(args, "images", PRESETS)
     progress = not args.no_progress
     t_start = time.perf_counter()
