@@ -6,9 +6,9 @@ as ``spectrum_net``, so both train in one run and live in one checkpoint:
 
 * ``forward`` is the trunk's: ``model(x_t (B, C, H, W), t (B,), **cond) -> GaussianMixture`` over u;
 * :func:`gmflow.sample` finds ``model.spectrum_net`` and samples the GM-SDE spectrally by default;
-* :func:`gmflow.train.flow_loss` finds it too and adds the spectral loss (Eq. 20), which trains only
-  the spectrum net (stop-gradient through the GM and the KR map); the trunk is trained by the
-  transition loss alone;
+* :func:`gmflow.train.flow_loss` finds it too and asks ``forward(..., spectral_x0=x0)`` for the
+  spectral loss (Eq. 20) as well, which trains only the spectrum net (stop-gradient through the GM
+  and the KR map); the trunk is trained by the transition loss alone;
 * :meth:`optimizer_groups` is the training loop's hook for per-group optimizer settings: the trunk
   and the spectrum net are two groups, the spectrum net with its own learning rate ``spectrum_lr``
   (``None``: the loop's).
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..gm import GaussianMixture
+from ..spectral import spectral_loss
 from .dit import GMDiT
 from .spectrum import SpectrumMLP
 from .unet import SmallUNet
@@ -123,9 +124,20 @@ class SpectralDenoiser(nn.Module):
             spec["lr"] = self.spectrum_lr
         return [{"params": [p for p in self.trunk.parameters() if p.requires_grad]}, spec]
 
-    def forward(self, x_t: Tensor, t: Tensor | float, **cond: Any) -> GaussianMixture:
-        """The trunk's GM over ``u`` at ``(x_t, t)``."""
-        return self.trunk(x_t, t, **cond)
+    def forward(
+        self, x_t: Tensor, t: Tensor, *, spectral_x0: Tensor | None = None, **cond: Any
+    ) -> GaussianMixture | tuple[GaussianMixture, Tensor]:
+        """The trunk's GM over ``u`` at ``(x_t, t)``; with ``spectral_x0`` (the clean batch, training)
+        also the per-sample spectral loss ``(B,)`` of its x0-GM (:func:`gmflow.spectral.spectral_loss`).
+
+        The loss is computed here, inside ``forward``, so that a DistributedDataParallel wrapper sees
+        the spectrum net used in the forward pass (DDP does not reduce the gradients of parameters
+        used outside it).
+        """
+        gm = self.trunk(x_t, t, **cond)
+        if spectral_x0 is None:
+            return gm
+        return gm, spectral_loss(self.spectrum_net, gm.u_to_x0(x_t, t), spectral_x0, reduction="none")
 
     def extra_repr(self) -> str:
         return f"spectrum_lr={self.spectrum_lr}"

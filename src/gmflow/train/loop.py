@@ -260,7 +260,10 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
     dev = info.device
     net: nn.Module = module
     if info.world_size > 1:
-        net = DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # gradient_as_bucket_view: with the default copy-back, torch 2.13 (CPU, gloo) left the gradients of
+        # some GM-DiT parameters un-averaged in the first backward of a process (tests/train/test_distributed.py)
+        ids = [dev.index] if dev.type == "cuda" else None
+        net = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
     clip_groups = [g["params"] for g in parameter_groups(module)]  # each clipped by its own norm
     local_b = loop.batch_size // info.world_size
     clip = loop.grad_clip if loop.grad_clip > 0 else math.inf

@@ -19,8 +19,11 @@ derivations in ``docs/maths/losses.md``):
 
 A GM model that carries a spectrum net as ``model.spectrum_net`` (:class:`~gmflow.nn.SpectralDenoiser`)
 also gets ``spectral_weight`` times the spectral loss (GMFlow Eq. 20, :func:`gmflow.spectral.spectral_loss`)
-of its x0-GM at the network's input, added per sample: it trains only the spectrum net (stop-gradient
-through the GM and the KR map), so the GM network's gradient is that of the loss above alone.
+of its x0-GM at the network's input, added per sample: the objective calls
+``model(x, t, spectral_x0=x0, **cond) -> (gm, spectral loss (B,))``, so the loss is computed inside
+the model's forward (where DistributedDataParallel sees the spectrum net). It trains only the
+spectrum net (stop-gradient through the GM and the KR map), so the GM network's gradient is that of
+the loss above alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from ..flow import TIME_SAMPLERS, interpolate, sample_time, transition_pair
 from ..gm import GaussianMixture
 from ..losses import fm_loss, gm_nll_loss, transition_loss
 from ..nn import drop_labels
-from ..spectral import spectral_loss
 
 __all__ = [
     "BatchFn",
@@ -146,14 +148,14 @@ def flow_loss(
     )
     if loss.kind == "transition":
         x_low, t_low, x_high = transition_pair(x0, t, loss.trans_ratio, generator)
-        out = model(x_high, t, **_condition(labels, null_label, loss.label_dropout, generator))
+        out, spec = _call(model, x_high, t, x0, _condition(labels, null_label, loss.label_dropout, generator))
         _expect_gm(out, loss.kind)
         per = transition_loss(out, x_high, t, x_low, t_low, reduction="none")
-        return _with_spectral(per, model, out, x_high, t, x0, spectral_weight)
+        return per if spec is None else per + spectral_weight * spec
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = interpolate(x0, eps, t)
     u = eps - x0
-    out = model(x_t, t, **_condition(labels, null_label, loss.label_dropout, generator))
+    out, spec = _call(model, x_t, t, x0, _condition(labels, null_label, loss.label_dropout, generator))
     if loss.kind == "fm":
         if isinstance(out, GaussianMixture):
             raise TypeError(
@@ -163,20 +165,23 @@ def flow_loss(
     if loss.kind == "gm_nll":
         _expect_gm(out, loss.kind)
         per = gm_nll_loss(out, u, reduction="none")
-        return _with_spectral(per, model, out, x_t, t, x0, spectral_weight)
+        return per if spec is None else per + spectral_weight * spec
     raise ValueError(f"unknown loss {loss.kind!r}; expected one of {', '.join(LOSSES)}")
 
 
-def _with_spectral(
-    per: Tensor, model: nn.Module, gm_u: GaussianMixture, x_t: Tensor, t: Tensor, x0: Tensor, w: float
-) -> Tensor:
-    """``per + w * spectral_loss`` of the model's spectrum net on the x0-GM at ``(x_t, t)`` (``per``
-    unchanged when the model has no spectrum net)."""
+def _call(model: nn.Module, x: Tensor, t: Tensor, x0: Tensor, cond: dict[str, Tensor]) -> tuple[Any, Any]:
+    """``(model output, spectral loss (B,) or None)``: models with a ``spectrum_net`` (also inside a DDP
+    wrapper) are called with ``spectral_x0=x0`` and return both."""
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    net = getattr(inner, "spectrum_net", None)
-    if net is None:
-        return per
-    return per + w * spectral_loss(net, gm_u.u_to_x0(x_t, t), x0, reduction="none")
+    if getattr(inner, "spectrum_net", None) is None:
+        return model(x, t, **cond), None
+    out = model(x, t, spectral_x0=x0, **cond)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "a model with a spectrum_net must return (gm, spectral loss) when called with spectral_x0= "
+            "(see gmflow.nn.SpectralDenoiser)"
+        )
+    return out
 
 
 def _condition(
