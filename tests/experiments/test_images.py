@@ -168,10 +168,11 @@ def test_spectral_build_wraps_the_same_trunk(arch):
 
 def test_spectral_run_trains_the_trunk_exactly_as_without_and_resumes(tmp_path):
     sets = ["loop.steps=4", "loop.ckpt_every=2", "model.spectral_lr=0.003"]
-    spec = run_experiment(get_preset("images-smoke-spectral").with_sets([*sets, f"loop.out_dir={tmp_path / 's'}"]),
-                          progress=False)  # fmt: skip
-    plain = run_experiment(get_preset("images-smoke").with_sets([*sets, f"loop.out_dir={tmp_path / 'p'}"]),
-                           progress=False)  # fmt: skip
+    spec_cfg = get_preset("images-smoke-spectral").with_sets([*sets, f"loop.out_dir={tmp_path / 's'}"])
+    spec = run_experiment(spec_cfg, progress=False)
+    plain = run_experiment(
+        get_preset("images-smoke").with_sets([*sets, f"loop.out_dir={tmp_path / 'p'}"]), progress=False
+    )
     for a, b in ((spec.model.trunk, plain.model), (spec.ema_model.trunk, plain.ema_model)):
         want = b.state_dict()
         assert all(torch.equal(v, want[k]) for k, v in a.state_dict().items())  # raw and EMA weights

@@ -34,7 +34,7 @@ class ExactGaussian:
 
 
 def _analytic_bpd(eps: float = 1e-4) -> float:
-    """``E_t[ 1/2 log(2 pi e v_t) ] / ln 2`` with ``v_t = sd^2 t^2 / D`` and t ~ U(0, 1) clamped at ``eps``."""
+    """``E_t[1/2 log(2 pi e v_t)] / ln 2``, ``v_t = sd^2 t^2 / D``, t ~ U(0, 1) clamped at ``eps``."""
     n = 400000
     t = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).clamp_min(eps)
     v = SD**2 * t.square() / (t.square() + (1 - t).square() * SD**2)

@@ -1,4 +1,5 @@
-"""gmflow.nn.SpectralDenoiser: a GM trunk + its spectrum net (forward, what samplers ask, config, layout, groups)."""
+"""gmflow.nn.SpectralDenoiser: a GM trunk + its spectrum net (forward, what samplers ask, config, layout,
+optimizer groups, errors)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from gmflow.nn import GMDiT, SmallUNet, SpectralDenoiser, SpectrumMLP
 
 def _dit(**kw) -> GMDiT:
     cfg = dict(in_channels=1, sample_size=8, patch_size=2, num_layers=1, num_attention_heads=2,
-               attention_head_dim=8, num_gaussians=3, logstd_inner_dim=16, num_embeds_ada_norm=10)  # fmt: skip
+               attention_head_dim=8, num_gaussians=3, logstd_inner_dim=16,
+               num_embeds_ada_norm=10)  # fmt: skip
     return GMDiT(**{**cfg, **kw})
 
 

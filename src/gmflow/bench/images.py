@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("main", "nll"),
         default="main",
         help="main: GMFlow vs FM over solvers and NFEs (default); nll: bits/dim vs K, K = 16 + spectral "
-        "(GMFlow Table 3; gmflow.bench.images_nll)",
+        "(GMFlow Table 3; gmflow.bench.images_nll; default --out runs/images-nll-<preset>)",
     )
 
 

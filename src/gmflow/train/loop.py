@@ -260,8 +260,8 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
     dev = info.device
     net: nn.Module = module
     if info.world_size > 1:
-        # gradient_as_bucket_view: with the default copy-back, torch 2.13 (CPU, gloo) left the gradients of
-        # some GM-DiT parameters un-averaged in the first backward of a process (tests/train/test_distributed.py)
+        # gradient_as_bucket_view: with the default copy-back, torch 2.13 (CPU, gloo) left the gradients
+        # of some GM-DiT parameters un-averaged in the first backward of a process (test_distributed.py)
         ids = [dev.index] if dev.type == "cuda" else None
         net = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
     clip_groups = [g["params"] for g in parameter_groups(module)]  # each clipped by its own norm
