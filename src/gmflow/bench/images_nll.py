@@ -67,15 +67,15 @@ class NllPreset:
 
 
 NLL_PRESETS: dict[str, NllPreset] = {
-    # Budgets from a few measured steps per model (`estimate`), scaled to an idle machine by a toy-step
-    # calibration (docs/RESULTS.md): quick ~13 min, full ~75 min; not run yet.
+    # Budgets from `estimate` (a few measured steps per model) on a loaded machine, scaled to an idle
+    # one by a toy-step calibration; the estimates scattered by +-40 % (docs/RESULTS.md). Not run yet.
     "quick": NllPreset(
-        "<= 15 min on 2 idle cores (estimated): the quick trunk (4 layers, 64 wide, patch 4) on Fashion-MNIST"
-        " 32x32, five models x 450 steps", base="quick", steps=450, n_test=2000, n_eval=500,
+        "<= 15 min on 2 idle cores (estimated 12-14): the quick trunk (4 layers, 64 wide, patch 4) on"
+        " Fashion-MNIST 32x32, five models x 450 steps", base="quick", steps=450, n_test=2000, n_eval=500,
     ),
     "full": NllPreset(
-        "<= 90 min on 2 idle cores (estimated): the full trunk (6 layers, 96 wide, patch 4) on Fashion-MNIST"
-        " 32x32, five models x 800 steps", base="full", steps=800, n_test=5000, n_eval=1000,
+        "<= 90 min on 2 idle cores (estimated 50-85): the full trunk (6 layers, 96 wide, patch 4) on"
+        " Fashion-MNIST 32x32, five models x 500 steps", base="full", steps=500, n_test=2000, n_eval=1000,
     ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": NllPreset(
