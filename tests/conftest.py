@@ -104,6 +104,12 @@ def cond_run(tmp_path_factory) -> TinyRun:
 
 
 @pytest.fixture(scope="session")
+def spectral_run(tmp_path_factory) -> TinyRun:
+    """cond_run's GM-DiT with a spectrum net trained by the spectral loss (model.spectral=true), 3 steps."""
+    return _train("images-smoke-spectral", tmp_path_factory.mktemp("runs") / "spectral", "loop.steps=3")
+
+
+@pytest.fixture(scope="session")
 def digits_pairs(tmp_path_factory, digits_run) -> tuple[Path, Path]:
     """``(backward, forward)`` pair directories of the digits teacher (32 pairs each, NFE 2)."""
     d = tmp_path_factory.mktemp("digits_pairs")

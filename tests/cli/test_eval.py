@@ -99,3 +99,37 @@ def test_eval_errors_exit_2(toy_run, velocity_run, ring_pairs, tmp_path, capsys)
         assert main(["eval", *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("gmflow: error: ") and match in err, (args, err)
+
+
+def test_bpd_of_a_spectral_run_and_errors(spectral_run, cond_run, velocity_run, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    args = [
+        "eval",
+        "--ckpt",
+        str(spectral_run.path),
+        "--bpd",
+        "--n",
+        "40",
+        "--num-t",
+        "2",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "bpd_spectral" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert (res["n"], res["num_t"], res["dims"], res["split"], res["dequantize"]) == (40, 2, 64, "test", True)
+    assert res["bin_width"] == 2 / 16  # digits8: 17 grey levels in [-1, 1]
+    assert math.isfinite(res["bpd"]) and math.isfinite(res["bpd_spectral"]) and res["stderr"] > 0
+    assert main([*args[:-1], str(tmp_path / "c.json"), "--no-spectral"]) == 0
+    off = json.loads((tmp_path / "c.json").read_text())
+    assert off["bpd_spectral"] is None and off["bpd"] == res["bpd"]  # the same draws without the net
+    assert (
+        main(["eval", "--ckpt", str(cond_run.path), "--bpd", "--n", "8", "--json", str(tmp_path / "d.json")])
+        == 0
+    )
+    assert json.loads((tmp_path / "d.json").read_text())["bpd_spectral"] is None
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(velocity_run.path), "--bpd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bpd needs a GM image run" in err

@@ -176,3 +176,22 @@ def test_classes_on_an_unconditional_run_is_an_error(toy_run, tmp_path, capsys):
     args = ["--solver", "euler", "--nfe", "1", "--classes", "0", "--out", str(tmp_path / "x.pt")]
     assert _sample(toy_run.path, *args) == 2
     assert "not class-conditional" in capsys.readouterr().err
+
+
+def test_a_spectral_run_samples_spectrally_unless_no_spectral(spectral_run, tmp_path):
+    from gmflow.cli.common import draw_samples
+    from gmflow.experiments import load_run
+
+    args = ["--solver", "gm-sde", "--order", "2", "--nfe", "2", "--n", "6", "--seed", "3"]
+    assert _sample(spectral_run.path, *args, "--out", str(tmp_path / "on.pt")) == 0
+    assert _sample(spectral_run.path, *args, "--no-spectral", "--out", str(tmp_path / "off.pt")) == 0
+    on, off = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["samples"] for n in ("on", "off"))
+    run = load_run(spectral_run.path)
+    kw = dict(labels=torch.arange(6) % 10, null_label=10, solver="gm-sde", nfe=2, order=2)
+    want_on = draw_samples(run.model, (1, 8, 8), 6, 8192, 3, "cpu", "x", spectral=True, **kw)
+    want_off = draw_samples(run.model, (1, 8, 8), 6, 8192, 3, "cpu", "x", spectral=False, **kw)
+    assert torch.equal(on, want_on) and torch.equal(off, want_off) and not torch.equal(on, off)
+    assert _sample(spectral_run.path, *args, "--no-spectral") == 0  # default name: no clash with the default
+    assert (spectral_run.path / "samples_gm-sde_o2_nfe2_nospectral.pt").is_file()
+    (spectral_run.path / "samples_gm-sde_o2_nfe2_nospectral.pt").unlink()  # leave the shared run as it was
+    (spectral_run.path / "samples_gm-sde_o2_nfe2_nospectral.png").unlink()

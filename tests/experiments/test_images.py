@@ -1,4 +1,5 @@
-"""gmflow.experiments.images: the SmallUNet experiment on digits (config, build, a tiny run)."""
+"""gmflow.experiments.images: the SmallUNet / GM-DiT experiment on digits (config, build, tiny runs),
+and spectral training (model.spectral: trunk + spectrum net, resume, load_run, sampling)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,18 @@ import json
 import pytest
 import torch
 
+import gmflow
 from gmflow.config import ConfigError
-from gmflow.experiments import IMAGE_DATASETS, ImagesConfig, get_preset
+from gmflow.experiments import (
+    IMAGE_DATASETS,
+    ImagesConfig,
+    get_preset,
+    load_network,
+    load_run,
+    run_experiment,
+)
 from gmflow.gm import GaussianMixture
-from gmflow.nn import GMDiT, SmallUNet
+from gmflow.nn import GMDiT, SmallUNet, SpectralDenoiser, SpectrumMLP
 
 
 def test_defaults_and_smoke_preset():
@@ -134,3 +143,77 @@ def test_dit_validation_names_the_field(sets, key):
 def test_label_dropout_needs_a_conditional_model():
     with pytest.raises(ConfigError, match="^loss.label_dropout:"):
         get_preset("digits-smoke").with_sets(["loss.label_dropout=0.1"]).validate()
+
+
+# ------------------------------------------------------------------------------------ spectral training
+@pytest.mark.parametrize(
+    "sets, key",
+    [
+        (["model.head=velocity", "loss.kind=fm"], "model.spectral"),  # a spectrum net needs a GM
+        (["model.spectrum_layers=8,0"], "model.spectrum_layers"),
+        (["model.spectral_weight=0"], "model.spectral_weight"),
+        (["model.spectral_lr=-1"], "model.spectral_lr"),
+    ],
+)
+def test_spectral_validation_names_the_field(sets, key):
+    with pytest.raises(ConfigError, match=f"^{key}:"):
+        get_preset("images-smoke-spectral").with_sets(sets).validate()
+
+
+@pytest.mark.parametrize("arch", ["dit", "unet"])
+def test_spectral_build_wraps_the_same_trunk(arch):
+    sets = [] if arch == "dit" else ["model.arch=unet", "model.base=8", "model.time_dim=16", "model.mults=1"]
+    plain = get_preset("images-smoke").with_sets(sets).validate().build()[0]
+    cfg = get_preset("images-smoke-spectral").with_sets([*sets, "model.spectral_lr=0.002"]).validate()
+    model, objective, batch_fn = cfg.build()
+    assert isinstance(model, SpectralDenoiser) and type(model.trunk) is type(plain)
+    assert model.spectrum_net.base_size == (1, 8, 8) and model.spectrum_net.config["layers"] == [64, 8]
+    assert model.spectrum_lr == 0.002 and model.num_classes == 10
+    want = plain.state_dict()  # built after the trunk: the trunk's initial weights are unchanged
+    assert all(torch.equal(v, want[k]) for k, v in model.trunk.state_dict().items())
+    per = objective(
+        model, batch_fn(1, 0, 1, torch.Generator().manual_seed(0)), torch.Generator().manual_seed(1)
+    )
+    assert per.shape == (16,) and torch.isfinite(per).all()
+
+
+def test_spectral_run_trains_the_trunk_exactly_as_without_and_resumes(tmp_path):
+    sets = ["loop.steps=4", "loop.ckpt_every=2", "model.spectral_lr=0.003"]
+    spec_cfg = get_preset("images-smoke-spectral").with_sets([*sets, f"loop.out_dir={tmp_path / 's'}"])
+    spec = run_experiment(spec_cfg, progress=False)
+    plain = run_experiment(
+        get_preset("images-smoke").with_sets([*sets, f"loop.out_dir={tmp_path / 'p'}"]), progress=False
+    )
+    for a, b in ((spec.model.trunk, plain.model), (spec.ema_model.trunk, plain.ema_model)):
+        want = b.state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in a.state_dict().items())  # raw and EMA weights
+    flat = SpectrumMLP(base_size=[1, 8, 8], layers=[64, 8]).state_dict()
+    assert not torch.equal(spec.model.spectrum_net.state_dict()["mlp.4.weight"], flat["mlp.4.weight"])
+    state = torch.load(tmp_path / "s" / "state.pt", weights_only=True)
+    assert sorted({g["lr"] for g in state["optimizer"]["param_groups"]}) == [0.001, 0.003]
+    # interrupted after step 2 (a checkpoint), resumed to step 4: the same weights as in one go
+    half = get_preset("images-smoke-spectral").with_sets([*sets, f"loop.out_dir={tmp_path / 'r'}"])
+    run_experiment(half.with_sets(["loop.steps=2"]), progress=False)
+    resumed = run_experiment(half, progress=False)
+    assert resumed.resumed_from == 2
+    want = spec.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in resumed.model.state_dict().items())
+    run = load_run(tmp_path / "r")  # EMA weights, rebuilt from config.json
+    assert isinstance(run.model, SpectralDenoiser) and run.head == "gm" and run.event_shape == (1, 8, 8)
+    ema = spec.ema_model.state_dict()
+    assert all(torch.equal(v, ema[k]) for k, v in run.model.state_dict().items())
+    assert isinstance(load_network(tmp_path / "r", use_ema=False), SpectralDenoiser)
+
+
+def test_spectral_run_samples_spectrally_by_default(spectral_run):
+    model = load_run(spectral_run.path).model
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = dict(solver="gm-sde", nfe=2, order=2, cond={"class_labels": torch.arange(4)})
+
+    def draw(**extra):
+        return gmflow.sample(model, noise, generator=torch.Generator().manual_seed(1), **kw, **extra)
+
+    auto, on, off = draw(), draw(spectral=True), draw(spectral=False)
+    assert torch.equal(auto, on) and not torch.equal(auto, off)
+    plain = gmflow.sample(model.trunk, noise, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(plain, off)  # without the spectrum net: the trunk's per-pixel GM-SDE

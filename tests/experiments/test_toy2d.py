@@ -13,7 +13,8 @@ from gmflow.nn import ToyMLP
 
 def test_presets_validate_and_official_minimal_recipe():
     toy = {"toy-gmflow", "toy-fm", "toy-official-minimal", "toy-smoke"}
-    images = {"fmnist-gmdit", "fmnist-fm", "mnist5k-gmdit", "mnist5k-fm", "digits-smoke", "images-smoke"}
+    images = {"fmnist-gmdit", "fmnist-fm", "fmnist-gmdit-spectral", "mnist5k-gmdit", "mnist5k-fm"}
+    images |= {"digits-smoke", "images-smoke", "images-smoke-spectral"}
     assert set(PRESETS) == toy | images
     for name, cfg in PRESETS.items():
         assert cfg.validate() is cfg, name

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import gmflow
 from gmflow import pretrained
 from gmflow.experiments import load_run
-from gmflow.nn import GMDiT, SpectrumMLP
+from gmflow.nn import GMDiT, SpectralDenoiser, SpectrumMLP
 from gmflow.pretrained import Pretrained, SchedulerConfig
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "official_gmdit"
@@ -142,6 +142,10 @@ def test_our_own_models_in_the_same_layout(tmp_path):
     assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in GM_FIELDS)
     with pytest.raises(TypeError, match="model must be a GM-head GMDiT or a Pretrained, got GMDiT"):
         pretrained.save(GMDiT(num_layers=1, head="velocity"), tmp_path / "v")
+    pretrained.save(SpectralDenoiser(dit, net), tmp_path / "s")  # a model.spectral=true run's network
+    spec = pretrained.load(tmp_path / "s")
+    _assert_same_state(spec.transformer, dit)
+    _assert_same_state(spec.spectrum_net, net)
 
 
 # ------------------------------------------------------------------------------ bad folders

@@ -1,5 +1,6 @@
-"""DDP: 2 gloo processes under torchrun give the single-process gradient of the same global batch,
-and a 2-process ``gmflow train`` run completes.
+"""DDP: 2 gloo processes under torchrun give the single-process gradient of the same global batch (also
+for a model with a spectrum net, whose spectral loss is computed outside DDP's forward), and a
+2-process ``gmflow train`` run completes.
 
 This file is also the torchrun worker: ``python -m torch.distributed.run ... test_distributed.py OUT_DIR``.
 """
@@ -41,6 +42,16 @@ def _shard(rank: int, world: int) -> torch.Tensor:
     return _global_batch()[rank * b : (rank + 1) * b]
 
 
+def _spectral() -> tuple[torch.nn.Module, object, tuple[torch.Tensor, torch.Tensor]]:
+    """The images-smoke-spectral network (fp64), its objective and a fixed global batch of 8."""
+    cfg = get_preset("images-smoke-spectral")
+    data = cfg.dataset("train")
+    torch.manual_seed(SEED)
+    model = cfg.build_model(data).double()
+    x0, y = data.sample(8, generator=torch.Generator().manual_seed(7), return_labels=True)
+    return model, flow_objective(cfg.loss, null_label=data.num_classes), (x0.double(), y)
+
+
 def _worker(out_dir: str) -> int:
     """Under torchrun: (1) save the DDP gradient of the fixed global batch, (2) run ``gmflow train``
     inside the same process group (``train`` reuses a running group and leaves it to its owner)."""
@@ -58,6 +69,13 @@ def _worker(out_dir: str) -> int:
         loss.mean().backward()
         if info.rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters()}, out / "grads.pt")
+        spec, objective, (x0, y) = _spectral()
+        r, w = info.rank, info.world_size
+        shard = (x0[r * 8 // w : (r + 1) * 8 // w], y[r * 8 // w : (r + 1) * 8 // w])
+        net = DDP(spec, gradient_as_bucket_view=True)  # as the training loop wraps it
+        objective(net, shard, step_generator(SEED, 1, r)).mean().backward()
+        if info.rank == 0:
+            torch.save({n: p.grad for n, p in spec.named_parameters()}, out / "spectral_grads.pt")
         train = ["train", "--preset", "toy-smoke", "--no-progress"]
         code = main([*train, "--out", str(out / "run"), "--set", "loop.steps=6", "loop.ckpt_every=3"])
         # an odd global batch cannot be split over 2 ranks: one-line error, exit 2, on every rank
@@ -96,6 +114,21 @@ def test_ddp_gradient_equals_single_process_gradient(ddp_run):
     torch.cat(per).mean().backward()  # one process, the same global batch and noise
     assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
     for n, p in model.named_parameters():
+        assert torch.allclose(ddp_grads[n], p.grad, rtol=1e-6, atol=1e-12), n
+
+
+@pytest.mark.slow
+def test_ddp_gradient_of_a_spectral_model_equals_single_process_gradient(ddp_run):
+    d, res = ddp_run
+    assert (d / "spectral_grads.pt").is_file(), res.stderr[-3000:]
+    ddp_grads = torch.load(d / "spectral_grads.pt", weights_only=True)
+    model, objective, (x0, y) = _spectral()
+    per = [objective(model, (x0[r * 4 : (r + 1) * 4], y[r * 4 : (r + 1) * 4]), step_generator(SEED, 1, r))
+           for r in range(2)]  # fmt: skip
+    torch.cat(per).mean().backward()
+    assert set(ddp_grads) == {n for n, _ in model.named_parameters()}
+    assert any(n.startswith("spectrum_net.") and float(g.abs().max()) > 0 for n, g in ddp_grads.items())
+    for n, p in model.named_parameters():  # the spectrum net's gradients are averaged like the trunk's
         assert torch.allclose(ddp_grads[n], p.grad, rtol=1e-6, atol=1e-12), n
 
 

@@ -1,4 +1,5 @@
-"""gmflow.train.objectives: flow-matching objectives, FlowLoss validation, batches and step seeds."""
+"""gmflow.train.objectives: flow-matching objectives (and the spectral loss of models with a spectrum net),
+FlowLoss validation, batches and step seeds."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 
 from gmflow.config import ConfigError
 from gmflow.data import make_toy2d
-from gmflow.flow import sample_time
+from gmflow.flow import interpolate, sample_time, transition_pair
 from gmflow.gm import GaussianMixture
-from gmflow.nn import ToyMLP
+from gmflow.nn import GMDiT, SpectralDenoiser, SpectrumMLP, ToyMLP
+from gmflow.spectral import spectral_loss
 from gmflow.train import FlowLoss, dataset_batch_fn, flow_loss, flow_objective, step_generator, step_seed
 
 
@@ -94,3 +96,42 @@ def test_dataset_batch_fn_splits_the_global_batch():
 def test_gm_head_returns_a_gm():
     out = _toy("gm")(torch.zeros(3, 2), torch.full((3,), 0.5))
     assert isinstance(out, GaussianMixture) and out.num_components == 4
+
+
+def _spectral_model() -> SpectralDenoiser:
+    torch.manual_seed(0)
+    trunk = GMDiT(in_channels=1, sample_size=8, patch_size=2, num_layers=1, num_attention_heads=2,
+                  attention_head_dim=8, num_gaussians=3, logstd_inner_dim=16)  # fmt: skip
+    net = SpectrumMLP(base_size=[1, 8, 8], layers=[8])
+    with torch.no_grad():  # a non-flat spectrum, so that its loss has a gradient through every layer
+        net.mlp[-1].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    return SpectralDenoiser(trunk, net)
+
+
+@pytest.mark.parametrize("kind", ["transition", "gm_nll"])
+def test_the_spectral_loss_trains_only_the_spectrum_net_and_the_gm_loss_only_the_trunk(kind):
+    model = _spectral_model()
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    loss = FlowLoss(kind=kind, time_sampler="logit_normal")
+    total = flow_loss(model, x0, loss, torch.Generator().manual_seed(3), spectral_weight=0.7)
+    plain = flow_loss(model.trunk, x0, loss, torch.Generator().manual_seed(3))  # the same t and noise
+    # the spectral term by hand: the trunk's GM at the network input, its x0-GM and the clean batch
+    g = torch.Generator().manual_seed(3)
+    t = sample_time(6, "logit_normal", generator=g, eps=loss.time_eps)
+    if kind == "transition":
+        x_in = transition_pair(x0, t, loss.trans_ratio, g)[2]
+    else:
+        x_in = interpolate(x0, torch.randn(x0.shape, generator=g), t)
+    spec = spectral_loss(model.spectrum_net, model.trunk(x_in, t).u_to_x0(x_in, t), x0, reduction="none")
+    torch.testing.assert_close(total, plain + 0.7 * spec)
+    trunk = list(model.trunk.parameters())
+    grads = torch.autograd.grad(total.mean(), [*trunk, *model.spectrum_net.parameters()])
+    want = torch.autograd.grad(plain.mean(), trunk)
+    for a, b in zip(grads, want):  # the trunk's gradient is the GM loss's alone
+        assert torch.equal(a, b)
+    spec_grads = torch.autograd.grad(spec.mean(), list(model.spectrum_net.parameters()))
+    for a, b in zip(grads[len(trunk) :], spec_grads):  # the spectrum net's is the spectral loss's
+        torch.testing.assert_close(a, 0.7 * b)
+    assert all(float(b.abs().max()) > 0 for b in spec_grads)
+    assert all(gr is None for gr in torch.autograd.grad(
+        plain.mean(), list(model.spectrum_net.parameters()), allow_unused=True))  # fmt: skip

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from gmflow.train import LoopConfig, build_optimizer, grad_norm_and_clip, warmup_factor
+from gmflow.train import (
+    LoopConfig,
+    build_optimizer,
+    grad_norm_and_clip,
+    parameter_groups,
+    train,
+    warmup_factor,
+)
 
 
 def test_warmup_factor():
@@ -47,3 +54,69 @@ def test_grad_norm_and_clip():
     lin.bias.grad = torch.full((2,), math.inf)
     assert grad_norm_and_clip(list(lin.parameters()), 1.0) == math.inf  # non-finite: not scaled
     assert grad_norm_and_clip([nn.Parameter(torch.zeros(1))], 1.0) == 0.0  # no gradients at all
+
+
+class _TwoGroups(nn.Module):
+    """A model offering the optimizer-groups hook: ``a`` at the loop's lr, ``b`` at its own."""
+
+    def __init__(self, groups=None) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.b = nn.Linear(2, 2)
+        self._groups = groups
+
+    def optimizer_groups(self):
+        if self._groups is not None:
+            return self._groups(self)
+        return [{"params": list(self.a.parameters())}, {"params": list(self.b.parameters()), "lr": 0.5}]
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_optimizer_groups_hook_sets_per_group_lr_and_decay():
+    model = _TwoGroups()
+    opt = build_optimizer(model, LoopConfig(lr=0.01, weight_decay=0.1))
+    got = [(len(g["params"]), g["lr"], g["weight_decay"]) for g in opt.param_groups]
+    assert got == [(1, 0.01, 0.1), (1, 0.01, 0.0), (1, 0.5, 0.1), (1, 0.5, 0.0)]  # decay / no decay per group
+    assert opt.param_groups[2]["params"][0] is model.b.weight
+    assert [len(g["params"]) for g in parameter_groups(nn.Linear(2, 2))] == [2]  # no hook: one group
+
+
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        (lambda m: [], "non-empty list"),
+        (lambda m: [{"params": list(m.parameters()), "momentum": 0.9}], "only lr, params, weight_decay"),
+        (lambda m: [{"params": list(m.a.parameters())}], "every trainable parameter"),
+        (lambda m: [{"params": list(m.parameters())}, {"params": [m.a.weight]}], "in two groups"),
+    ],
+)
+def test_bad_optimizer_groups_are_errors(groups, match):
+    with pytest.raises(ValueError, match=match):
+        build_optimizer(_TwoGroups(groups), LoopConfig())
+
+
+def test_each_group_is_clipped_by_its_own_norm():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    assert grad_norm_and_clip([[a], [b]], 1.0) == pytest.approx(math.sqrt(25 + 0.25))  # norm over all groups
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.8]))  # clipped to norm 1
+    assert torch.equal(b.grad, torch.tensor([0.3, 0.4]))  # below the bound: untouched by a's norm
+
+
+def test_the_loop_trains_each_group_at_its_lr():
+    model = _TwoGroups()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def objective(m, batch, g):
+        return m(batch).square().sum(1)
+
+    loop = LoopConfig(steps=1, batch_size=8, lr=1e-3, warmup_steps=0, ema="none", optimizer="adam")
+    train(loop, model, objective, lambda *a: x, progress=False)
+    step = {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
+    # Adam's first step moves every coordinate by about its lr
+    assert step["a.weight"] == pytest.approx(1e-3, rel=1e-3) and step["b.weight"] == pytest.approx(
+        0.5, rel=1e-3
+    )

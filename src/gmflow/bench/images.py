@@ -21,7 +21,9 @@ Other parts (``--part``, same presets and ``--out``; each writes into ``DIR/<par
 * ``guidance`` (:mod:`gmflow.bench.images_guidance`): CFG vs probabilistic guidance sweeps on this
   GM-DiT at NFE 32, precision vs over-saturation (GMFlow Table 2 analogue);
 * ``ddpm`` (:mod:`gmflow.bench.images_ddpm`): unconditional GMFlow K = 2 with GM-SDE 2 vs DDPM small /
-  large variance on its FM twin at NFE 10-100 (GMFlow Table 5 analogue).
+  large variance on its FM twin at NFE 10-100 (GMFlow Table 5 analogue);
+* ``nll`` (:mod:`gmflow.bench.images_nll`): test bits/dim of GM-DiTs with K = 1-16, the K = 16 one
+  with a spectrum net, and the FD of its spectral vs per-pixel GM-SDE 2 (GMFlow Table 3 analogue).
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from ..metrics import get_classifier, image_metrics
 from ..sampling import sample
 from ..train import flow_objective
 from ..viz import image_grid, metric_curves
-from . import images_ddpm, images_guidance
+from . import images_ddpm, images_guidance, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
 from .images_setup import PRESETS, ImagesPreset, model_configs
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
-PARTS = {"guidance": images_guidance.run, "ddpm": images_ddpm.run}  # besides "main" (this module)
+# the parts besides "main" (this module)
+PARTS = {"guidance": images_guidance.run, "ddpm": images_ddpm.run, "nll": images_nll.run}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--part", choices=("main", *PARTS), default="main",
         help="main: GMFlow vs FM over NFE (default); guidance: CFG vs probabilistic guidance; "
-        "ddpm: unconditional K = 2 GM-SDE 2 vs DDPM (Table 5 analogue)",
+        "ddpm: unconditional K = 2 GM-SDE 2 vs DDPM (Table 5 analogue); nll: bits/dim vs K, "
+        "K = 16 + spectral (Table 3 analogue)",
     )  # fmt: skip
 
 

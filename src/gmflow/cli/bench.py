@@ -20,11 +20,13 @@ benchmarks:
   images  class-conditional GM-DiT vs its flow-matching twin on Fashion-MNIST (FD vs the test split)
           --part guidance: CFG vs probabilistic guidance (precision vs saturation, Table 2 analogue)
           --part ddpm: unconditional K = 2 GM-SDE 2 vs DDPM small / large (Table 5 analogue)
+          --part nll: bits/dim vs K, K = 16 + spectral (Table 3 analogue)
 
 examples:
   gmflow bench toy2d --preset quick --out runs/toy2d-quick
   gmflow bench oracle --out runs/oracle
-  gmflow bench images --part guidance --preset quick --out runs/images-quick"""
+  gmflow bench images --part guidance --preset quick --out runs/images-quick
+  gmflow bench images --part nll --preset quick --out runs/images-quick"""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -18,12 +18,20 @@ from ..sampling import SOLVERS, SUBSTEP_METHODS
 from ..viz import histogram_grid, image_grid
 from .common import UsageError, check_writable, draw_samples, fmt, one_line, positive
 
-__all__ = ["add_parser", "add_run_arguments", "check_solver", "load_run_args", "solver_order"]
+__all__ = [
+    "add_parser",
+    "add_run_arguments",
+    "add_spectral_argument",
+    "check_solver",
+    "load_run_args",
+    "solver_order",
+]
 
 EPILOG = """\
 examples:
   gmflow sample --ckpt runs/k64 --solver gm-sde --order 2 --nfe 4 --n 100000 --png k64.png
   gmflow sample --ckpt runs/fm --solver euler --nfe 8 --out fm.npy --raw
+  gmflow sample --ckpt runs/fmnist-spec --solver gm-sde --order 2 --nfe 8 --no-spectral   # per-pixel draws
   gmflow sample --ckpt runs/srf-digits --solver dpm-solver-2 --nfe 9 --n 64   # image grid PNG
   gmflow sample --ckpt runs/fmnist --solver gm-sde --order 2 --nfe 8 --classes 0-9 --per-class 8 \
       --guidance probabilistic --scale 0.3 --orthogonal 1 --png grid.png     # a row per class"""
@@ -68,7 +76,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--per-class", type=positive("--per-class"), default=8, help="samples per class (default 8)"
     )
     add_guidance_arguments(s)
+    add_spectral_argument(s)
     s.set_defaults(func=run)
+
+
+def add_spectral_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-spectral",
+        action="store_true",
+        help="gm-sde: draw every pixel independently even if the run has a spectrum net "
+        "(default: spectral sampling with the run's spectrum net, model.spectral=true runs)",
+    )
 
 
 def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
@@ -182,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     check_solver(r, args.solver, args.order, args.substeps, args.substep_method)
     several_orders = len(SOLVERS[args.solver].orders) > 1
     tag = f"{args.solver}_o{args.order}_nfe{args.nfe}" if several_orders else f"{args.solver}_nfe{args.nfe}"
+    if args.no_spectral:
+        tag += "_nospectral"
     out = Path(args.out) if args.out else Path(args.ckpt) / f"samples_{tag}.pt"
     if out.suffix not in (".pt", ".npy"):
         raise UsageError(f"--out must end in .pt or .npy, got {str(out)!r}")
@@ -208,6 +228,8 @@ def run(args: argparse.Namespace) -> int:
         solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps,
         substep_method=args.substep_method, guidance=guidance,
     )  # fmt: skip
+    if args.no_spectral:
+        kw["spectral"] = False
     x = draw_samples(
         r.model, shape, n, args.batch, args.seed, args.device, f"sampling {tag}",
         labels=labels, null_label=r.num_classes, **kw,

@@ -63,6 +63,8 @@ class Digits(ImageSet):
     state. ``Digits(...)(n, generator)`` is the same (the ``sampler(n, generator)`` protocol).
     """
 
+    bin_width = 2.0 / 16.0  # 17 raw levels 0..16 (nominal for size 16, whose bilinear values lie between)
+
     def __init__(
         self, size: int = 8, split: str = "train", test_fraction: float = 0.2, seed: int = 0
     ) -> None:

@@ -5,7 +5,10 @@ An :class:`ImageSet` holds ``N`` images of one split with their class labels and
 * ``tensor()`` -- every image, ``(N, C, H, W)`` float32 in ``[-1, 1]``; ``labels()`` -- ``(N,)`` int64;
 * ``sample(n, generator=, device=, dtype=)`` -- ``n`` images drawn uniformly *with replacement*
   (indices drawn on the generator's device, so a seed gives the same images everywhere);
-* ``event_shape``, ``num_classes``, ``classes`` (class names), ``name``, ``config``, ``len()``.
+* ``event_shape``, ``num_classes``, ``classes`` (class names), ``name``, ``config``, ``len()``;
+* ``bin_width`` -- the spacing of the stored grey levels in ``[-1, 1]`` units (``2/255`` for 8-bit
+  pixels), which converts a density on ``[-1, 1]`` to bits per dimension of the stored levels
+  (:func:`gmflow.metrics.bits_per_dim`).
 
 :class:`PixelImageSet` is the base of the sets stored as 8-bit grey levels ``v in 0..255``; they are
 kept as ``uint8`` and decoded on demand with ``x = v / 127.5 - 1`` (``0 -> -1`` and ``255 -> 1``
@@ -44,6 +47,7 @@ class ImageSet:
 
     channels: int = 1
     classes: tuple[str, ...] = tuple(str(i) for i in range(10))
+    bin_width: float = 2.0 / 255.0  # grey-level spacing in [-1, 1] units
     _labels: Tensor
 
     def _images_at(self, idx: Tensor | None) -> Tensor:

@@ -99,7 +99,11 @@ class Run:
 
     @property
     def head(self) -> str:
-        """``"gm"`` if the network returns a GaussianMixture, else ``"velocity"``."""
+        """``"gm"`` if the network returns a GaussianMixture, else ``"velocity"`` (the network's
+        ``head`` name where it has one, else its config's)."""
+        head = getattr(self.network, "head", None)
+        if isinstance(head, str):
+            return head
         conf = getattr(self.network, "config", None)
         return "gm" if isinstance(conf, dict) and conf.get("head") == "gm" else "velocity"
 

@@ -1,5 +1,6 @@
 """Networks: embeddings, output heads (usable on any trunk), the toy 2-D MLP, the U-Net, GM-DiT and the
-spectrum net of spectral GM sampling, the learned loss normaliser of Simple ReFlow."""
+spectrum net of spectral GM sampling (alone, or trained and saved with a GM denoiser: SpectralDenoiser),
+the learned loss normaliser of Simple ReFlow."""
 
 from .dit import GMDiT
 from .embeddings import (
@@ -13,6 +14,7 @@ from .embeddings import (
 from .heads import GMHead, LogStdHead, VelocityHead, kaiming_linear_
 from .log_loss import LogLossNet, WithLogLoss
 from .mlp import ToyMLP
+from .spectral_denoiser import SpectralDenoiser
 from .spectrum import SpectrumMLP
 from .unet import SmallUNet
 
@@ -25,6 +27,7 @@ __all__ = [
     "LogStdHead",
     "PositionEmbedding2D",
     "SmallUNet",
+    "SpectralDenoiser",
     "SpectrumMLP",
     "TimestepEmbedding",
     "ToyMLP",

@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..io import atomic_write_bytes, atomic_write_json
-from ..nn import GMDiT, SpectrumMLP
+from ..nn import GMDiT, SpectralDenoiser, SpectrumMLP
 from ..nn.pretrained import CONFIG_NAME, weights_name
 from .labels import label_ids, parse_id2label
 from .scheduler import SCHEDULER_CONFIG_NAME, SchedulerConfig
@@ -208,7 +208,7 @@ def _copy_vae(src: Path, dst: Path, variant: str | None) -> list[str]:
 
 
 def save(
-    model: GMDiT | Pretrained,
+    model: GMDiT | SpectralDenoiser | Pretrained,
     folder: str | os.PathLike,
     *,
     spectrum_net: SpectrumMLP | None = None,
@@ -219,11 +219,12 @@ def save(
 ) -> Path:
     """Write a GM-DiT pipeline folder that :func:`load` (and the official loader's layout) reads.
 
-    ``model``: a GM-head :class:`~gmflow.nn.GMDiT`, or a :class:`Pretrained` whose parts are the
-    defaults of the keyword arguments. ``scheduler``: a :class:`SchedulerConfig` or a scheduler config
-    dict (default: GM-ODE, 1000, shift 1). ``vae``: a VAE folder to copy, or a diffusers model saved
-    with its ``save_pretrained``. ``variant="bf16"`` / ``"fp16"`` casts and names every weight file
-    (save twice to have both). Returns the folder.
+    ``model``: a GM-head :class:`~gmflow.nn.GMDiT`, a :class:`~gmflow.nn.SpectralDenoiser` with a GM-DiT
+    trunk (a ``model.spectral=true`` run; its spectrum net is the default ``spectrum_net``), or a
+    :class:`Pretrained` whose parts are the defaults of the keyword arguments. ``scheduler``: a
+    :class:`SchedulerConfig` or a scheduler config dict (default: GM-ODE, 1000, shift 1). ``vae``: a
+    VAE folder to copy, or a diffusers model saved with its ``save_pretrained``. ``variant="bf16"`` /
+    ``"fp16"`` casts and names every weight file (save twice to have both). Returns the folder.
     """
     if isinstance(model, Pretrained):
         spectrum_net = model.spectrum_net if spectrum_net is None else spectrum_net
@@ -231,6 +232,9 @@ def save(
         id2label = model.id2label if id2label is None else id2label
         vae = model.vae if vae is None else vae
         model = model.transformer
+    if isinstance(model, SpectralDenoiser):
+        spectrum_net = model.spectrum_net if spectrum_net is None else spectrum_net
+        model = model.trunk
     if not isinstance(model, GMDiT) or model.head != "gm":
         raise TypeError(f"model must be a GM-head GMDiT or a Pretrained, got {type(model).__name__}")
     if spectrum_net is not None and not isinstance(spectrum_net, SpectrumMLP):

@@ -37,7 +37,7 @@ from .objectives import (
     step_generator,
     step_seed,
 )
-from .optim import build_optimizer, grad_norm_and_clip, warmup_factor
+from .optim import build_optimizer, grad_norm_and_clip, parameter_groups, warmup_factor
 from .runlog import LOG_COLUMNS, RunLog
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "has_checkpoint",
     "init_distributed",
     "load_checkpoint",
+    "parameter_groups",
     "read_manifest",
     "save_checkpoint",
     "step_generator",

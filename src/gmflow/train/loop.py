@@ -8,7 +8,9 @@ three things from their configs):
   the caller initialises the model after ``torch.manual_seed(seed)``. A resumed run therefore
   reproduces an uninterrupted one exactly;
 * AdamW/Adam with linear warm-up from ``0.001 lr`` (``LambdaLR``), grad-norm clipping, EMA every step,
-  optional bf16 autocast for the network;
+  optional bf16 autocast for the network; a model may split its parameters into groups with their
+  own learning rate / weight decay (``model.optimizer_groups()``, see :mod:`gmflow.train.optim`),
+  each clipped by its own gradient norm;
 * DDP over ``torchrun`` ranks (global batch split evenly); rank 0 writes checkpoints and logs;
 * a checkpoint every ``ckpt_every`` steps and at the end; running again on the same ``out_dir``
   resumes (a run whose recorded config differs in a training field is refused);
@@ -46,7 +48,7 @@ from .config import LOOP_NON_TRAINING, LoopConfig
 from .distributed import DistInfo, all_reduce_sum, barrier, distributed
 from .ema import EMA
 from .objectives import BatchFn, Objective, step_generator
-from .optim import build_optimizer, grad_norm_and_clip, warmup_factor
+from .optim import build_optimizer, grad_norm_and_clip, parameter_groups, warmup_factor
 from .runlog import RunLog
 
 __all__ = ["TrainResult", "TrainingDivergedError", "TrainingInterrupted", "train"]
@@ -262,8 +264,11 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
     dev = info.device
     net: nn.Module = module
     if info.world_size > 1:
-        net = DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
-    params = [p for p in module.parameters() if p.requires_grad]
+        # gradient_as_bucket_view: with the default copy-back, torch 2.13 (CPU, gloo) left the gradients
+        # of some GM-DiT parameters un-averaged in the first backward of a process (test_distributed.py)
+        ids = [dev.index] if dev.type == "cuda" else None
+        net = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+    clip_groups = [g["params"] for g in parameter_groups(module)]  # each clipped by its own norm
     local_b = loop.batch_size // info.world_size
     clip = loop.grad_clip if loop.grad_clip > 0 else math.inf
     last_saved, last_loss, skipped, times = start, math.nan, 0, []
@@ -330,7 +335,7 @@ def _loop(loop, info, module, opt, sched, ema, objective, batch_fn, out_dir, sta
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                gnorm = grad_norm_and_clip(params, clip if step > loop.grad_clip_start else math.inf)
+                gnorm = grad_norm_and_clip(clip_groups, clip if step > loop.grad_clip_start else math.inf)
                 lr = opt.param_groups[0]["lr"]
                 if math.isfinite(gnorm):
                     opt.step()

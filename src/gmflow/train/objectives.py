@@ -16,6 +16,14 @@ derivations in ``docs/maths/losses.md``):
 * ``"fm"``: ``mean_C (u_theta(x_t, t) - u)^2`` (velocity head);
 * ``"gm_nll"``: ``-log q_theta(u | x_t)`` under the predicted u-GM (GMFlow Eq. 5-6);
 * ``"transition"``: ``-log q_theta(x_low | x_high)`` with ``t_low = (1 - lambda) t_high`` (GMFlow §3.2).
+
+A GM model that carries a spectrum net as ``model.spectrum_net`` (:class:`~gmflow.nn.SpectralDenoiser`)
+also gets ``spectral_weight`` times the spectral loss (GMFlow Eq. 20, :func:`gmflow.spectral.spectral_loss`)
+of its x0-GM at the network's input, added per sample: the objective calls
+``model(x, t, spectral_x0=x0, **cond) -> (gm, spectral loss (B,))``, so the loss is computed inside
+the model's forward (where DistributedDataParallel sees the spectrum net). It trains only the
+spectrum net (stop-gradient through the GM and the KR map), so the GM network's gradient is that of
+the loss above alone.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import need
 from ..flow import TIME_SAMPLERS, interpolate, sample_time, transition_pair
@@ -115,13 +124,15 @@ def flow_loss(
     *,
     labels: Tensor | None = None,
     null_label: int | None = None,
+    spectral_weight: float = 1.0,
 ) -> Tensor:
     """Per-sample loss ``(B,)`` of ``loss.kind`` on the clean batch ``x0`` (see the module docstring).
 
     ``labels`` (B,) int64 condition the model (``model(x, t, class_labels=labels)``); each is replaced
     by ``null_label`` with probability ``loss.label_dropout`` (classifier-free guidance training).
     Random draws (in order: t, the noise, then the label dropout) use ``generator``, which must live on
-    ``x0``'s device.
+    ``x0``'s device. ``spectral_weight``: weight of the spectral loss when ``model`` (or the module
+    inside a DDP wrapper) has a ``spectrum_net``; the spectral loss draws nothing.
     """
     b = x0.shape[0]
     tdtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -137,13 +148,14 @@ def flow_loss(
     )
     if loss.kind == "transition":
         x_low, t_low, x_high = transition_pair(x0, t, loss.trans_ratio, generator)
-        out = model(x_high, t, **_condition(labels, null_label, loss.label_dropout, generator))
+        out, spec = _call(model, x_high, t, x0, _condition(labels, null_label, loss.label_dropout, generator))
         _expect_gm(out, loss.kind)
-        return transition_loss(out, x_high, t, x_low, t_low, reduction="none")
+        per = transition_loss(out, x_high, t, x_low, t_low, reduction="none")
+        return per if spec is None else per + spectral_weight * spec
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = interpolate(x0, eps, t)
     u = eps - x0
-    out = model(x_t, t, **_condition(labels, null_label, loss.label_dropout, generator))
+    out, spec = _call(model, x_t, t, x0, _condition(labels, null_label, loss.label_dropout, generator))
     if loss.kind == "fm":
         if isinstance(out, GaussianMixture):
             raise TypeError(
@@ -152,8 +164,24 @@ def flow_loss(
         return fm_loss(out, u, reduction="none")
     if loss.kind == "gm_nll":
         _expect_gm(out, loss.kind)
-        return gm_nll_loss(out, u, reduction="none")
+        per = gm_nll_loss(out, u, reduction="none")
+        return per if spec is None else per + spectral_weight * spec
     raise ValueError(f"unknown loss {loss.kind!r}; expected one of {', '.join(LOSSES)}")
+
+
+def _call(model: nn.Module, x: Tensor, t: Tensor, x0: Tensor, cond: dict[str, Tensor]) -> tuple[Any, Any]:
+    """``(model output, spectral loss (B,) or None)``: models with a ``spectrum_net`` (also inside a DDP
+    wrapper) are called with ``spectral_x0=x0`` and return both."""
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if getattr(inner, "spectrum_net", None) is None:
+        return model(x, t, **cond), None
+    out = model(x, t, spectral_x0=x0, **cond)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "a model with a spectrum_net must return (gm, spectral loss) when called with spectral_x0= "
+            "(see gmflow.nn.SpectralDenoiser)"
+        )
+    return out
 
 
 def _condition(
@@ -172,18 +200,20 @@ def _expect_gm(out: object, kind: str) -> None:
         raise TypeError(f"loss {kind!r} needs a model that returns a gmflow.GaussianMixture (head 'gm')")
 
 
-def flow_objective(loss: FlowLoss, null_label: int | None = None) -> Objective:
+def flow_objective(loss: FlowLoss, null_label: int | None = None, spectral_weight: float = 1.0) -> Objective:
     """``objective(model, batch, generator)`` of :func:`flow_loss` closed over ``loss``.
 
     A batch is the clean images / points ``x0``, or ``(x0, labels)`` for class-conditional models
-    (``null_label``: the model's null class id, for label dropout).
+    (``null_label``: the model's null class id, for label dropout). ``spectral_weight``: see
+    :func:`flow_loss` (used only by models with a ``spectrum_net``).
     """
 
     def objective(model: nn.Module, batch: Any, generator: torch.Generator | None = None) -> Tensor:
+        kw = {"spectral_weight": spectral_weight}
         if isinstance(batch, tuple):
             x0, labels = batch
-            return flow_loss(model, x0, loss, generator, labels=labels, null_label=null_label)
-        return flow_loss(model, batch, loss, generator)
+            return flow_loss(model, x0, loss, generator, labels=labels, null_label=null_label, **kw)
+        return flow_loss(model, batch, loss, generator, **kw)
 
     objective.__name__ = f"objective_{loss.kind}"
     return objective
