@@ -41,13 +41,12 @@ from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json, atomic_write_text
-from ..metrics import get_classifier, image_metrics
 from ..sampling import sample
 from ..train import flow_objective
 from ..viz import image_grid, metric_curves
 from . import images_ddpm, images_guidance, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
-from .images_setup import PRESETS, ImagesPreset, model_configs
+from .images_setup import PRESETS, ImagesPreset, Scorer, make_scorer, model_configs
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
@@ -98,11 +97,11 @@ def _key(model: str, solver: str, order: int, nfe: int, draw: int) -> tuple:
     return (model, solver, order, nfe, draw)
 
 
-def evaluate(pr, models, clf, reference, num_classes, out, seed, progress, records) -> list[dict[str, Any]]:
+def evaluate(pr, models, scorer: Scorer, out, seed, progress, records) -> list[dict[str, Any]]:
     """Score every cell not yet in ``records`` (resumable: results.json is rewritten after each cell)."""
     done = {_key(r["model"], r["solver"], r["order"], r["nfe"], r["draw"]) for r in records}
-    event = tuple(reference.shape[1:])
-    labels = torch.arange(pr.n_eval) % num_classes
+    event = tuple(scorer.reference.shape[1:])
+    labels = torch.arange(pr.n_eval) % scorer.num_classes
     todo = [c for c in _cells(pr) if _key(*c) not in done]
     for model_name, solver, order, nfe, draw in tqdm(todo, desc="eval", disable=None if progress else True):
         g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the same noise for every cell of a draw
@@ -111,12 +110,11 @@ def evaluate(pr, models, clf, reference, num_classes, out, seed, progress, recor
         x = sample(models[model_name], noise, solver=solver, nfe=nfe, order=order, generator=g,
                    cond={"class_labels": labels})  # fmt: skip
         ms = (time.perf_counter() - t0) * 1e3
-        finite = torch.isfinite(x.flatten(1)).all(1)
-        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), reference, clf, labels=labels)
+        m = scorer(x, labels)
         records.append(dict(
             model=model_name, K=pr.components if model_name == "gmflow" else None, solver=solver, order=order,
             nfe=nfe, draw=draw, fd=m["fd"], precision=m["precision"], recall=m["recall"],
-            class_acc=m["class_acc"], nonfinite=int((~finite).sum()), ms=ms,
+            class_acc=m["class_acc"], nonfinite=m["nonfinite"], ms=ms,
         ))  # fmt: skip
         atomic_write_json(out / "results.json", records)
     return records
@@ -205,18 +203,22 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[bench images] training step: FM {fm_ms:.1f} ms, GMFlow {gm_ms:.1f} ms, ratio {timing['ratio']:.3f}"
     )
-    models = {}
+    models, phases = {}, {}
     for name, cfg in cfgs.items():
         print(f"[bench images] training {name}: {cfg.loop.steps} steps, batch {cfg.loop.batch_size}")
+        t0 = time.perf_counter()
         run_experiment(cfg, progress=progress, verbose=True)
+        phases[f"train_{name}_min"] = (time.perf_counter() - t0) / 60
         models[name] = load_network(cfg.loop.out_dir)
-    test = cfgs["fm"].dataset("test")
-    kw = {} if pr.classifier_epochs is None else {"epochs": pr.classifier_epochs}
-    clf = get_classifier(pr.data, **kw)  # trained once, cached by hash (GMFLOW_CACHE, ~/.cache/gmflow)
-    reference = test.tensor()
+    t0 = time.perf_counter()
+    scorer = make_scorer(pr.data, pr.classifier_epochs)  # classifier trained once, cached by hash
+    phases["classifier_min"] = (time.perf_counter() - t0) / 60
     prev = out / "results.json"
     records = json.loads(prev.read_text()) if prev.is_file() else []
-    records = evaluate(pr, models, clf, reference, test.num_classes, out, args.seed, progress, records)
+    t0 = time.perf_counter()
+    records = evaluate(pr, models, scorer, out, args.seed, progress, records)
+    phases["eval_min"] = (time.perf_counter() - t0) / 60
+    print("[bench images] this invocation: " + ", ".join(f"{k[:-4]} {v:.1f} min" for k, v in phases.items()))
     lines = summary_lines(records, pr)
     for line in lines:
         print(f"[bench images] {line}")
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         for m in ("fd", "precision", "class_acc")
     ]
-    figs += _grids(models, pr, tuple(reference.shape[1:]), test.num_classes, out, args.seed)
+    figs += _grids(models, pr, tuple(scorer.reference.shape[1:]), scorer.num_classes, out, args.seed)
     text = "\n".join([
         f"# gmflow bench images — preset `{args.preset}`", "", pr.description, "", *lines, "",
         f"Training step (interleaved medians): FM {timing['fm_step_ms']:.1f} ms, GMFlow "
@@ -241,10 +243,13 @@ def run(args: argparse.Namespace) -> int:
         "## Precision", "", results_markdown(records, pr.nfes, "precision"), "",
         "## Recall", "", results_markdown(records, pr.nfes, "recall"), "",
         "## Class accuracy (requested class)", "", results_markdown(records, pr.nfes, "class_acc"), "",
-        f"Total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.",
+        f"Wall time of this invocation: {(time.perf_counter() - t_start) / 60:.1f} min ("
+        + ", ".join(f"{k[:-4]} {v:.1f}" for k, v in phases.items())
+        + "); a resumed run counts only its own work.",
     ]) + "\n"  # fmt: skip
-    atomic_write_json(out / "meta.json", {"preset": args.preset, "seed": args.seed, "step_time": timing,
-                                          "config": dataclasses.asdict(pr)})  # fmt: skip
+    meta = {"preset": args.preset, "seed": args.seed, "step_time": timing, "phases_min": phases,
+            "config": dataclasses.asdict(pr)}  # fmt: skip
+    atomic_write_json(out / "meta.json", meta)
     atomic_write_text(out / "results.md", text)
     print(f"[bench images] wrote {out / 'results.md'} and")
     for f in figs:
