@@ -90,3 +90,36 @@ def test_fused_transition_loss_equals_explicit_composition():
     assert torch.allclose(
         transition_loss(gm, x_high, t, x_low, t_low, reduction="none"), explicit, atol=1e-10
     )
+
+
+def _leaves(g: torch.Generator, shape: tuple[int, ...]) -> list[torch.Tensor]:
+    b, k, c, *s = shape
+    means = torch.randn(shape, generator=g, dtype=D).requires_grad_()
+    logits = torch.randn(b, k, 1, *s, generator=g, dtype=D).requires_grad_()
+    logstds = (torch.randn(b, 1, 1, *[1] * len(s), generator=g, dtype=D) * 0.3).requires_grad_()
+    return [means, logits, logstds]
+
+
+def test_hand_written_gm_loss_gradients_equal_autograd_of_the_explicit_formula():
+    """The losses' custom backward (means, logits through log-softmax, log-std) vs autograd of log_prob."""
+    g = torch.Generator().manual_seed(5)
+    for shape in ((6, 4, 3, 2, 3), (7, 5, 2)):  # images and vectors
+        leaves = _leaves(g, shape)
+        x0 = torch.randn(shape[0], *shape[2:], generator=g, dtype=D)
+        t = torch.rand(shape[0], generator=g, dtype=D) * 0.9 + 0.05
+        x_low, t_low, x_high = transition_pair(x0, t, 0.5, g)
+        weights = torch.rand(shape[0], generator=g, dtype=D)  # a non-uniform upstream gradient
+        cases = {
+            "transition": (
+                lambda gm: transition_loss(gm, x_high, t, x_low, t_low, reduction="none"),
+                lambda gm: -gm.u_to_x0(x_high, t).reverse_transition(x_high, t, t_low).log_prob(x_low),
+            ),
+            "nll": (lambda gm: gm_nll_loss(gm, x0, reduction="none"), lambda gm: -gm.log_prob(x0)),
+        }
+        for name, (fused, explicit) in cases.items():
+            got = torch.autograd.grad((fused(GaussianMixture.from_logits(*leaves)) * weights).sum(), leaves)
+            ref_per = explicit(GaussianMixture.from_logits(*leaves))
+            ref_per = ref_per.reshape(shape[0], -1).mean(1)
+            ref = torch.autograd.grad((ref_per * weights).sum(), leaves)
+            for a, b_, what in zip(got, ref, ("means", "logits", "logstds"), strict=True):
+                torch.testing.assert_close(a, b_, atol=1e-10, rtol=1e-9, msg=f"{name} {shape} {what}")

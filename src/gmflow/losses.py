@@ -38,6 +38,43 @@ def _math_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+class _MixtureNLL(torch.autograd.Function):
+    """``-logsumexp_k(log A_k - ||z_k||^2 / 2)``, ``z_k = (r + beta mu_k) inv``, per position ``(B, *S)``.
+
+    The shared core of the GM losses with a hand-written backward (docs/maths/losses.md §3): with
+    ``w = softmax_k(log A_k - ||z_k||^2 / 2)`` and upstream ``g``, the gradients are ``-w g`` (log-weights),
+    ``w g z inv beta`` (means) and ``sum_{k,S} w g ||z_k||^2 / inv`` (the per-sample ``inv``). It keeps
+    ``z`` and ``w`` only, instead of autograd's chain of ``(B, K, C, *S)`` intermediates.
+
+    Shapes: ``means (B, K, C, *S)``, ``logw (B, K, 1, *S)``, ``r (B, 1, C, *S)`` and ``beta (B, 1, 1, *1)``
+    (constants), ``inv (B, 1, 1, *1)``. First-order gradients only.
+    """
+
+    @staticmethod
+    def forward(ctx, means: Tensor, logw: Tensor, r: Tensor, beta: Tensor, inv: Tensor) -> Tensor:
+        z = torch.addcmul(r, beta, means).mul_(inv)
+        sq = sum_channels(z.square())
+        comp = torch.add(logw, sq, alpha=-0.5)
+        top = comp.amax(1, keepdim=True)
+        w = comp.sub_(top).exp_()
+        total = w.sum(1, keepdim=True)
+        w.div_(total)
+        ctx.save_for_backward(z, sq, w, beta, inv)
+        return -(total.log_() + top).squeeze(2).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        z, sq, w, beta, inv = ctx.saved_tensors
+        wg = w.mul(grad.unsqueeze(1).unsqueeze(1))  # (B, K, 1, *S)
+        g_means = z.mul(wg).mul_(inv * beta) if ctx.needs_input_grad[0] else None
+        g_logw = wg.neg() if ctx.needs_input_grad[1] else None
+        g_inv = None
+        if ctx.needs_input_grad[4]:
+            g_inv = (wg * sq).sum(dim=tuple(range(1, wg.dim())), keepdim=True) / inv
+        return g_means, g_logw, None, None, g_inv
+
+
 def fm_loss(u_pred: Tensor, u_target: Tensor, reduction: str = "mean") -> Tensor:
     """Flow-matching L2: per sample ``mean_{C,S} (u_pred - u)^2``, ``u = eps - x0``."""
     if u_pred.shape != u_target.shape:
@@ -66,11 +103,11 @@ def gm_nll_per_sample(gm: GaussianMixture, target: Tensor, inv_std_max: float = 
     with torch.autocast(device_type=target.device.type, enabled=False):
         means, logw, logs = gm.means.to(dt), gm.logweights.to(dt), gm.logstds.to(dt)
         inv = torch.exp(-logs).clamp_max(inv_std_max)
-        diff = (target.to(dt).unsqueeze(1) - means) * inv
+        minus_one = torch.full_like(inv, -1.0)  # z_k = (x - mu_k) inv
+        core = _MixtureNLL.apply(means, logw, target.to(dt).unsqueeze(1), minus_one, inv)  # (B, *S)
         c = gm.channels
-        comp = logw - 0.5 * sum_channels(diff.square()) - c * logs
-        nll = -torch.logsumexp(comp.squeeze(2), dim=1) + 0.5 * c * _LOG_2PI  # (B, *S)
-        return nll.reshape(nll.shape[0], -1).mean(1)
+        per = core.reshape(core.shape[0], -1).mean(1)
+        return per + c * logs.reshape(-1) + 0.5 * c * _LOG_2PI
 
 
 def gm_nll_loss(gm: GaussianMixture, u_target: Tensor, reduction: str = "mean") -> Tensor:
@@ -117,8 +154,7 @@ def transition_loss(
         sc = (c2 * th.clamp_min(1e-6)).reshape(logs.shape)
         log_std = 0.5 * torch.logaddexp(2.0 * (logs + torch.log(sc)), torch.log(c3.reshape(logs.shape)))
         inv = torch.exp(-log_std).clamp_max(1e4)
-        z = (r + beta * gm_u.means.to(dt)) * inv
+        core = _MixtureNLL.apply(gm_u.means.to(dt), gm_u.logweights.to(dt), r, beta, inv)  # (B, *S)
         c = gm_u.channels
-        comp = gm_u.logweights.to(dt) - 0.5 * sum_channels(z.square()) - c * log_std
-        nll = -torch.logsumexp(comp.squeeze(2), dim=1) + 0.5 * c * _LOG_2PI
-        return _reduce(nll.reshape(nll.shape[0], -1).mean(1), reduction)
+        per = core.reshape(core.shape[0], -1).mean(1) + c * log_std.reshape(-1) + 0.5 * c * _LOG_2PI
+        return _reduce(per, reduction)

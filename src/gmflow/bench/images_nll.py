@@ -76,7 +76,7 @@ NLL_PRESETS: dict[str, NllPreset] = {
         " Fashion-MNIST 32x32, five models x 450 steps", base="quick", steps=450, n_test=2000, n_eval=500,
     ),
     "full": NllPreset(
-        "<= 90 min on 2 idle cores (estimated 45-86): the full trunk (6 layers, 96 wide, patch 4) on"
+        "<= 90 min on 2 idle cores (estimated 45-86): the full trunk (6 layers, 64 wide, patch 4) on"
         " Fashion-MNIST 32x32, five models x 500 steps", base="full", steps=500, n_test=2000, n_eval=500,
     ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
