@@ -100,6 +100,17 @@ def _leaves(g: torch.Generator, shape: tuple[int, ...]) -> list[torch.Tensor]:
     return [means, logits, logstds]
 
 
+def _loss_pairs(x0, x_high, t, x_low, t_low) -> dict:
+    """(fused loss, explicit per-position NLL) of the transition loss and the GM NLL."""
+    return {
+        "transition": (
+            lambda gm: transition_loss(gm, x_high, t, x_low, t_low, reduction="none"),
+            lambda gm: -gm.u_to_x0(x_high, t).reverse_transition(x_high, t, t_low).log_prob(x_low),
+        ),
+        "nll": (lambda gm: gm_nll_loss(gm, x0, reduction="none"), lambda gm: -gm.log_prob(x0)),
+    }
+
+
 def test_hand_written_gm_loss_gradients_equal_autograd_of_the_explicit_formula():
     """The losses' custom backward (means, logits through log-softmax, log-std) vs autograd of log_prob."""
     g = torch.Generator().manual_seed(5)
@@ -109,14 +120,7 @@ def test_hand_written_gm_loss_gradients_equal_autograd_of_the_explicit_formula()
         t = torch.rand(shape[0], generator=g, dtype=D) * 0.9 + 0.05
         x_low, t_low, x_high = transition_pair(x0, t, 0.5, g)
         weights = torch.rand(shape[0], generator=g, dtype=D)  # a non-uniform upstream gradient
-        cases = {
-            "transition": (
-                lambda gm: transition_loss(gm, x_high, t, x_low, t_low, reduction="none"),
-                lambda gm: -gm.u_to_x0(x_high, t).reverse_transition(x_high, t, t_low).log_prob(x_low),
-            ),
-            "nll": (lambda gm: gm_nll_loss(gm, x0, reduction="none"), lambda gm: -gm.log_prob(x0)),
-        }
-        for name, (fused, explicit) in cases.items():
+        for name, (fused, explicit) in _loss_pairs(x0, x_high, t, x_low, t_low).items():
             got = torch.autograd.grad((fused(GaussianMixture.from_logits(*leaves)) * weights).sum(), leaves)
             ref_per = explicit(GaussianMixture.from_logits(*leaves))
             ref_per = ref_per.reshape(shape[0], -1).mean(1)
