@@ -325,8 +325,12 @@ def figure(result: dict, path: Path) -> None:
                     if r["default"]:
                         row[0].plot(r["substeps"], r["rms"], "o", color=col)
         row[0].set(xlabel="sub-steps per network step", ylabel="RMS error vs converged ODE", title=model)
-        row[1].set(xlabel="sub-step time per network step (ms)", title=f"{model}: error vs cost")
         row[0].legend(fontsize=6, ncol=2)
+        if row[1].lines:
+            row[1].set(xlabel="sub-step time per network step (ms)", title=f"{model}: error vs cost")
+        else:  # the sub-step time is measured on the timed models only
+            row[1].axis("off")
+            row[1].text(0.5, 0.5, f"{model}: sub-step time not measured", ha="center", va="center")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
