@@ -33,6 +33,7 @@ __all__ = [
     "spectral_sample",
     "spectral_log_ratio",
     "spectral_loss",
+    "resolve_spectrum_net",
 ]
 
 SpectrumNet = Callable[[Tensor, Tensor], Tensor]
@@ -170,3 +171,23 @@ def spectral_loss(
     if reduction == "none":
         return per
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def resolve_spectrum_net(spectral: SpectrumNet | bool | None, model: object) -> SpectrumNet | None:
+    """The spectrum net asked for by a ``spectral=`` argument: ``None`` -> the model's own
+    ``spectrum_net`` attribute (or ``None``), ``False`` -> ``None``, ``True`` -> the model's (an error
+    without one), a callable -> itself."""
+    own = getattr(model, "spectrum_net", None)
+    if spectral is None:
+        return own
+    if spectral is False:
+        return None
+    if spectral is True:
+        if own is None:
+            raise ValueError("spectral=True needs a model with a spectrum_net attribute (or pass the net)")
+        return own
+    if not callable(spectral):
+        raise TypeError(
+            f"spectral must be a spectrum net, True, False or None, got {type(spectral).__name__}"
+        )
+    return spectral

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from ..flow import interpolate
 from ..gm import GaussianMixture
-from ..spectral import SpectrumNet, spectral_log_ratio
+from ..spectral import SpectrumNet, resolve_spectrum_net, spectral_log_ratio
 
 __all__ = ["BitsPerDim", "bits_per_dim"]
 
@@ -68,22 +68,11 @@ def _check_int(name: str, v: object, lo: int) -> int:
 
 
 def _spectrum_net(spectral: SpectrumNet | bool | None, model: object, x0: Tensor) -> SpectrumNet | None:
-    own = getattr(model, "spectrum_net", None)
-    if spectral is None:
-        return own if x0.dim() == 4 else None
-    if spectral is False:
-        return None
     if x0.dim() != 4:
+        if spectral is None or spectral is False:
+            return None
         raise ValueError(f"spectral needs images x0 of shape (N, C, H, W), got {tuple(x0.shape)}")
-    if spectral is True:
-        if own is None:
-            raise ValueError("spectral=True needs a model with a spectrum_net attribute (or pass the net)")
-        return own
-    if not callable(spectral):
-        raise TypeError(
-            f"spectral must be a spectrum net, True, False or None, got {type(spectral).__name__}"
-        )
-    return spectral
+    return resolve_spectrum_net(spectral, model)
 
 
 def _check(x0: Any, cond: Any, bin_width: Any, dequantize: bool, time_eps: Any) -> dict[str, Tensor]:

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..gm import GaussianMixture
 from ..guidance import AutoGuidance
-from ..spectral import SpectrumNet
+from ..spectral import SpectrumNet, resolve_spectrum_net
 from .evaluator import Evaluator, Guidance
 from .solvers import SOLVERS, get_solver
 from .solvers.base import check_int
@@ -200,20 +200,9 @@ def _spectrum_net(
     spectral: SpectrumNet | bool | None, model: object, solver: str, supported: bool
 ) -> SpectrumNet | None:
     """The spectrum net the solver uses (see ``spectral`` of :func:`sample`)."""
-    own = getattr(model, "spectrum_net", None)
-    if spectral is None:
-        return own if supported else None
-    if spectral is False:
-        return None
-    which = "/".join(repr(n) for n, c in SOLVERS.items() if "spectrum_net" in c.options)
     if not supported:
+        if spectral is None or spectral is False:
+            return None
+        which = "/".join(repr(n) for n, c in SOLVERS.items() if "spectrum_net" in c.options)
         raise ValueError(f"spectral applies to solver={which} only, got solver={solver!r}")
-    if spectral is True:
-        if own is None:
-            raise ValueError("spectral=True needs a model with a spectrum_net attribute (or pass the net)")
-        return own
-    if not callable(spectral):
-        raise TypeError(
-            f"spectral must be a spectrum net, True, False or None, got {type(spectral).__name__}"
-        )
-    return spectral
+    return resolve_spectrum_net(spectral, model)
