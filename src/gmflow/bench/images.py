@@ -40,13 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..sampling import sample
-from ..train import flow_objective
 from ..viz import image_grid, metric_curves
 from . import images_ddpm, images_guidance, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
-from .images_setup import PRESETS, ImagesPreset, Scorer, make_scorer, model_configs
+from .images_setup import PRESETS, ImagesPreset, Scorer, make_scorer, model_configs, step_parts, write_report
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
@@ -66,18 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def step_time_ratio(cfgs: dict[str, Any], steps: int = 10) -> dict[str, float]:
     """Interleaved training-step medians of GMFlow and FM on the same trunk and batch."""
-    parts = {}
-    for name, cfg in cfgs.items():
-        data = cfg.dataset("train")
-        torch.manual_seed(0)
-        model = cfg.build_model(data)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def batch(i: int, g: torch.Generator, data=data, n=cfg.loop.batch_size):
-            return data.sample(n, generator=g, return_labels=True)
-
-        parts[name] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
-    ms = interleaved_step_ms(parts, steps)
+    ms = interleaved_step_ms(step_parts(cfgs), steps)
     return {"fm_step_ms": ms["fm"], "gmflow_step_ms": ms["gmflow"], "ratio": ms["gmflow"] / ms["fm"]}
 
 
@@ -249,9 +237,5 @@ def run(args: argparse.Namespace) -> int:
     ]) + "\n"  # fmt: skip
     meta = {"preset": args.preset, "seed": args.seed, "step_time": timing, "phases_min": phases,
             "config": dataclasses.asdict(pr)}  # fmt: skip
-    atomic_write_json(out / "meta.json", meta)
-    atomic_write_text(out / "results.md", text)
-    print(f"[bench images] wrote {out / 'results.md'} and")
-    for f in figs:
-        print(f"  {f}")
+    write_report(out, "bench images", meta, text, figs)
     return 0

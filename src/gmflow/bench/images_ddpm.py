@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..sampling import sample
 from ..viz import image_grid, metric_curves
 from . import images_setup
@@ -219,11 +219,6 @@ def run(args: argparse.Namespace) -> int:
         "## Recall", "", *table(records, pr.nfes, "recall"), "",
         f"Total wall time of this run: {(time.perf_counter() - t_start) / 60:.1f} min.",
     ]) + "\n"  # fmt: skip
-    atomic_write_json(
-        out / "meta.json", {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(pr)}
-    )
-    atomic_write_text(out / "results.md", text)
-    print(f"[bench images ddpm] wrote {out / 'results.md'} and")
-    for f in figs:
-        print(f"  {f}")
+    meta = {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(pr)}
+    images_setup.write_report(out, "bench images ddpm", meta, text, figs)
     return 0

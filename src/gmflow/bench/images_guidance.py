@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
 from ..guidance import CFG, ProbabilisticGuidance
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..sampling import sample
 from ..viz import image_grid
 from . import images_setup
@@ -186,9 +186,5 @@ def run(args: argparse.Namespace) -> int:
     text += f"\nTotal wall time of this run: {(time.perf_counter() - t_start) / 60:.1f} min.\n"
     meta = {"preset": args.preset, "seed": args.seed, "model_dir": str(cfg.loop.out_dir),
             "config": dataclasses.asdict(gp), "model_preset": dataclasses.asdict(pr)}  # fmt: skip
-    atomic_write_json(out / "meta.json", meta)
-    atomic_write_text(out / "results.md", text)
-    print(f"[bench images guidance] wrote {out / 'results.md'} and")
-    for f in figs:
-        print(f"  {f}")
+    images_setup.write_report(out, "bench images guidance", meta, text, figs)
     return 0

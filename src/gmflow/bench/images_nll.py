@@ -38,10 +38,9 @@ from tqdm.auto import tqdm
 
 from ..config import apply_sets
 from ..experiments import get_preset, load_network, run_experiment
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json
 from ..metrics import bits_per_dim
 from ..sampling import sample
-from ..train import flow_objective
 from ..viz import metric_curves
 from . import images_setup
 from .common import interleaved_step_ms, start_run
@@ -117,18 +116,8 @@ def estimate(pr: NllPreset, cfgs: dict[int, Any], steps: int = 3) -> dict[str, f
     and without spectral sampling, scaled to ``n_eval x draws``. Excludes the one-off classifier
     training (cached afterwards) and start-up.
     """
-    parts, nets = {}, {}
-    for k, cfg in cfgs.items():
-        data = cfg.dataset("train")
-        torch.manual_seed(0)
-        model = cfg.build_model(data)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def batch(i: int, g: torch.Generator, data=data, n=cfg.loop.batch_size):
-            return data.sample(n, generator=g, return_labels=True)
-
-        parts[f"k{k}"] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
-        nets[k] = model.eval()
+    parts = images_setup.step_parts({f"k{k}": cfg for k, cfg in cfgs.items()})
+    nets = {k: parts[f"k{k}"][0].eval() for k in cfgs}
     ms = interleaved_step_ms(parts, steps, warmup=1)
     test = next(iter(cfgs.values())).dataset("test")
     x0, y = test.tensor()[:32], test.labels()[:32]
@@ -227,13 +216,10 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     minutes = (time.perf_counter() - t_start) / 60
     text = results_markdown(records, spectra, pr, args.preset, est, minutes)
-    atomic_write_json(out / "meta.json", {"preset": args.preset, "seed": args.seed, "estimate": est,
-                                          "config": dataclasses.asdict(pr), "spectra": spectra})  # fmt: skip
-    atomic_write_text(out / "results.md", text)
     for line in text.splitlines():
         if line.startswith("- "):
             print(f"[bench images nll] {line[2:]}")
-    print(f"[bench images nll] wrote {out / 'results.md'} and")
-    for f in figs:
-        print(f"  {f}")
+    meta = {"preset": args.preset, "seed": args.seed, "estimate": est, "config": dataclasses.asdict(pr),
+            "spectra": spectra}  # fmt: skip
+    images_setup.write_report(out, "bench images nll", meta, text, figs)
     return 0

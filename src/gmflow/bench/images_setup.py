@@ -22,6 +22,7 @@ from torch import Tensor
 from ..config import apply_sets
 from ..data import load_dataset
 from ..experiments import get_preset
+from ..io import atomic_write_json, atomic_write_text
 from ..metrics import (
     ImageClassifier,
     PixelStats,
@@ -30,8 +31,9 @@ from ..metrics import (
     pixel_stats,
     saturation_metrics,
 )
+from ..train import flow_objective
 
-__all__ = ["ImagesPreset", "PRESETS", "Scorer", "make_scorer", "model_configs"]
+__all__ = ["ImagesPreset", "PRESETS", "Scorer", "make_scorer", "model_configs", "step_parts", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,29 @@ def make_scorer(data: str, classifier_epochs: int | None = None) -> Scorer:
     reference = test.tensor()
     feats = clf.features_and_logits(reference)[0]
     return Scorer(clf, reference, feats, pixel_stats(reference), int(test.num_classes))
+
+
+def step_parts(cfgs: dict[Any, Any]) -> dict[Any, tuple]:
+    """``{key: (model, optimizer, objective, batch_fn)}`` of each image config, for
+    :func:`~gmflow.bench.common.interleaved_step_ms` (fresh models seeded 0, labelled batches)."""
+    parts = {}
+    for key, cfg in cfgs.items():
+        data = cfg.dataset("train")
+        torch.manual_seed(0)
+        model = cfg.build_model(data)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def batch(i: int, g: torch.Generator, data=data, n=cfg.loop.batch_size):
+            return data.sample(n, generator=g, return_labels=True)
+
+        parts[key] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
+    return parts
+
+
+def write_report(out: Path, tag: str, meta: dict[str, Any], text: str, figs: Sequence[Path]) -> None:
+    """Write ``meta.json`` and ``results.md`` into ``out`` (atomically) and list what was written."""
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_text(out / "results.md", text)
+    print(f"[{tag}] wrote {out / 'results.md'} and")
+    for f in figs:
+        print(f"  {f}")
