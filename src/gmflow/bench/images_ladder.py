@@ -1,0 +1,248 @@
+"""``gmflow bench images --part ladder``: GMFlow's Table 4 ablation ladder (K = 8, NFE 8) on Fashion-MNIST.
+
+    gmflow bench images --part ladder --preset quick --out runs/images-quick   # run again to resume
+
+Trains two class-conditional GM-DiTs (K = 8) with a spectrum net on the trunk, data, budget and
+recipe of the ``gmflow bench images`` preset of the same name: transition loss lambda = 0.5 (the
+paper's setting; its trunk trains exactly as the main part's GM-DiT, the spectral loss never reaches
+it) and lambda = 1 (the transition loss with t' = 0, i.e. the plain x0 likelihood). Every row of the
+ladder (:data:`ROWS`) changes one thing of its parent, as in the paper's Table 4:
+
+===== ======== =====================================================================================
+A0    –        GM-SDE 2 + spectral sampling + probabilistic guidance (lambda = 0.5)
+A1    A0       GM-SDE order 1
+A2    A1       without spectral sampling (per-pixel draws)
+A3    A2       CFG ("vanilla" GM CFG: the guided bias added to every component mean) instead of w~
+A4    A0       DPM++ 2M on the GM's mean velocity with CFG (the paper uses DPM++ 2M *SDE*, which the
+               package has not; its ODE variant stands in)
+A5    A0       the lambda = 1 model
+B0    –        GM-ODE 2 + probabilistic guidance (lambda = 0.5)
+B1    B0       GM-ODE 2 without sub-steps (one sub-step per network step)
+===== ======== =====================================================================================
+
+Each row is a guidance sweep at NFE ``nfe``: the unguided cell (``w = 1`` / ``w~ = 0``) and every
+scale of its guidance kind, with orthogonal projection ``orthogonal``, on one noise draw (the same
+noise for every row). The row reports its best FD and its best precision (the paper's "best FID" and
+"best precision" over guidance scales) with the saturation measures and class accuracy at the best
+precision; the best-FD cell is then repeated with ``draws - 1`` fresh noise draws (mean ± sd; the
+scale was picked on draw 0). Samples are class balanced and scored against the **test** split
+(:class:`~gmflow.bench.images_setup.Scorer`). NFE counts model calls: a guided call evaluates the
+conditional and the unconditional half as one doubled batch (``batch_factor = 2``).
+
+Writes to ``DIR/ladder/``: ``results.json`` (one record per row x scale x draw, rewritten after
+each cell), ``results.md`` (the Table 4 analogue and every sweep point), ``fd_vs_precision.png``
+and one sample grid per row at its best-FD scale; the two runs live in ``DIR/ladder/models/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import apply_sets
+from ..experiments import load_network, run_experiment
+from ..guidance import CFG, ProbabilisticGuidance
+from ..io import atomic_write_json
+from ..sampling import sample
+from ..viz import image_grid
+from . import images_setup
+from .common import start_run
+from .images_ladder_report import best_fd_scale, figure, report_markdown
+
+__all__ = ["LADDER_PRESETS", "LadderPreset", "ROWS", "Row", "model_configs", "run", "sweep_cells"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ladder row: a model, a solver and a guidance kind (and what it changes of ``parent``)."""
+
+    id: str
+    label: str
+    parent: str | None
+    model: str  # a key of model_configs(): "lambda0.5" or "lambda1"
+    solver: str
+    order: int
+    guidance: str  # "probabilistic" or "cfg"
+    spectral: bool = False
+    substeps: int | None = None  # GM-ODE sub-steps per step (None: the solver's default)
+
+
+ROWS = (
+    Row("A0", "GM-SDE 2 + spectral + prob. guidance", None, "lambda0.5", "gm-sde", 2, "probabilistic", True),
+    Row("A1", "A0 -> GM-SDE order 1", "A0", "lambda0.5", "gm-sde", 1, "probabilistic", True),
+    Row("A2", "A1 without spectral sampling", "A1", "lambda0.5", "gm-sde", 1, "probabilistic"),
+    Row("A3", "A2 -> vanilla CFG", "A2", "lambda0.5", "gm-sde", 1, "cfg"),
+    Row("A4", "A0 -> DPM++ 2M (ODE) + CFG", "A0", "lambda0.5", "dpm++2m", 1, "cfg"),
+    Row("A5", "A0 -> lambda = 1 (plain x0 NLL)", "A0", "lambda1", "gm-sde", 2, "probabilistic", True),
+    Row("B0", "GM-ODE 2 + prob. guidance", None, "lambda0.5", "gm-ode", 2, "probabilistic"),
+    Row("B1", "B0 without sub-steps", "B0", "lambda0.5", "gm-ode", 2, "probabilistic", substeps=1),
+)  # fmt: skip
+UNGUIDED = {"cfg": 1.0, "probabilistic": 0.0}
+
+
+@dataclass(frozen=True)
+class LadderPreset:
+    """The ladder's evaluation; models, trunk and budget come from the main preset of the same name."""
+
+    description: str
+    cfg_scales: tuple[float, ...]  # CFG w > 1
+    pg_scales: tuple[float, ...]  # probabilistic w~ in (0, 1)
+    n_eval: int  # class-balanced samples per cell
+    nfe: int = 8
+    orthogonal: float = 1.0
+    draws: int = 3  # noise draws of each row's best-FD cell
+    grid_per_class: int = 6
+
+
+# Time estimates from the measured parts (not yet run end to end): quick GM-DiT step ~140 ms on 2
+# idle cores (+ the spectrum net's few %), so the two models take ~10 min; a guided NFE-8 cell of
+# 300 samples ~5 s, 8 rows x 5 cells + 16 repeats + grids ~4 min. full: 2 x 8000 steps x ~0.24 s
+# ~64 min, cells of 500 samples on the 6-layer trunk ~12 s: 8 x 6 + 16 cells ~13 min.
+LADDER_PRESETS: dict[str, LadderPreset] = {
+    "quick": LadderPreset(
+        "<= 15 min on 2 idle cores (estimated): two quick GM-DiTs (lambda 0.5 / 1, with spectrum nets), "
+        "8 rows x 4 guidance scales, 300 samples per cell",
+        cfg_scales=(1.5, 2.3, 3.3, 4.9), pg_scales=(0.16, 0.27, 0.39, 0.55), n_eval=300,
+    ),
+    "full": LadderPreset(
+        "<= 90 min on 2 idle cores (estimated): two full GM-DiTs (lambda 0.5 / 1, with spectrum nets), "
+        "8 rows x 5 guidance scales, 500 samples per cell",
+        cfg_scales=(1.6, 2.3, 3.3, 4.9, 6.5), pg_scales=(0.16, 0.27, 0.39, 0.55, 0.75), n_eval=500,
+    ),
+    # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
+    "smoke": LadderPreset(
+        "smoke test: the smoke GM-DiTs, NFE 4, 2 scales per sweep", cfg_scales=(2.0, 4.0),
+        pg_scales=(0.3, 0.6), n_eval=100, nfe=4, draws=2, grid_per_class=2,
+    ),
+}  # fmt: skip
+
+
+def model_configs(pr: images_setup.ImagesPreset, out: Path, seed: int) -> dict[str, Any]:
+    """``{"lambda0.5", "lambda1"}`` -> the GM-DiT configs (main preset ``pr``, spectrum net on)."""
+    gm = images_setup.model_configs(pr, out, seed, sets=["model.spectral=true"])["gmflow"]
+    sets = {f"lambda{lam:g}": [f"loss.trans_ratio={lam}", f"loop.out_dir={out / f'lambda{lam:g}'}"]
+            for lam in (0.5, 1.0)}  # fmt: skip
+    return {name: apply_sets(gm, s) for name, s in sets.items()}
+
+
+def scales(row: Row, lp: LadderPreset) -> tuple[float, ...]:
+    """The unguided scale of the row's kind, then its sweep."""
+    return (UNGUIDED[row.guidance], *(lp.cfg_scales if row.guidance == "cfg" else lp.pg_scales))
+
+
+def sweep_cells(lp: LadderPreset) -> list[tuple[str, float, int]]:
+    """``(row id, scale, draw 0)`` of every sweep point."""
+    return [(row.id, s, 0) for row in ROWS for s in scales(row, lp)]
+
+
+def _guidance(row: Row, scale: float, orthogonal: float) -> CFG | ProbabilisticGuidance | None:
+    if scale == UNGUIDED[row.guidance]:
+        return None
+    if row.guidance == "cfg":
+        return CFG(scale, orthogonal=orthogonal)
+    return ProbabilisticGuidance(scale, orthogonal=orthogonal)
+
+
+def _draw(models, row: Row, scale: float, lp: LadderPreset, noise, labels, num_classes: int, generator):
+    return sample(
+        models[row.model], noise, solver=row.solver, nfe=lp.nfe, order=row.order, substeps=row.substeps,
+        spectral=row.spectral, generator=generator, cond={"class_labels": labels},
+        uncond={"class_labels": torch.full_like(labels, num_classes)},
+        guidance=_guidance(row, scale, lp.orthogonal),
+    )  # fmt: skip
+
+
+def _score_cells(models, lp, scorer, todo, out: Path, seed: int, progress: bool, records: list[dict]):
+    """Score ``todo`` cells ``(row id, scale, draw)``; results.json is rewritten after each one."""
+    event = tuple(scorer.reference.shape[1:])
+    labels = torch.arange(lp.n_eval) % scorer.num_classes
+    by_id = {row.id: row for row in ROWS}
+    for rid, scale, draw in tqdm(todo, desc="ladder", disable=None if progress else True):
+        row = by_id[rid]
+        g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the same noise for every cell of a draw
+        noise = torch.randn(lp.n_eval, *event, generator=g)
+        t0 = time.perf_counter()
+        x = _draw(models, row, scale, lp, noise, labels, scorer.num_classes, g)
+        ms = (time.perf_counter() - t0) * 1e3
+        guided = scale != UNGUIDED[row.guidance]
+        records.append(dict(
+            row=rid, model=row.model, solver=row.solver, order=row.order, spectral=row.spectral,
+            substeps=row.substeps, guidance=row.guidance, orthogonal=lp.orthogonal, scale=scale, draw=draw,
+            nfe=lp.nfe, batch_factor=2 if guided else 1, **scorer(x, labels, saturation=True), ms=ms,
+        ))  # fmt: skip
+        atomic_write_json(out / "results.json", records)
+    return records
+
+
+def evaluate(models, lp: LadderPreset, scorer, out: Path, seed: int, progress: bool, records: list[dict]):
+    """The sweeps on draw 0, then ``draws - 1`` more draws of each row's best-FD cell (resumable)."""
+    done = {(r["row"], r["scale"], r["draw"]) for r in records}
+    todo = [c for c in sweep_cells(lp) if c not in done]
+    records = _score_cells(models, lp, scorer, todo, out, seed, progress, records)
+    repeats = [(row.id, best_fd_scale(records, row.id), d) for row in ROWS for d in range(1, lp.draws)]
+    todo = [c for c in repeats if c not in {(r["row"], r["scale"], r["draw"]) for r in records}]
+    return _score_cells(models, lp, scorer, todo, out, seed, progress, records)
+
+
+def _grids(models, lp: LadderPreset, records, num_classes: int, event, out: Path, seed: int) -> list[Path]:
+    """A row of samples per class for every ladder row at its best-FD scale (the same noise)."""
+    labels = torch.arange(num_classes).repeat_interleave(lp.grid_per_class)
+    paths = []
+    for row in ROWS:
+        scale = best_fd_scale(records, row.id)
+        path = out / f"samples_{row.id}_s{scale:g}.png"
+        if not path.is_file():
+            noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
+            g = torch.Generator().manual_seed(seed + 12)
+            x = _draw(models, row, scale, lp, noise, labels, num_classes, g)
+            image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=lp.grid_per_class)
+        paths.append(path)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    lp, _, root = start_run(args, "images", LADDER_PRESETS)
+    pr = images_setup.PRESETS[args.preset]
+    out = root / "ladder"
+    out.mkdir(exist_ok=True)
+    progress = not args.no_progress
+    t_start = time.perf_counter()
+    print(f"[bench images ladder] preset {args.preset}: {lp.description}")
+    models, train_s = {}, {}
+    for name, cfg in model_configs(pr, out / "models", args.seed).items():
+        print(f"[bench images ladder] training GM-DiT {name} + spectrum net: {cfg.loop.steps} steps")
+        t0 = time.perf_counter()
+        run_experiment(cfg, progress=progress, verbose=True)
+        train_s[name] = time.perf_counter() - t0
+        models[name] = load_network(cfg.loop.out_dir)
+    scorer = images_setup.make_scorer(pr.data, pr.classifier_epochs)
+    prev = out / "results.json"
+    records = json.loads(prev.read_text()) if prev.is_file() else []
+    t0 = time.perf_counter()
+    records = evaluate(models, lp, scorer, out, args.seed, progress, records)
+    eval_s = time.perf_counter() - t0
+    title = f"{pr.data}: Table 4 ladder at NFE {lp.nfe}"
+    figs = [figure(records, ROWS, out / "fd_vs_precision.png", title=title)]
+    figs += _grids(models, lp, records, scorer.num_classes, tuple(scorer.reference.shape[1:]), out, args.seed)
+    text, lines = report_markdown(records, ROWS, lp, args.preset, scorer.pixels)
+    for line in lines:
+        print(f"[bench images ladder] {line}")
+    total = time.perf_counter() - t_start
+    text += (
+        f"\nWall time of this run: {total / 60:.1f} min (training "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in train_s.items())
+        + f"; evaluation {eval_s / 60:.1f}; a resumed run counts only its own part).\n"
+    )
+    meta = {"preset": args.preset, "seed": args.seed, "config": dataclasses.asdict(lp),
+            "model_preset": dataclasses.asdict(pr), "rows": [dataclasses.asdict(r) for r in ROWS],
+            "seconds": {"train": train_s, "eval": eval_s, "total": total}}  # fmt: skip
+    images_setup.write_report(out, "bench images ladder", meta, text, figs)
+    return 0
