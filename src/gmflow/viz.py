@@ -268,7 +268,10 @@ def sweep_panels(
     if not plotted:
         raise ValueError(f"no record has finite numeric values for {y!r} and any of {list(xs)}")
     axes[0].set_ylabel(y)
-    axes[0].legend(fontsize=7, frameon=False)
+    if len(sweeps) > 4:  # many sweeps: the legend beside the panels, not over the points
+        axes[-1].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        axes[0].legend(fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save_figure(fig, path, dpi)
