@@ -6,9 +6,13 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from gmflow.bench import reflow as bench
+from gmflow.bench.reflow_images import image_reference, memorisation
+from gmflow.bench.reflow_report import draw_means
 from gmflow.config import ConfigError
+from gmflow.metrics import frechet_distance
 
 
 def _args(out, **kw) -> argparse.Namespace:
@@ -98,11 +102,20 @@ def test_relative_changes_and_headline():
     assert "vs 2rf at NFE 2: +25.0%" in line  # guided NFE 1 (1 + 1 evaluations) vs 2rf at NFE 2
 
 
+class _PooledScorer:
+    """Stands in for the classifier scorer: FD of 4x4-pooled pixels against the test split."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def __call__(self, x):
+        f = lambda v: torch.nn.functional.avg_pool2d(v, 4).flatten(1)  # noqa: E731
+        return {"fd": frechet_distance(f(x), f(self.reference))}
+
+
 def test_digits_held_out_split_never_feeds_pairs(tmp_path):
     """The digits reference is the test split; forward pairs invert training images only."""
-    import torch
-
-    from gmflow.bench.reflow_beds import PRESETS, Sizes, digits_reference, make_pairs, memorisation
+    from gmflow.bench.reflow_beds import PRESETS, Sizes, make_pairs
     from gmflow.data import Digits
     from gmflow.nn import SmallUNet
 
@@ -110,12 +123,8 @@ def test_digits_held_out_split_never_feeds_pairs(tmp_path):
     te = Digits.split_indices(1797, "test", 0.2, 0)
     assert not set(tr.tolist()) & set(te.tolist()) and len(tr) + len(te) == 1797
 
-    class _Features:  # stands in for the classifier: features = pooled pixels
-        def features(self, x):
-            return torch.nn.functional.avg_pool2d(x, 4).flatten(1)
-
-    ref = digits_reference(_Features(), seed=0)
-    assert len(ref["ref"]) == len(te) and ref["floor"] > 0
+    ref = image_reference("digits16", _PooledScorer(Digits(16, "test").tensor()), 360, seed=0)
+    assert len(ref["ref"]) == len(te) == ref["n_eval"] and ref["floor"] > 0
     assert torch.equal(ref["ref"], Digits(16, "test").tensor())
     torch.manual_seed(0)
     teacher = SmallUNet(1, 8, (1,), image_size=16, time_dim=16)
@@ -128,6 +137,82 @@ def test_digits_held_out_split_never_feeds_pairs(tmp_path):
     d_test = torch.cdist(x0_fwd.double(), ref["ref"].flatten(1).double()).min(1).values
     assert d_train.max() < 1e-5 and d_test.min() > 1e-2  # every forward x0 is a training image
     # memorisation: training images themselves are "copies", test images are not
-    assert memorisation(ref["train"][:50], ref["train"], ref["nn_test"])["nn_ratio"] == 0.0
-    m = memorisation(ref["ref"], ref["train"], ref["nn_test"])
+    assert memorisation(ref["train"][:50], ref["nearest"], ref["nn_test"])["nn_ratio"] == 0.0
+    m = memorisation(ref["ref"], ref["nearest"], ref["nn_test"])
     assert m["nn_ratio"] == 1.0 and m["copy_frac"] <= 0.02  # 1 % by construction (ties aside)
+
+
+def test_draw_means_relative_changes_and_paired_headline():
+    """Several noise draws: changes per draw (same noise), tables and headline on the means (± sd)."""
+    fd = {("2rf", 0): 10.0, ("2rf", 1): 12.0, ("+dpm", 0): 7.0, ("+dpm", 1): 9.0, ("teacher", 0): 20.0,
+          ("teacher", 1): 22.0}  # fmt: skip
+    recs = [{"dataset": "fmnist", "variant": v, "nfe": 9, "draw": d, "fd": x} for (v, d), x in fd.items()]
+    recs[0]["nn_ratio"] = 0.9  # memorisation: first draw only
+    bench.add_relative_changes(recs)
+    by = {(r["variant"], r["draw"]): r for r in recs}
+    assert by[("+dpm", 1)]["prev_variant"] == "2rf" and by[("+dpm", 1)]["rel_change"] == pytest.approx(-0.25)
+    means = {r["variant"]: r for r in draw_means(recs)}
+    assert means["2rf"]["draws"] == 2 and means["2rf"]["fd"] == 11.0
+    assert means["2rf"]["fd_sd"] == pytest.approx(2**0.5) and means["2rf"]["nn_ratio"] == 0.9
+    assert "draw" not in means["2rf"] and means["+dpm"]["rel_change"] == pytest.approx(8.0 / 11.0 - 1.0)
+    (line,) = bench.headline(recs)
+    assert line.startswith("fmnist (fd): NFE 9: 2rf 11 ± 1.4 -> recipe 8 ± 1.4 (-27.3%")
+    assert "per draw -27.5 ± 3.5%" in line  # mean and sd of -30 % and -25 %
+
+
+def _fmnist_args(out, **kw):
+    return _args(out, datasets=["fmnist"], **kw)
+
+
+@pytest.mark.slow
+def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
+    """The fmnist bed on a small synthetic Fashion-MNIST: DiT teacher, ladder without +dropout, two draws,
+    held-out test split, sample grids, reuse on re-run."""
+    from gmflow.data import load_dataset
+    from gmflow.reflow import PairDataset
+
+    monkeypatch.setenv("GMFLOW_FASHION_MNIST", str(fake_fmnist(n_train=400, n_test=200)))
+    out = tmp_path / "run"
+    assert bench.run(_fmnist_args(out)) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert {r["dataset"] for r in records} == {"fmnist"}
+    variants = [r["variant"] for r in records if r["nfe"] == 1 and r["draw"] == 0]
+    assert variants == [
+        "teacher",
+        "2rf",
+        "+norm",
+        "+pow10",
+        "+hpf",
+        "+forward",
+        "+projection",
+        "+sigmoid",
+        "+dpm",
+        "full",
+    ]  # fmt: skip  (no +dropout: the DiT teacher has no dropout)
+    pr = bench.PRESETS["smoke"]
+    cells = {(r["variant"], r["nfe"]): [] for r in records}
+    for r in records:
+        cells[(r["variant"], r["nfe"])].append(r["draw"])
+        assert r["fd"] > 0 and r["fd_floor"] > 0 and 0 <= r["precision"] <= 1
+        assert ("nn_ratio" in r) == (r["draw"] == 0)  # memorisation on the first draw
+    assert all(sorted(d) == list(range(pr.fmnist.draws)) for d in cells.values())
+    by = {(r["variant"], r["nfe"], r["draw"]): r["fd"] for r in records}
+    assert by[("2rf", 1, 0)] != by[("2rf", 1, 1)]  # another noise draw
+    text = (out / "results.md").read_text()
+    assert f"mean ± sd over {pr.fmnist.draws} noise draws" in text and "| +hpf | " in text
+    assert "fmnist (fd): NFE 1: 2rf" in text and "per draw" in text
+    cfg = json.loads((out / "teachers" / "fmnist" / "config.json").read_text())["config"]
+    assert cfg["data"]["name"] == "fmnist32" and cfg["model"]["arch"] == "dit"
+    assert cfg["model"]["conditional"] is False and cfg["loss"]["label_dropout"] == 0
+    # the held-out split never feeds pairs: forward pairs invert the first training images exactly
+    train, test = load_dataset("fmnist32", "train").tensor(), load_dataset("fmnist32", "test").tensor()
+    pairs = PairDataset(out / "pairs" / "fmnist" / "backward", out / "pairs" / "fmnist" / "forward")
+    x0 = pairs.forward[0]
+    assert torch.equal(x0, train[: len(x0)])
+    every = torch.cat([pairs.backward[0], x0]).flatten(1).double()
+    assert torch.cdist(every, test.flatten(1).double()).min() > 1e-2
+    for v in ("teacher", "2rf", "hpf", "dpm", "full"):
+        assert (out / f"fmnist_samples_{v}.png").stat().st_size > 500
+    stamp = _stamps(out)
+    assert bench.run(_fmnist_args(out)) == 0  # a re-run reuses every evaluation
+    assert _stamps(out) == stamp

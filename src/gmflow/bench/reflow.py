@@ -68,7 +68,8 @@ from ..reflow import NORMALIZATIONS, one_step_error, per_t_relative_loss, straig
 from ..sampling import network_evaluations, sample
 from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
-from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_metrics, digits_available, make_pairs, setup_bed
+from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_available, bed_metrics, make_pairs, setup_bed
+from .reflow_images import IMAGE_BEDS, estimate
 from .reflow_report import (
     BRANCH_OF,
     IMAGE_ONLY,
@@ -91,6 +92,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="loss normaliser of the +norm rung instead of the recipe's (none drops the rung); use a "
         "fresh --out per choice (teachers/ and pairs/ may be shared by symlinks)",
     )  # fmt: skip
+    p.add_argument(
+        "--estimate", action="store_true",
+        help="print the time the image beds of the preset need on this machine now (a few measured "
+        "training steps, teacher calls and scorings; minutes per phase) and exit",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ ladder
@@ -100,15 +106,15 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
     ``+projection`` is a branch off ``+forward`` (the recipe has no projection); rungs whose knob is
     off in the recipe (the normaliser, the HPF distance on vectors) are left out.
     """
-    s = pr.digits if name == "digits" else pr.toy
-    shape = (1, 16, 16) if name == "digits" else (2,)
-    rec = recipe("simple", shape)
+    s = pr.sizes(name)
+    image = IMAGE_BEDS.get(name)
+    rec = recipe("simple", image.shape if image else (2,))
     loop = LoopConfig(
         steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
-    cfg = ReflowConfig(data="digits16" if name == "digits" else name, loop=loop)
+    cfg = ReflowConfig(data=image.data if image else name, loop=loop)
     norm = pr.normalize if pr.normalize is not None else rec.loss.normalize
     changes = {
         "2rf": [], "+norm": [f"loss.normalize={norm}"],
@@ -119,8 +125,10 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
                         f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
     skip = {"+norm"} if norm == "none" else set()
-    if name != "digits":
+    if image is None:
         skip |= set(IMAGE_ONLY)
+    elif not image.dropout_rung:
+        skip.add("+dropout")  # a teacher without dropout: no smaller student rate (reflow_images)
     out_cfgs = []
     for rung in TRAIN_RUNGS:
         if rung in skip:
@@ -166,24 +174,29 @@ def _cached(path: Path, key: dict, compute):
     return value
 
 
-def _run_items(name: str, bed: dict, model: Any, items: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
-    """One record per ``(record fields, gmflow.sample keywords)`` item, all from the bed's noise."""
+def _run_items(
+    name: str, bed: dict, model: Any, items: list[tuple[dict, dict]], draws: int | None = None
+) -> list[dict[str, Any]]:
+    """One record per ``(record fields, gmflow.sample keywords)`` item and noise draw (the first
+    ``draws`` of the bed's draws; all by default); the same noise for every model of a draw."""
     records = []
-    for fields, kw in items:
-        t0 = time.perf_counter()
-        x = sample(model, bed["noise"], **kw)
-        ms = (time.perf_counter() - t0) * 1e3
-        g = kw.get("guidance")
-        rec = {"dataset": name, **fields, "solver": kw["solver"], "grid": kw.get("grid")}
-        count = network_evaluations(kw["nfe"], g)  # NFE (main + guide): every network evaluation
-        rec.update(nfe_main=count["main"], nfe_guide=count["guide"], nfe_total=count["total"])
-        rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x), ms=ms)
-        records.append(rec)
+    for draw, noise in enumerate(bed["noise"][:draws]):
+        for fields, kw in items:
+            t0 = time.perf_counter()
+            x = sample(model, noise, **kw)
+            ms = (time.perf_counter() - t0) * 1e3
+            g = kw.get("guidance")
+            rec = {"dataset": name, **fields, "draw": draw, "solver": kw["solver"], "grid": kw.get("grid")}
+            count = network_evaluations(kw["nfe"], g)  # NFE (main + guide): every network evaluation
+            rec.update(nfe_main=count["main"], nfe_guide=count["guide"], nfe_total=count["total"])
+            rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x, draw), ms=ms)
+            records.append(rec)
     return records
 
 
 def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cache: Path, key: dict):
     items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
+    key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"]}
     return _cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
 
 
@@ -208,7 +221,7 @@ def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: 
         for v in (1.0, 1.2, 1.4, 1.6, 2.0)
         for k in (min(pr.nfes), max(nfes))
     ]
-    return _run_items(name, bed, student, items)
+    return _run_items(name, bed, student, items, draws=1)
 
 
 def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
@@ -274,7 +287,7 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     print(f"[bench reflow] {name}: diagnostics")
     dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
     diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
-    if name != "digits" or pr.image_sweeps:
+    if name not in IMAGE_BEDS or pr.image_sweeps:
         skey = {**dkey, "kappa": sp.kappa, "r": sp.r}
         diag["sweeps"] = _cached(
             cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr, sp)
@@ -287,17 +300,20 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
 
 
 def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[int, torch.Tensor]]:
-    n = 10 if name == "digits" else len(bed["noise"])
+    """Samples of the first noise draw per variant and NFE: 10 per variant on image beds, the whole
+    draw of teacher / 2rf / full on 2-D."""
+    image = name in IMAGE_BEDS
+    noise = bed["noise"][0][:10] if image else bed["noise"][0]
     out: dict[str, dict[int, torch.Tensor]] = {}
-    for v in ("teacher", "2rf", "full"):
+    for v in models if image else ("teacher", "2rf", "full"):
         model, kw = models[v]
-        out[v] = {k: sample(model, bed["noise"][:n], nfe=k, **kw) for k in nfes}
+        out[v] = {k: sample(model, noise, nfe=k, **kw) for k in nfes}
     return out
 
 
 def _knobs(pr: BenchPreset) -> str:
     parts = []
-    for label, shape in (("images", (1, 16, 16)), ("2-D", (2,))):
+    for label, shape in (("images", (1, 32, 32)), ("2-D", (2,))):
         c = recipe("simple", shape)
         norm = pr.normalize if pr.normalize is not None else c.loss.normalize
         parts.append(
@@ -307,12 +323,25 @@ def _knobs(pr: BenchPreset) -> str:
     return "Recipe knobs (`recipe('simple', shape)`): " + "; ".join(parts) + ". "
 
 
+def _print_estimates(pr: BenchPreset, datasets, out: Path, seed: int) -> int:
+    """``--estimate``: the measured time breakdown of each image bed (:func:`reflow_images.estimate`)."""
+    for name in (d for d in datasets if d in IMAGE_BEDS):
+        rungs = [r for r, _ in _rung_configs(name, pr, out, seed)]
+        est = estimate(name, pr, ["teacher", *rungs, "+sigmoid", "+dpm", "full"], len(rungs))
+        parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k.endswith("_s"))
+        unit = ", ".join(f"{k} {v:.3g}" for k, v in est.items() if not k.endswith("_s"))
+        print(f"[bench reflow] {name} estimate (min on this machine now): {parts}\n  measured: {unit}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
     pr, datasets, out = start_run(args, "reflow", PRESETS, DATASETS)
     if getattr(args, "normalize", None) is not None:
         pr = dataclasses.replace(pr, normalize=args.normalize)
     progress = not args.no_progress
+    if getattr(args, "estimate", False):
+        return _print_estimates(pr, datasets, out, args.seed)
     t0 = time.perf_counter()
     print(f"[bench reflow] preset {args.preset}: {pr.description}\n[bench reflow] output: {out.resolve()}")
     records: list[dict[str, Any]] = []
@@ -320,8 +349,8 @@ def run(args: argparse.Namespace) -> int:
     figs: list[Path] = []
     timing: dict[str, float] = {}
     for name in datasets:
-        if name == "digits" and (why := digits_available()) is not None:
-            print(f"[bench reflow] note: skipping digits (its modules are missing: {why})")
+        if (why := bed_available(name)) is not None:
+            print(f"[bench reflow] note: skipping {name} ({why})")
             continue
         t1 = time.perf_counter()
         recs, diag, samples = run_dataset(name, pr, args.preset, out, args.seed, progress)
