@@ -177,18 +177,11 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     records = json.loads((out / "results.json").read_text())
     assert {r["dataset"] for r in records} == {"fmnist"}
     variants = [r["variant"] for r in records if r["nfe"] == 1 and r["draw"] == 0]
+    # no +dropout (the DiT teacher has no dropout); the GM-teacher variant's two rows at the end
     assert variants == [
-        "teacher",
-        "2rf",
-        "+norm",
-        "+pow10",
-        "+hpf",
-        "+forward",
-        "+projection",
-        "+sigmoid",
-        "+dpm",
-        "full",
-    ]  # fmt: skip  (no +dropout: the DiT teacher has no dropout)
+        "teacher", "2rf", "+norm", "+pow10", "+hpf", "+forward", "+projection", "+sigmoid", "+dpm", "full",
+        "gm-teacher", "gm-recipe",
+    ]  # fmt: skip
     pr = bench.PRESETS["smoke"]
     cells = {(r["variant"], r["nfe"]): [] for r in records}
     for r in records:
@@ -211,7 +204,13 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     assert torch.equal(x0, train[: len(x0)])
     every = torch.cat([pairs.backward[0], x0]).flatten(1).double()
     assert torch.cdist(every, test.flatten(1).double()).min() > 1e-2
-    for v in ("teacher", "2rf", "hpf", "dpm", "full"):
+    gm = {r["variant"]: r for r in records if r["variant"].startswith("gm-") and r["nfe"] == 2}
+    assert gm["gm-teacher"]["solver"] == "gm-ode" and gm["gm-teacher"]["prev_variant"] == "teacher"
+    assert gm["gm-recipe"]["solver"] == "dpm-solver-2" and gm["gm-recipe"]["prev_variant"] == "+dpm"
+    gm_run = json.loads((out / "students" / "fmnist" / "gm-recipe" / "config.json").read_text())
+    assert gm_run["pairs"]["backward"]["solver"] == "gm-ode"  # trained on the GM teacher's pairs
+    assert "recipe on GM-teacher pairs" in text
+    for v in ("teacher", "2rf", "hpf", "dpm", "full", "gm-teacher", "gm-recipe"):
         assert (out / f"fmnist_samples_{v}.png").stat().st_size > 500
     stamp = _stamps(out)
     assert bench.run(_fmnist_args(out)) == 0  # a re-run reuses every evaluation

@@ -53,8 +53,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import apply_sets
 from ..experiments import (
     ReflowConfig,
@@ -63,12 +61,12 @@ from ..experiments import (
     train_reflow,
 )
 from ..guidance import AutoGuidance
-from ..io import atomic_write_json, atomic_write_text, sha256_bytes
-from ..reflow import NORMALIZATIONS, one_step_error, per_t_relative_loss, straightness, teacher_hash
-from ..sampling import network_evaluations, sample
+from ..io import atomic_write_json, atomic_write_text
+from ..reflow import NORMALIZATIONS, teacher_hash
 from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
-from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_available, bed_metrics, make_pairs, setup_bed
+from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_available, make_gm_pairs, make_pairs, setup_bed
+from .reflow_eval import cached, diagnostics, evaluate, figure_samples, sweeps
 from .reflow_images import IMAGE_BEDS, estimate
 from .reflow_report import (
     BRANCH_OF,
@@ -161,89 +159,6 @@ def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | N
     return load_network(run), weak
 
 
-def _cached(path: Path, key: dict, compute):
-    """``compute()`` once per ``key`` (a JSON-able dict): the result is kept in ``path``."""
-    digest = sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:16]
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("key") == digest:
-            return old["value"]
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"key": digest, "value": value})
-    return value
-
-
-def _run_items(
-    name: str, bed: dict, model: Any, items: list[tuple[dict, dict]], draws: int | None = None
-) -> list[dict[str, Any]]:
-    """One record per ``(record fields, gmflow.sample keywords)`` item and noise draw (the first
-    ``draws`` of the bed's draws; all by default); the same noise for every model of a draw."""
-    records = []
-    for draw, noise in enumerate(bed["noise"][:draws]):
-        for fields, kw in items:
-            t0 = time.perf_counter()
-            x = sample(model, noise, **kw)
-            ms = (time.perf_counter() - t0) * 1e3
-            g = kw.get("guidance")
-            rec = {"dataset": name, **fields, "draw": draw, "solver": kw["solver"], "grid": kw.get("grid")}
-            count = network_evaluations(kw["nfe"], g)  # NFE (main + guide): every network evaluation
-            rec.update(nfe_main=count["main"], nfe_guide=count["guide"], nfe_total=count["total"])
-            rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x, draw), ms=ms)
-            records.append(rec)
-    return records
-
-
-def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cache: Path, key: dict):
-    items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
-    key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"]}
-    return _cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
-
-
-def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: Any) -> list[dict[str, Any]]:
-    """Inference-only sweeps on the recipe's student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
-    nfes = [k for k in pr.nfes if k >= 4] or [max(pr.nfes)]
-    dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": sp.kappa}
-    items = [
-        (
-            {"knob": "kappa", "value": v, "nfe": k},
-            {"solver": "euler", "grid": "sigmoid", "kappa": v, "nfe": k},
-        )
-        for v in (1.0, 2.0, 5.0, 10.0, 20.0)
-        for k in nfes
-    ]
-    items += [
-        ({"knob": "r", "value": v, "nfe": max(nfes)}, {**dpm, "r": v, "nfe": max(nfes)})
-        for v in (0.3, 0.4, 0.5, 0.7, 1.0)
-    ]
-    items += [
-        ({"knob": "w", "value": v, "nfe": k}, {**dpm, "r": sp.r, "nfe": k, "guidance": AutoGuidance(weak, v)})
-        for v in (1.0, 1.2, 1.4, 1.6, 2.0)
-        for k in (min(pr.nfes), max(nfes))
-    ]
-    return _run_items(name, bed, student, items, draws=1)
-
-
-def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(123)
-    n = min(bed["sizes"].n_diag, len(test[0]))
-    noise = torch.randn(n, *bed["shape"], generator=g)
-    teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
-    out: dict[str, Any] = {"straightness": {}, "one_step_error": {}}
-    for k, m in (("teacher", teacher), ("2rf", models["2rf"][0]), ("full", models["full"][0])):
-        out["straightness"][k] = straightness(m, noise, nfe=16)
-        out["one_step_error"][k] = one_step_error(m, test[0][:n], test[1][:n])
-    ts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-    x0_real = bed["data"].sample(n, generator=g)
-    indep = per_t_relative_loss(bed["init"], x0_real, torch.randn(x0_real.shape, generator=g), ts=ts)
-    rf = per_t_relative_loss(models["2rf"][0], test[0][:n], test[1][:n], ts=ts)
-    out["relative_loss"] = {
-        "teacher_fm_independent": {k: v.tolist() for k, v in indep.items()},
-        "reflow_2rf_pairs": {k: v.tolist() for k, v in rf.items()},
-    }
-    return out
-
-
 def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, progress: bool):
     """Train, evaluate and diagnose the ladder on one test bed; returns (records, diagnostics, samples)."""
     print(f"[bench reflow] {name}: teacher / init network")
@@ -255,7 +170,7 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     key = {"preset": preset, "seed": seed, "nfes": pr.nfes, "dataset": name}
     teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
     tid = "exact" if name == "ring" else teacher_hash(out / "teachers" / name)
-    records = _evaluate(
+    records = evaluate(
         name, bed, teacher, "teacher", pr.nfes, euler, cache, {**key, "v": "teacher", "w": tid}
     )
     models: dict[str, Any] = {"teacher": (teacher, euler)}
@@ -269,7 +184,7 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
             student, weak, main_cfg = net, w, cfg
         models[rung] = (net, euler)
         ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir)}
-        records += _evaluate(name, bed, net, rung, pr.nfes, euler, cache, {**key, **ids})
+        records += evaluate(name, bed, net, rung, pr.nfes, euler, cache, {**key, **ids})
     sp = recipe("simple", bed["shape"]).sampling
     full_cfg = {
         "cfg": main_cfg.to_dict(), "weights": teacher_hash(main_cfg.loop.out_dir),
@@ -282,33 +197,43 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     infer.append(("full", {**infer[-1][1], "guidance": AutoGuidance(weak, pr.guidance)}))
     for rung, kw in infer:
         k = {**key, "cfg": full_cfg, "kw": {a: b for a, b in kw.items() if a != "guidance"}, "w": pr.guidance}
-        records += _evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
+        records += evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
         models[rung] = (student, kw)
+    if bed["sizes"].gm_teacher:
+        records += _gm_variant(
+            name, bed, pr, (out, seed, progress), main_cfg, infer[1][1], (cache, key), models
+        )
     print(f"[bench reflow] {name}: diagnostics")
     dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
-    diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
+    diag = cached(cache / "diagnostics.json", dkey, lambda: diagnostics(name, bed, models, test, pr))
     if name not in IMAGE_BEDS or pr.image_sweeps:
         skey = {**dkey, "kappa": sp.kappa, "r": sp.r}
-        diag["sweeps"] = _cached(
-            cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr, sp)
-        )
+        diag["sweeps"] = cached(cache / "sweeps.json", skey, lambda: sweeps(name, bed, student, weak, pr, sp))
     diag["training"] = {
         rung: json.loads((Path(c.loop.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
     }
-    samples = _figure_samples(name, bed, models, pr.nfes)
+    samples = figure_samples(name, bed, models, pr.nfes)
     return records, diag, samples
 
 
-def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[int, torch.Tensor]]:
-    """Samples of the first noise draw per variant and NFE: 10 per variant on image beds, the whole
-    draw of teacher / 2rf / full on 2-D."""
-    image = name in IMAGE_BEDS
-    noise = bed["noise"][0][:10] if image else bed["noise"][0]
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    for v in models if image else ("teacher", "2rf", "full"):
-        model, kw = models[v]
-        out[v] = {k: sample(model, noise, nfe=k, **kw) for k in nfes}
-    return out
+def _gm_variant(
+    name: str, bed: dict, pr: BenchPreset, run: tuple, cfg: Any, dpm: dict, ck: tuple, models: dict
+):
+    """The GM-teacher variant: the GM-DiT teacher (gm-ode order 2) and the recipe's student (``cfg``,
+    initialised from the FM teacher) trained on the GM teacher's pairs, sampled as ``+dpm``."""
+    (out, seed, progress), (cache, key) = run, ck
+    print(f"[bench reflow] {name}: GM-DiT teacher and its pairs (gm-ode order 2)")
+    gm, pairs = make_gm_pairs(name, bed, pr, out, seed, progress)
+    gkw = {"solver": "gm-ode", "order": 2, "grid": "uniform"}
+    gid = {"v": "gm-teacher", "w": teacher_hash(out / "teachers" / f"{name}-gm")}
+    records = evaluate(name, bed, gm, "gm-teacher", pr.nfes, gkw, cache, {**key, **gid})
+    cfg = apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / 'gm-recipe'}"])
+    print(f"[bench reflow] {name}: rung gm-recipe ({cfg.loop.steps} steps, GM-teacher pairs)")
+    net, _ = _train_rung("gm-recipe", cfg, bed, pairs, None, progress)
+    ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir), "kw": dpm}
+    records += evaluate(name, bed, net, "gm-recipe", pr.nfes, dpm, cache, {**key, **ids})
+    models.update({"gm-teacher": (gm, gkw), "gm-recipe": (net, dpm)})
+    return records
 
 
 def _knobs(pr: BenchPreset) -> str:

@@ -22,8 +22,8 @@ from ..train import FlowLoss, LoopConfig
 from . import images_setup
 from .reflow_images import IMAGE_BEDS, image_bed_metrics, image_reference, image_teacher_config
 
-__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_available", "bed_metrics", "make_pairs",
-           "setup_bed"]  # fmt: skip
+__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_available", "bed_metrics", "eval_noise",
+           "make_gm_pairs", "make_pairs", "setup_bed"]  # fmt: skip
 
 DATASETS = ("checkerboard", "ring", "digits", "fmnist")
 
@@ -47,6 +47,7 @@ class Sizes:
     depth: int = 3
     trunk: tuple[str, ...] = ()  # DiT beds: --set overrides of the trunk (bench/images_setup.py)
     draws: int = 1  # evaluation noise draws (records carry `draw`; the report gives mean ± std)
+    gm_teacher: bool = False  # DiT beds: also the GM-DiT teacher variant (gm-ode pairs, a velocity student)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ PRESETS: dict[str, BenchPreset] = {
     # FMNIST_ESTIMATE
     "fmnist": BenchPreset(
         "<= 90 min on 2 idle cores: an unconditional quick-trunk DiT (4 layers, 64 wide, patch 4) on "
-        "Fashion-MNIST 32x32, 50k backward + 10k forward pairs, 3 noise draws",
+        "Fashion-MNIST 32x32, 50k backward + 10k forward pairs, 3 noise draws, a GM-DiT teacher variant",
         fmnist=Sizes(
             4000,
             1500,
@@ -121,16 +122,19 @@ PRESETS: dict[str, BenchPreset] = {
             500,
             trunk=images_setup.QUICK_TRUNK,
             draws=3,
+            gm_teacher=True,
         ),
         datasets=("fmnist",),
-    ),
+    ),  # fmt: skip
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": BenchPreset(
         "smoke test (seconds; not meaningful)",
         toy=Sizes(20, 10, 128, 128, 1e-3, 1e-3, 256, 128, 4, 400, 100, width=32, depth=2),
         digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 360, 80, width=8),
         # `--datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features for FD)
-        fmnist=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2),
+        fmnist=Sizes(
+            4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2, gm_teacher=True
+        ),
         datasets=("checkerboard", "ring"),
         nfes=(1, 2),
         classifier_epochs=1,
@@ -160,12 +164,13 @@ def _loop(s: Sizes, out_dir: Path, seed: int) -> LoopConfig:
     )  # fmt: skip
 
 
-def _train_teacher(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool):
-    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
-    d = out / "teachers" / ("ring-init" if name == "ring" else name)
+def _train_teacher(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool, gm: bool = False):
+    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached;
+    ``gm``: the GM-DiT twin of an image bed's DiT teacher (``OUT/teachers/<bed>-gm``)."""
+    d = out / "teachers" / ("ring-init" if name == "ring" else name + ("-gm" if gm else ""))
     s = pr.sizes(name)
     if name in IMAGE_BEDS:
-        cfg = image_teacher_config(name, s, _loop(s, d, seed), pr.teacher_dropout)
+        cfg = image_teacher_config(name, s, _loop(s, d, seed), pr.teacher_dropout, gm=gm)
     else:
         model = ToyModel(head="velocity", width=s.width, depth=s.depth, time_dim=64, pos_freqs=16)
         cfg = Toy2DConfig(data=Toy2DData(name), model=model, loss=FlowLoss(kind="fm"), loop=_loop(s, d, seed))
@@ -249,3 +254,21 @@ def make_pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
                    nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed + 1, **common)  # fmt: skip
     test = PairDataset(d / "test")
     return PairDataset(d / "backward", d / "forward"), test.backward
+
+
+def make_gm_pairs(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
+    """The GM-teacher variant of an image bed: ``(GM-DiT teacher, its pairs)``.
+
+    The GM-DiT twin of the bed's teacher (same trunk, data and budget) is trained once; its backward
+    pairs integrate **gm-ode order 2** at ``pair_nfe`` (the GM's own ODE solver), the same number of
+    pairs as the FM teacher's; its forward pairs invert the same training images (heun on the GM's
+    mean velocity, the only solvers that run upwards).
+    """
+    s, d = bed["sizes"], out / "pairs" / f"{name}-gm"
+    gm = _train_teacher(name, pr, out, seed, progress, gm=True)
+    common = dict(shard_size=IMAGE_BEDS[name].shard_size, progress=progress)
+    generate_pairs(gm, d / "backward", direction="backward", n=s.n_bwd, solver="gm-ode", order=2,
+                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
+    generate_pairs(gm, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
+                   nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
+    return gm, PairDataset(d / "backward", d / "forward")

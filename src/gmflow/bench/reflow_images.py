@@ -45,7 +45,7 @@ from ..data import load_dataset
 from ..experiments import ImageData, ImageModel, ImagesConfig, get_preset, recipe
 from ..reflow import reflow_objective
 from ..sampling import sample
-from ..train import LoopConfig, dataset_batch_fn
+from ..train import LoopConfig
 from . import images_setup
 from .images_ddpm import UNCONDITIONAL
 
@@ -72,20 +72,26 @@ IMAGE_BEDS: dict[str, ImageBed] = {
 }
 
 
-def image_teacher_config(name: str, s: Any, loop: LoopConfig, dropout: float) -> ImagesConfig:
+def image_teacher_config(
+    name: str, s: Any, loop: LoopConfig, dropout: float, *, gm: bool = False
+) -> ImagesConfig:
     """The teacher run of image bed ``name`` with sizes ``s`` (``width``, ``trunk``, ``lr``) and ``loop``.
 
     digits: a SmallUNet (base ``s.width``, dropout ``dropout``) with ``loop`` as given. fmnist: the
     ``fmnist-fm`` preset made unconditional, with the trunk ``s.trunk`` and ``loop``'s steps, batch,
     learning rate, warm-up, seed, checkpointing and output directory (its EMA stays the preset's).
+    ``gm``: its GM-DiT twin instead, ``fmnist-gmdit`` (K = 8, transition loss lambda 0.5) with the
+    same trunk, loop and changes (the GM-teacher variant; DiT beds only).
     """
     bed = IMAGE_BEDS[name]
     if bed.arch == "unet":
+        if gm:
+            raise ValueError(f"gm_teacher: the {name!r} bed has no GM-DiT twin (DiT beds only)")
         model = ImageModel(base=s.width, mults=(1, 2), dropout=dropout)
         return ImagesConfig(data=ImageData(bed.data), model=model, loop=loop)
     keys = ("steps", "batch_size", "lr", "warmup_steps", "seed", "out_dir", "ckpt_every", "log_every")
     return apply_sets(
-        get_preset("fmnist-fm"),
+        get_preset("fmnist-gmdit" if gm else "fmnist-fm"),
         [f"data.name={bed.data}", *s.trunk, *UNCONDITIONAL, *(f"loop.{k}={getattr(loop, k)}" for k in keys)],
     )
 
@@ -160,6 +166,27 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times[1:])  # the first call warms up
 
 
+def _step_ms(cfg: ImagesConfig, pair_objective: Any, s: Any, steps: int) -> tuple[Any, float, float]:
+    """``(model, teacher step ms, ReFlow step ms)`` of a fresh network of ``cfg`` (AdamW steps)."""
+    model, objective, batches = cfg.build()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train = cfg.dataset("train").tensor()
+
+    def step(i: int, pair: bool) -> None:
+        g = torch.Generator().manual_seed(i)
+        if pair:  # a ReFlow batch: (x0, x1) pairs
+            x0 = train[torch.randint(0, len(train), (s.reflow_batch,), generator=g)]
+            loss = pair_objective(model, (x0, torch.randn(x0.shape, generator=g)), g).mean()
+        else:
+            loss = objective(model, batches(i, 0, 1, g), g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    teacher = _median_ms(lambda i: step(i, False), steps)
+    return model.eval(), teacher, _median_ms(lambda i: step(i, True), steps)
+
+
 def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: int = 3) -> dict[str, float]:
     """Seconds the image bed ``name`` of preset ``pr`` needs on this machine now, from a few measured
     steps: teacher and ReFlow training steps, a teacher call on ``shard_size`` samples (one NFE of
@@ -167,55 +194,49 @@ def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: 
 
     Counts: teacher steps; backward + test pairs at ``pair_nfe`` and forward pairs at ``pair_nfe + 1``
     evaluations; ``rungs`` training rungs at ``reflow_steps``; sampling of every evaluated variant
-    (``variants``) at every NFE and draw (``full`` twice: main + guide), a score
-    per cell and a memorisation check per cell of the first draw; diagnostics (3 models, 16 NFE on
-    ``n_diag``). Excludes a classifier that is not yet cached, data loading and figures.
+    (``variants``) at every NFE and draw (``full`` twice: main + guide), a score per cell and a
+    memorisation check per cell of the first draw; diagnostics (3 models, 16 NFE on ``n_diag``).
+    With ``gm_teacher``: the GM-DiT's steps, its pairs (gm-ode order 2 backward, heun forward), one
+    more student and two more variants. Excludes a classifier that is not yet cached, data loading
+    and figures.
     """
     s, bed = pr.sizes(name), IMAGE_BEDS[name]
-    torch.manual_seed(0)
     loop = LoopConfig(steps=s.teacher_steps, batch_size=s.batch, lr=s.lr)
-    cfg = image_teacher_config(name, s, loop, pr.teacher_dropout)
-    data = cfg.dataset("train")
-    model, objective, _ = cfg.build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = dataset_batch_fn(data, s.batch, labels=False)
-    rec = recipe("simple", bed.shape).loss
-    robj = reflow_objective(rec)
-    train = data.tensor()
-
-    def step(i: int, obj=objective, n=s.batch, pair=False) -> None:
-        g = torch.Generator().manual_seed(i)
-        if pair:
-            x0 = train[torch.randint(0, len(train), (n,), generator=g)]
-            b: Any = (x0, torch.randn(x0.shape, generator=g))
-        else:
-            b = batches(i, 0, 1, g)
-        loss = obj(model, b, g).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    teacher_ms = _median_ms(step, steps)
-    reflow_ms = _median_ms(lambda i: step(i, robj, s.reflow_batch, True), steps)
-    model.eval()
+    robj = reflow_objective(recipe("simple", bed.shape).loss)
+    model, teacher_ms, reflow_ms = _step_ms(
+        image_teacher_config(name, s, loop, pr.teacher_dropout), robj, s, steps
+    )
     noise = torch.randn(bed.shard_size, *bed.shape)
-    eval_ms = _median_ms(lambda i: sample(model, noise, solver="euler", nfe=1), steps) / bed.shard_size
+
+    def eval_ms(m: Any, **kw: Any) -> float:  # ms per sample and network evaluation
+        return _median_ms(lambda i: sample(m, noise, nfe=2, **kw), 1) / bed.shard_size / 2
+
+    call = eval_ms(model, solver="euler")
     scorer = images_setup.make_scorer(bed.data, pr.classifier_epochs, limit=pr.classifier_limit)
     ref = image_reference(bed.data, scorer, s.n_eval, 0)
     x = ref["ref"][: ref["n_eval"]]
     score_ms = _median_ms(lambda i: scorer(x), 1)
     memo_ms = _median_ms(lambda i: memorisation(x, ref["nearest"], ref["nn_test"]), 1)
+    n, cells = ref["n_eval"], len(pr.nfes) * s.draws
     evals_per_sample = sum(pr.nfes) * (len(variants) + ("full" in variants))  # full: main + guide
     out = {
-        "teacher_s": s.teacher_steps * teacher_ms / 1e3,
-        "pairs_s": ((s.n_bwd + s.n_diag) * s.pair_nfe + s.n_fwd * (s.pair_nfe + 1)) * eval_ms / 1e3,
-        "rungs_s": rungs * s.reflow_steps * reflow_ms / 1e3,
-        "sampling_s": s.draws * ref["n_eval"] * evals_per_sample * eval_ms / 1e3,
-        "scoring_s": (s.draws * len(variants) * len(pr.nfes)) * score_ms / 1e3,
-        "memorisation_s": len(variants) * len(pr.nfes) * memo_ms / 1e3,
-        "diagnostics_s": 3 * 16 * s.n_diag * eval_ms / 1e3,
+        "teacher_s": s.teacher_steps * teacher_ms,
+        "pairs_s": ((s.n_bwd + s.n_diag) * s.pair_nfe + s.n_fwd * (s.pair_nfe + 1)) * call,
+        "rungs_s": rungs * s.reflow_steps * reflow_ms,
+        "sampling_s": s.draws * n * evals_per_sample * call,
+        "scoring_s": len(variants) * cells * score_ms,
+        "memorisation_s": len(variants) * len(pr.nfes) * memo_ms,
+        "diagnostics_s": 3 * 16 * s.n_diag * call,
     }
-    out["total_s"] = sum(out.values())
-    out.update(teacher_step_ms=teacher_ms, reflow_step_ms=reflow_ms, eval_ms_per_sample=eval_ms,
-               score_ms=score_ms, memorisation_ms=memo_ms)  # fmt: skip
-    return out
+    unit = dict(teacher_step_ms=teacher_ms, reflow_step_ms=reflow_ms, eval_ms_per_sample=call,
+                score_ms=score_ms, memorisation_ms=memo_ms)  # fmt: skip
+    if s.gm_teacher:
+        gm, gm_ms, _ = _step_ms(image_teacher_config(name, s, loop, 0.0, gm=True), robj, s, steps)
+        gm_call = eval_ms(gm, solver="gm-ode", order=2)
+        out["gm_teacher_s"] = s.teacher_steps * gm_ms
+        out["gm_pairs_s"] = s.n_bwd * s.pair_nfe * gm_call + s.n_fwd * (s.pair_nfe + 1) * call
+        out["gm_student_s"] = s.reflow_steps * reflow_ms
+        out["gm_eval_s"] = s.draws * n * sum(pr.nfes) * (gm_call + call) + 2 * cells * score_ms
+        unit.update(gm_step_ms=gm_ms, gm_ode_ms_per_sample=gm_call)
+    out = {k: v / 1e3 for k, v in out.items()}
+    return {**out, "total_s": sum(out.values()), **unit}

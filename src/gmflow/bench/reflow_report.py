@@ -19,8 +19,10 @@ from .reflow_beds import BenchPreset
 from .reflow_images import IMAGE_BEDS
 
 TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
-#: rungs that branch off another rung instead of extending the previous one
-BRANCH_OF = {"+projection": "+forward"}
+#: rungs that branch off another rung instead of extending the previous one; the GM-teacher variant
+#: (image beds with ``gm_teacher``): the GM-DiT teacher vs the FM teacher, and the recipe's student
+#: trained on the GM teacher's pairs vs the one trained on the FM teacher's (both sampled as ``+dpm``)
+BRANCH_OF = {"+projection": "+forward", "gm-teacher": "teacher", "gm-recipe": "+dpm"}
 LADDER = ("teacher", *(r for r in TRAIN_RUNGS if r not in BRANCH_OF), "+sigmoid", "+dpm", "full", *BRANCH_OF)
 IMAGE_ONLY = ("+hpf", "+dropout")
 
@@ -122,6 +124,9 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
                 if ("2rf", 2 * k) in get:
                     part += f"; vs 2rf at NFE {2 * k}: {_rel(a[metric], get[('2rf', 2 * k)][metric])}"
                 part += ")"
+            if ("gm-recipe", k) in get:
+                c = get[("gm-recipe", k)]
+                part += f", recipe on GM-teacher pairs {_value(c, metric)} ({_rel(c[metric], b[metric])})"
             parts.append(part)
         if parts:
             lines.append(f"{ds} ({metric}): " + "; ".join(parts))
