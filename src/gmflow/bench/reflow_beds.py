@@ -89,6 +89,23 @@ class BenchPreset:
 
 _SMOKE_TRUNK = ("model.patch_size=4", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8")
 
+# The fmnist budget, from `gmflow bench reflow --preset fmnist --estimate` (5 measured steps / calls each)
+# run niced on ONE thread of the loaded machine (load ~3): teacher step (batch 64) 240-250 ms, ReFlow
+# step 190-300 ms (take 240), GM-DiT step 270-290 ms, a teacher call 1.35 ms per sample (batch 256),
+# gm-ode order 2 1.8-2.2 ms, a scoring of 1000 samples 0.8 s, a memorisation check 4 s. Minutes:
+#   FM teacher 4000 steps 16 | pairs 50k bwd x 8 + 10k fwd x 9 + 500 test x 8 NFE 11 | 6 rungs x 1200
+#   steps 29 | sampling 11 variants x NFE (1+2+4+9) x 1000 x 3 draws (full: + guide) 12 | scoring 120
+#   cells 1.5 | memorisation 40 cells 2.6 | diagnostics 0.5 | GM-DiT teacher 4000 steps 19 | GM pairs
+#   (gm-ode 2) 15 | GM student 1200 steps 5 | GM rows 3  ->  ~114 min on one loaded thread.
+# Two idle threads: / 1.8 -> ~63 min; / 1.5 (the teacher step is 160 ms on 2 idle threads) -> ~76 min;
+# plus ~2 min of data loading and figures (the fmnist32 classifier is the image benchmark's cached one;
+# training it once adds a few minutes). Not run end to end yet.
+_FMNIST = Sizes(4000, 1200, 64, 64, 1e-3, 3e-4, 50000, 10000, 8, 1000, 500, trunk=images_setup.QUICK_TRUNK,
+                draws=3, gm_teacher=True)  # fmt: skip
+# `--preset smoke --datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features)
+_FMNIST_SMOKE = Sizes(4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2,
+                      gm_teacher=True)  # fmt: skip
+
 PRESETS: dict[str, BenchPreset] = {
     # Measured: docs/RESULTS.md §10 (issue 12 definitions; 2-D beds).
     "quick": BenchPreset(
@@ -104,37 +121,19 @@ PRESETS: dict[str, BenchPreset] = {
         digits=Sizes(3000, 500, 128, 128, 2e-3, 5e-4, 8192, 1437, 24, 1000, 500, width=16),
         image_sweeps=True,
     ),
-    # FMNIST_ESTIMATE
+    # Budget: the estimate above `_FMNIST` (not run end to end).
     "fmnist": BenchPreset(
         "<= 90 min on 2 idle cores: an unconditional quick-trunk DiT (4 layers, 64 wide, patch 4) on "
         "Fashion-MNIST 32x32, 50k backward + 10k forward pairs, 3 noise draws, a GM-DiT teacher variant",
-        fmnist=Sizes(
-            4000,
-            1500,
-            64,
-            64,
-            1e-3,
-            3e-4,
-            50000,
-            10000,
-            8,
-            1000,
-            500,
-            trunk=images_setup.QUICK_TRUNK,
-            draws=3,
-            gm_teacher=True,
-        ),
+        fmnist=_FMNIST,
         datasets=("fmnist",),
-    ),  # fmt: skip
+    ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": BenchPreset(
         "smoke test (seconds; not meaningful)",
         toy=Sizes(20, 10, 128, 128, 1e-3, 1e-3, 256, 128, 4, 400, 100, width=32, depth=2),
         digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 360, 80, width=8),
-        # `--datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features for FD)
-        fmnist=Sizes(
-            4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2, gm_teacher=True
-        ),
+        fmnist=_FMNIST_SMOKE,
         datasets=("checkerboard", "ring"),
         nfes=(1, 2),
         classifier_epochs=1,

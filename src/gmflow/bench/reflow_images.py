@@ -187,7 +187,7 @@ def _step_ms(cfg: ImagesConfig, pair_objective: Any, s: Any, steps: int) -> tupl
     return model.eval(), teacher, _median_ms(lambda i: step(i, True), steps)
 
 
-def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: int = 3) -> dict[str, float]:
+def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: int = 5) -> dict[str, float]:
     """Seconds the image bed ``name`` of preset ``pr`` needs on this machine now, from a few measured
     steps: teacher and ReFlow training steps, a teacher call on ``shard_size`` samples (one NFE of
     pair generation or sampling), one scoring and one memorisation check of ``n_eval`` samples.
