@@ -1,6 +1,12 @@
-"""Simple ReFlow ladder: each improvement of Simple ReFlow added cumulatively, on three CPU test beds.
+"""Simple ReFlow ladder: each improvement of Simple ReFlow added cumulatively, on four CPU test beds.
 
     gmflow bench reflow --preset quick --out runs/reflow-quick     # run again to reuse finished work
+    gmflow bench reflow --preset fmnist --out runs/reflow-fmnist   # Fashion-MNIST (issue 12); resumes
+    gmflow bench reflow --preset fmnist --estimate                 # its measured time breakdown, then exit
+
+Presets (:data:`PRESETS`): ``quick`` and ``full`` (checkerboard, ring, digits), ``fmnist`` (the
+Fashion-MNIST bed only; its budget breakdown is the comment above ``_FMNIST`` in reflow_beds.py) and
+``smoke`` (seconds; ``--datasets fmnist`` runs a tiny fmnist bed).
 
 Test beds (:mod:`gmflow.bench.reflow_beds`):
 
@@ -12,6 +18,13 @@ Test beds (:mod:`gmflow.bench.reflow_beds`):
   metric is the classifier-feature Fréchet distance against the held-out **test** split (which never
   feeds the teacher, the classifier, the pairs or the projection), with as many samples as test images
   and a floor from as many training images; precision / recall and a memorisation check are recorded.
+* ``fmnist`` (Fashion-MNIST 32x32): the teacher is an unconditional flow-matching DiT of the image
+  benchmark's quick trunk trained on the train split; the same protocol against the 10,000 test
+  images with ``n_eval`` samples per cell and ``draws`` noise draws (mean ± sd), the image
+  benchmark's cached classifier, no ``+dropout`` rung (the DiT teacher has no dropout), and the
+  GM-teacher variant: rows ``gm-teacher`` (the GM-DiT twin, gm-ode order 2) and ``gm-recipe`` (the
+  recipe's student trained on the GM teacher's gm-ode pairs). :mod:`gmflow.bench.reflow_images` and
+  docs/maths/reflow.md §15-16.
 
 Ladder (each rung adds the next knob of ``gmflow.experiments.recipe("simple", shape)``; every model is
 evaluated at each NFE with the same noise):
@@ -24,7 +37,7 @@ teacher         the teacher itself, Euler on the uniform grid
                 network for ``log E[l | x_t, t]``); left out where the recipe has none
 +pow10          ``t ∝ 10^t``
 +hpf            FFT-mask HPF distance (images only)
-+dropout        smaller student dropout (images only: the toy MLP has no dropout)
++dropout        smaller student dropout (digits only: the toy MLP and the fmnist DiT teacher have none)
 +forward        forward pairs with ratio rho: the recipe's student
 +sigmoid        sigmoid time grid (kappa); same student, inference only
 +dpm            DPM-Solver-2 (r); inference only: **the recipe as a user runs it**
@@ -36,11 +49,12 @@ full            + AutoGuidance: weak model = the recipe student's checkpoint aft
                 ``x0 <- (x0 + lambda y) / (1 + lambda)`` (a measurement; the recipe has no projection)
 =============== ===========================================================================================
 
-Outputs: ``results.json`` (records with dataset, variant, nfe, nfe_main / nfe_guide / nfe_total, the
-metric: ``sw2`` + ``sw2_floor`` on 2-D, ``fd`` + ``fd_floor``, precision, recall, ``nn_ratio``,
-``copy_frac`` on digits, and ``rel_change`` vs the previous rung), ``results.md``, ``diagnostics.json``
-(straightness, one-step error, per-t relative loss spread, inference sweeps), NFE-vs-metric PNGs,
-histograms / digit grids.
+Outputs: ``results.json`` (records with dataset, variant, nfe, draw, nfe_main / nfe_guide / nfe_total,
+the metric: ``sw2`` + ``sw2_floor`` on 2-D, ``fd`` + ``fd_floor``, precision, recall and (first draw)
+``nn_ratio``, ``copy_frac`` on image beds, and ``rel_change`` vs the previous rung on the same draw),
+``results.md`` (means ± sd over draws), ``diagnostics.json`` (straightness, one-step error, per-t
+relative loss spread, inference sweeps), NFE-vs-metric PNGs, histograms (2-D) or one sample grid per
+variant (image beds: a row per NFE).
 """
 
 from __future__ import annotations

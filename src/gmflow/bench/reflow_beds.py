@@ -1,7 +1,11 @@
 """Test beds and presets of the Simple ReFlow ladder benchmark (:mod:`gmflow.bench.reflow`).
 
 A test bed holds a data set with its evaluation reference, the teacher that makes the pairs, the
-network every student starts from and the evaluation noise; :func:`make_pairs` writes its pairs.
+network every student starts from and the evaluation noise (one tensor per noise draw);
+:func:`make_pairs` writes its pairs, :func:`make_gm_pairs` the GM-teacher variant's. The image beds'
+teachers and evaluation protocol are :mod:`gmflow.bench.reflow_images`. A preset holds one
+:class:`Sizes` per kind of bed (``toy`` for both 2-D beds, ``digits``, ``fmnist``); a bed the preset has
+no sizes for is refused (``ConfigError``).
 """
 
 from __future__ import annotations
