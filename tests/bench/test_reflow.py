@@ -215,3 +215,21 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     stamp = _stamps(out)
     assert bench.run(_fmnist_args(out)) == 0  # a re-run reuses every evaluation
     assert _stamps(out) == stamp
+
+
+def test_estimate_of_the_fmnist_bed(tmp_path, fake_fmnist, monkeypatch, capsys):
+    """--estimate measures a few steps and calls and prints the per-phase minutes, nothing is trained."""
+    from gmflow.bench.reflow_images import estimate
+
+    monkeypatch.setenv("GMFLOW_FASHION_MNIST", str(fake_fmnist(n_train=300, n_test=200)))
+    pr = bench.PRESETS["smoke"]
+    est = estimate("fmnist", pr, ["teacher", "2rf", "+dpm", "full"], 1, steps=1)
+    phases = {k: v for k, v in est.items() if k.endswith("_s") and k != "total_s"}
+    assert {"teacher_s", "rungs_s", "sampling_s", "gm_teacher_s", "gm_pairs_s"} <= set(phases)
+    assert all(v > 0 for v in phases.values()) and est["total_s"] == pytest.approx(sum(phases.values()))
+    assert est["sampling_s"] == pytest.approx(
+        pr.fmnist.draws * 160 * sum(pr.nfes) * 5 * est["eval_ms_per_sample"] / 1e3  # full: main + guide
+    )
+    assert bench.run(_fmnist_args(tmp_path / "est", estimate=True)) == 0
+    assert "fmnist estimate (min on this machine now): teacher" in capsys.readouterr().out
+    assert not (tmp_path / "est" / "teachers").exists()
