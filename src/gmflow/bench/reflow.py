@@ -276,6 +276,8 @@ def _print_estimates(pr: BenchPreset, datasets, out: Path, seed: int) -> int:
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
     pr, datasets, out = start_run(args, "reflow", PRESETS, DATASETS)
+    for name in datasets:
+        pr.sizes(name)  # ConfigError before any work when the preset has no budget for a bed
     if getattr(args, "normalize", None) is not None:
         pr = dataclasses.replace(pr, normalize=args.normalize)
     progress = not args.no_progress
