@@ -237,6 +237,7 @@ def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: 
         out["gm_pairs_s"] = s.n_bwd * s.pair_nfe * gm_call + s.n_fwd * (s.pair_nfe + 1) * call
         out["gm_student_s"] = s.reflow_steps * reflow_ms
         out["gm_eval_s"] = s.draws * n * sum(pr.nfes) * (gm_call + call) + 2 * cells * score_ms
+        out["gm_eval_s"] += 2 * len(pr.nfes) * memo_ms
         unit.update(gm_step_ms=gm_ms, gm_ode_ms_per_sample=gm_call)
     out = {k: v / 1e3 for k, v in out.items()}
     return {**out, "total_s": sum(out.values()), **unit}
