@@ -6,8 +6,10 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from gmflow.bench import reflow as bench
+from gmflow.bench.reflow_report import draw_means
 from gmflow.config import ConfigError
 
 
@@ -76,6 +78,8 @@ def test_bad_preset_and_dataset(tmp_path):
         bench.run(_args(tmp_path, preset="nope"))
     with pytest.raises(ConfigError, match="datasets"):
         bench.run(_args(tmp_path, datasets=["mnist"]))
+    with pytest.raises(ConfigError, match="no sizes for the 'digits' test bed"):
+        bench.run(_args(tmp_path, preset="fmnist", datasets=["digits"]))
 
 
 def test_relative_changes_and_headline():
@@ -98,36 +102,76 @@ def test_relative_changes_and_headline():
     assert "vs 2rf at NFE 2: +25.0%" in line  # guided NFE 1 (1 + 1 evaluations) vs 2rf at NFE 2
 
 
-def test_digits_held_out_split_never_feeds_pairs(tmp_path):
-    """The digits reference is the test split; forward pairs invert training images only."""
-    import torch
+def test_draw_means_relative_changes_and_paired_headline():
+    """Several noise draws: changes per draw (same noise), tables and headline on the means (± sd)."""
+    fd = {("2rf", 0): 10.0, ("2rf", 1): 12.0, ("+dpm", 0): 7.0, ("+dpm", 1): 9.0, ("teacher", 0): 20.0,
+          ("teacher", 1): 22.0}  # fmt: skip
+    recs = [{"dataset": "fmnist", "variant": v, "nfe": 9, "draw": d, "fd": x} for (v, d), x in fd.items()]
+    recs[0]["nn_ratio"] = 0.9  # memorisation: first draw only
+    bench.add_relative_changes(recs)
+    by = {(r["variant"], r["draw"]): r for r in recs}
+    assert by[("+dpm", 1)]["prev_variant"] == "2rf" and by[("+dpm", 1)]["rel_change"] == pytest.approx(-0.25)
+    means = {r["variant"]: r for r in draw_means(recs)}
+    assert means["2rf"]["draws"] == 2 and means["2rf"]["fd"] == 11.0
+    assert means["2rf"]["fd_sd"] == pytest.approx(2**0.5) and means["2rf"]["nn_ratio"] == 0.9
+    assert "draw" not in means["2rf"] and means["+dpm"]["rel_change"] == pytest.approx(8.0 / 11.0 - 1.0)
+    (line,) = bench.headline(recs)
+    assert line.startswith("fmnist (fd): NFE 9: 2rf 11 ± 1.4 -> recipe 8 ± 1.4 (-27.3%")
+    assert "per draw -27.5 ± 3.5%" in line  # mean and sd of -30 % and -25 %
 
-    from gmflow.bench.reflow_beds import PRESETS, Sizes, digits_reference, make_pairs, memorisation
-    from gmflow.data import Digits
-    from gmflow.nn import SmallUNet
 
-    tr = Digits.split_indices(1797, "train", 0.2, 0)
-    te = Digits.split_indices(1797, "test", 0.2, 0)
-    assert not set(tr.tolist()) & set(te.tolist()) and len(tr) + len(te) == 1797
+def _fmnist_args(out, **kw):
+    return _args(out, datasets=["fmnist"], **kw)
 
-    class _Features:  # stands in for the classifier: features = pooled pixels
-        def features(self, x):
-            return torch.nn.functional.avg_pool2d(x, 4).flatten(1)
 
-    ref = digits_reference(_Features(), seed=0)
-    assert len(ref["ref"]) == len(te) and ref["floor"] > 0
-    assert torch.equal(ref["ref"], Digits(16, "test").tensor())
-    torch.manual_seed(0)
-    teacher = SmallUNet(1, 8, (1,), image_size=16, time_dim=16)
-    s = PRESETS["smoke"].digits
-    sizes = Sizes(**{**s.__dict__, "n_bwd": 16, "n_fwd": 24, "n_diag": 8, "pair_nfe": 2})
-    bed = dict(teacher=teacher, sizes=sizes, shape=(1, 16, 16), fwd_data=ref["train"][:24])
-    pairs, _ = make_pairs("digits", bed, tmp_path, 0, False)
-    x0_fwd = pairs.forward[0].flatten(1)
-    d_train = torch.cdist(x0_fwd.double(), ref["train"].flatten(1).double()).min(1).values
-    d_test = torch.cdist(x0_fwd.double(), ref["ref"].flatten(1).double()).min(1).values
-    assert d_train.max() < 1e-5 and d_test.min() > 1e-2  # every forward x0 is a training image
-    # memorisation: training images themselves are "copies", test images are not
-    assert memorisation(ref["train"][:50], ref["train"], ref["nn_test"])["nn_ratio"] == 0.0
-    m = memorisation(ref["ref"], ref["train"], ref["nn_test"])
-    assert m["nn_ratio"] == 1.0 and m["copy_frac"] <= 0.02  # 1 % by construction (ties aside)
+@pytest.mark.slow
+def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
+    """The fmnist bed on a small synthetic Fashion-MNIST: DiT teacher, ladder without +dropout, two draws,
+    held-out test split, sample grids, reuse on re-run."""
+    from gmflow.data import load_dataset
+    from gmflow.reflow import PairDataset
+
+    monkeypatch.setenv("GMFLOW_FASHION_MNIST", str(fake_fmnist(n_train=400, n_test=200)))
+    out = tmp_path / "run"
+    assert bench.run(_fmnist_args(out)) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert {r["dataset"] for r in records} == {"fmnist"}
+    variants = [r["variant"] for r in records if r["nfe"] == 1 and r["draw"] == 0]
+    # no +dropout (the DiT teacher has no dropout); the GM-teacher variant's two rows at the end
+    assert variants == [
+        "teacher", "2rf", "+norm", "+pow10", "+hpf", "+forward", "+projection", "+sigmoid", "+dpm", "full",
+        "gm-teacher", "gm-recipe",
+    ]  # fmt: skip
+    pr = bench.PRESETS["smoke"]
+    cells = {(r["variant"], r["nfe"]): [] for r in records}
+    for r in records:
+        cells[(r["variant"], r["nfe"])].append(r["draw"])
+        assert r["fd"] > 0 and r["fd_floor"] > 0 and 0 <= r["precision"] <= 1
+        assert ("nn_ratio" in r) == (r["draw"] == 0)  # memorisation on the first draw
+    assert all(sorted(d) == list(range(pr.fmnist.draws)) for d in cells.values())
+    by = {(r["variant"], r["nfe"], r["draw"]): r["fd"] for r in records}
+    assert by[("2rf", 1, 0)] != by[("2rf", 1, 1)]  # another noise draw
+    text = (out / "results.md").read_text()
+    assert f"mean ± sd over {pr.fmnist.draws} noise draws" in text and "| +hpf | " in text
+    assert "fmnist (fd): NFE 1: 2rf" in text and "per draw" in text
+    cfg = json.loads((out / "teachers" / "fmnist" / "config.json").read_text())["config"]
+    assert cfg["data"]["name"] == "fmnist32" and cfg["model"]["arch"] == "dit"
+    assert cfg["model"]["conditional"] is False and cfg["loss"]["label_dropout"] == 0
+    # the held-out split never feeds pairs: forward pairs invert the first training images exactly
+    train, test = load_dataset("fmnist32", "train").tensor(), load_dataset("fmnist32", "test").tensor()
+    pairs = PairDataset(out / "pairs" / "fmnist" / "backward", out / "pairs" / "fmnist" / "forward")
+    x0 = pairs.forward[0]
+    assert torch.equal(x0, train[: len(x0)])
+    every = torch.cat([pairs.backward[0], x0]).flatten(1).double()
+    assert torch.cdist(every, test.flatten(1).double()).min() > 1e-2
+    gm = {r["variant"]: r for r in records if r["variant"].startswith("gm-") and r["nfe"] == 2}
+    assert gm["gm-teacher"]["solver"] == "gm-ode" and gm["gm-teacher"]["prev_variant"] == "teacher"
+    assert gm["gm-recipe"]["solver"] == "dpm-solver-2" and gm["gm-recipe"]["prev_variant"] == "+dpm"
+    gm_run = json.loads((out / "students" / "fmnist" / "gm-recipe" / "config.json").read_text())
+    assert gm_run["pairs"]["backward"]["solver"] == "gm-ode"  # trained on the GM teacher's pairs
+    assert "recipe on GM-teacher pairs" in text
+    for v in ("teacher", "2rf", "hpf", "dpm", "full", "gm-teacher", "gm-recipe"):
+        assert (out / f"fmnist_samples_{v}.png").stat().st_size > 500
+    stamp = _stamps(out)
+    assert bench.run(_fmnist_args(out)) == 0  # a re-run reuses every evaluation
+    assert _stamps(out) == stamp

@@ -20,6 +20,7 @@ from gmflow.metrics.images import (
     frechet_distance_from_stats,
     image_metrics,
     knn_precision_recall,
+    knn_radii,
 )
 
 FAST = dict(epochs=6)  # small training budget for the cache tests (8x8 digits, ~1 s)
@@ -126,6 +127,18 @@ def test_precision_recall_mode_dropping():
     fake = torch.randn(300, 4, generator=g) + 10
     p, r = knn_precision_recall(real, fake, k=3)
     assert p > 0.9 and 0.4 < r < 0.55
+
+
+def test_precomputed_reference_radii_give_the_same_scores():
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(200, 4, generator=g), torch.randn(150, 4, generator=g) + 0.5
+    radii = knn_radii(real, 3)
+    assert radii.shape == (200,) and radii.dtype == torch.float64
+    assert knn_precision_recall(real, fake, k=3, real_radii=radii) == knn_precision_recall(real, fake, k=3)
+    with pytest.raises(ValueError, match="real_radii"):
+        knn_precision_recall(real, fake, k=3, real_radii=radii[:10])
+    with pytest.raises(ValueError, match="more than k"):
+        knn_radii(torch.randn(3, 2), 3)
 
 
 def test_precision_recall_errors():

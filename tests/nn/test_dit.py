@@ -211,3 +211,22 @@ def test_bad_input_types(tiny):
         tiny(torch.zeros(2, 1, 8, 8, dtype=torch.long), torch.rand(2))
     with pytest.raises(ValueError, match="t must have shape"):
         tiny(torch.zeros(2, 1, 8, 8), torch.rand(3))
+
+
+def test_set_dropout_reaches_every_block_and_the_config():
+    """Simple ReFlow's student_dropout on a DiT student: the rate of every block and the rebuilt config."""
+    torch.manual_seed(0)
+    m = GMDiT(**{**TINY, "head": "velocity", "num_embeds_ada_norm": 0}).train()
+    with torch.no_grad():  # adaLN-Zero starts every block as the identity: open the gates
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    assert torch.equal(m(x, t), m(x, t)) and m.dropout == 0.0  # no dropout: deterministic
+    assert m.set_dropout(0.3) is m and m.dropout == 0.3 and m.config["dropout"] == 0.3
+    drops = [d for d in m.modules() if isinstance(d, torch.nn.Dropout)]
+    assert len(drops) == 2 * TINY["num_layers"] and all(d.p == 0.3 for d in drops)
+    assert not torch.equal(m(x, t), m(x, t))
+    assert torch.equal(m.eval()(x, t), m(x, t))
+    assert GMDiT(**m.config).dropout == 0.3
+    with pytest.raises(ValueError, match="dropout"):
+        m.set_dropout(1.0)

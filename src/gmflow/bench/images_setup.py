@@ -28,6 +28,7 @@ from ..metrics import (
     PixelStats,
     get_classifier,
     image_metrics,
+    knn_radii,
     pixel_stats,
     saturation_metrics,
 )
@@ -111,6 +112,7 @@ class Scorer:
     classifier: ImageClassifier
     reference: Tensor
     features: Tensor  # classifier features of the reference (M, F)
+    radii: Tensor  # their k-NN radii (M,), k = 3 (precision)
     pixels: PixelStats  # saturation statistics of the reference
     num_classes: int
 
@@ -125,8 +127,9 @@ class Scorer:
         finite = torch.isfinite(x.flatten(1)).all(1)
         clean = torch.nan_to_num(x, 0.0, 1.0, -1.0)
         m = image_metrics(
-            clean, self.reference, self.classifier, labels=labels, reference_features=self.features
-        )
+            clean, self.reference, self.classifier, labels=labels, reference_features=self.features,
+            reference_radii=self.radii,
+        )  # fmt: skip
         keys = ("fd", "precision", "recall", "classifier_score", "class_acc")
         out: dict[str, Any] = {k: m[k] for k in keys if k in m}
         out["nonfinite"] = int((~finite).sum())
@@ -136,14 +139,19 @@ class Scorer:
         return out
 
 
-def make_scorer(data: str, classifier_epochs: int | None = None) -> Scorer:
-    """The :class:`Scorer` of data set ``data`` against its test split (classifier cached by hash)."""
+def make_scorer(data: str, classifier_epochs: int | None = None, **train: Any) -> Scorer:
+    """The :class:`Scorer` of data set ``data`` against its test split (classifier cached by hash).
+
+    ``classifier_epochs`` (``None``: the recipe's) and ``train`` (e.g. ``limit=256``) override the
+    classifier's training options; with none the classifier is the one every benchmark shares.
+    """
     test = load_dataset(data, "test")
-    kw = {} if classifier_epochs is None else {"epochs": classifier_epochs}
+    kw = {**({} if classifier_epochs is None else {"epochs": classifier_epochs}), **train}
     clf = get_classifier(data, **kw)  # trained once, cached (GMFLOW_CACHE, ~/.cache/gmflow)
     reference = test.tensor()
     feats = clf.features_and_logits(reference)[0]
-    return Scorer(clf, reference, feats, pixel_stats(reference), int(test.num_classes))
+    radii = knn_radii(feats, 3)
+    return Scorer(clf, reference, feats, radii, pixel_stats(reference), int(test.num_classes))
 
 
 def step_parts(cfgs: dict[Any, Any]) -> dict[Any, tuple]:

@@ -1,6 +1,12 @@
-"""Simple ReFlow ladder: each improvement of Simple ReFlow added cumulatively, on three CPU test beds.
+"""Simple ReFlow ladder: each improvement of Simple ReFlow added cumulatively, on four CPU test beds.
 
     gmflow bench reflow --preset quick --out runs/reflow-quick     # run again to reuse finished work
+    gmflow bench reflow --preset fmnist --out runs/reflow-fmnist   # Fashion-MNIST (issue 12); resumes
+    gmflow bench reflow --preset fmnist --estimate                 # its measured time breakdown, then exit
+
+Presets (:data:`PRESETS`): ``quick`` and ``full`` (checkerboard, ring, digits), ``fmnist`` (the
+Fashion-MNIST bed only; its budget breakdown is the comment above ``_FMNIST`` in reflow_beds.py) and
+``smoke`` (seconds; ``--datasets fmnist`` runs a tiny fmnist bed).
 
 Test beds (:mod:`gmflow.bench.reflow_beds`):
 
@@ -12,6 +18,13 @@ Test beds (:mod:`gmflow.bench.reflow_beds`):
   metric is the classifier-feature Fréchet distance against the held-out **test** split (which never
   feeds the teacher, the classifier, the pairs or the projection), with as many samples as test images
   and a floor from as many training images; precision / recall and a memorisation check are recorded.
+* ``fmnist`` (Fashion-MNIST 32x32): the teacher is an unconditional flow-matching DiT of the image
+  benchmark's quick trunk trained on the train split; the same protocol against the 10,000 test
+  images with ``n_eval`` samples per cell and ``draws`` noise draws (mean ± sd), the image
+  benchmark's cached classifier, no ``+dropout`` rung (the DiT teacher has no dropout), and the
+  GM-teacher variant: rows ``gm-teacher`` (the GM-DiT twin, gm-ode order 2) and ``gm-recipe`` (the
+  recipe's student trained on the GM teacher's gm-ode pairs). :mod:`gmflow.bench.reflow_images` and
+  docs/maths/reflow.md §15-16.
 
 Ladder (each rung adds the next knob of ``gmflow.experiments.recipe("simple", shape)``; every model is
 evaluated at each NFE with the same noise):
@@ -24,7 +37,7 @@ teacher         the teacher itself, Euler on the uniform grid
                 network for ``log E[l | x_t, t]``); left out where the recipe has none
 +pow10          ``t ∝ 10^t``
 +hpf            FFT-mask HPF distance (images only)
-+dropout        smaller student dropout (images only: the toy MLP has no dropout)
++dropout        smaller student dropout (digits only: the toy MLP and the fmnist DiT teacher have none)
 +forward        forward pairs with ratio rho: the recipe's student
 +sigmoid        sigmoid time grid (kappa); same student, inference only
 +dpm            DPM-Solver-2 (r); inference only: **the recipe as a user runs it**
@@ -36,11 +49,12 @@ full            + AutoGuidance: weak model = the recipe student's checkpoint aft
                 ``x0 <- (x0 + lambda y) / (1 + lambda)`` (a measurement; the recipe has no projection)
 =============== ===========================================================================================
 
-Outputs: ``results.json`` (records with dataset, variant, nfe, nfe_main / nfe_guide / nfe_total, the
-metric: ``sw2`` + ``sw2_floor`` on 2-D, ``fd`` + ``fd_floor``, precision, recall, ``nn_ratio``,
-``copy_frac`` on digits, and ``rel_change`` vs the previous rung), ``results.md``, ``diagnostics.json``
-(straightness, one-step error, per-t relative loss spread, inference sweeps), NFE-vs-metric PNGs,
-histograms / digit grids.
+Outputs: ``results.json`` (records with dataset, variant, nfe, draw, nfe_main / nfe_guide / nfe_total,
+the metric: ``sw2`` + ``sw2_floor`` on 2-D, ``fd`` + ``fd_floor``, precision, recall and (first draw)
+``nn_ratio``, ``copy_frac`` on image beds, and ``rel_change`` vs the previous rung on the same draw),
+``results.md`` (means ± sd over draws), ``diagnostics.json`` (straightness, one-step error, per-t
+relative loss spread, inference sweeps), NFE-vs-metric PNGs, histograms (2-D) or one sample grid per
+variant (image beds: a row per NFE).
 """
 
 from __future__ import annotations
@@ -53,8 +67,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import apply_sets
 from ..experiments import (
     ReflowConfig,
@@ -63,12 +75,13 @@ from ..experiments import (
     train_reflow,
 )
 from ..guidance import AutoGuidance
-from ..io import atomic_write_json, atomic_write_text, sha256_bytes
-from ..reflow import NORMALIZATIONS, one_step_error, per_t_relative_loss, straightness, teacher_hash
-from ..sampling import network_evaluations, sample
+from ..io import atomic_write_json, atomic_write_text
+from ..reflow import NORMALIZATIONS, teacher_hash
 from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
-from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_metrics, digits_available, make_pairs, setup_bed
+from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_available, make_gm_pairs, make_pairs, setup_bed
+from .reflow_eval import cached, diagnostics, evaluate, figure_samples, sweeps
+from .reflow_images import IMAGE_BEDS, estimate
 from .reflow_report import (
     BRANCH_OF,
     IMAGE_ONLY,
@@ -91,6 +104,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="loss normaliser of the +norm rung instead of the recipe's (none drops the rung); use a "
         "fresh --out per choice (teachers/ and pairs/ may be shared by symlinks)",
     )  # fmt: skip
+    p.add_argument(
+        "--estimate", action="store_true",
+        help="print the time the image beds of the preset need on this machine now (a few measured "
+        "training steps, teacher calls and scorings; minutes per phase) and exit",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ ladder
@@ -100,15 +118,15 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
     ``+projection`` is a branch off ``+forward`` (the recipe has no projection); rungs whose knob is
     off in the recipe (the normaliser, the HPF distance on vectors) are left out.
     """
-    s = pr.digits if name == "digits" else pr.toy
-    shape = (1, 16, 16) if name == "digits" else (2,)
-    rec = recipe("simple", shape)
+    s = pr.sizes(name)
+    image = IMAGE_BEDS.get(name)
+    rec = recipe("simple", image.shape if image else (2,))
     loop = LoopConfig(
         steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
-    cfg = ReflowConfig(data="digits16" if name == "digits" else name, loop=loop)
+    cfg = ReflowConfig(data=image.data if image else name, loop=loop)
     norm = pr.normalize if pr.normalize is not None else rec.loss.normalize
     changes = {
         "2rf": [], "+norm": [f"loss.normalize={norm}"],
@@ -119,8 +137,10 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
                         f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
     skip = {"+norm"} if norm == "none" else set()
-    if name != "digits":
+    if image is None:
         skip |= set(IMAGE_ONLY)
+    elif not image.dropout_rung:
+        skip.add("+dropout")  # a teacher without dropout: no smaller student rate (reflow_images)
     out_cfgs = []
     for rung in TRAIN_RUNGS:
         if rung in skip:
@@ -153,84 +173,6 @@ def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | N
     return load_network(run), weak
 
 
-def _cached(path: Path, key: dict, compute):
-    """``compute()`` once per ``key`` (a JSON-able dict): the result is kept in ``path``."""
-    digest = sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:16]
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("key") == digest:
-            return old["value"]
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {"key": digest, "value": value})
-    return value
-
-
-def _run_items(name: str, bed: dict, model: Any, items: list[tuple[dict, dict]]) -> list[dict[str, Any]]:
-    """One record per ``(record fields, gmflow.sample keywords)`` item, all from the bed's noise."""
-    records = []
-    for fields, kw in items:
-        t0 = time.perf_counter()
-        x = sample(model, bed["noise"], **kw)
-        ms = (time.perf_counter() - t0) * 1e3
-        g = kw.get("guidance")
-        rec = {"dataset": name, **fields, "solver": kw["solver"], "grid": kw.get("grid")}
-        count = network_evaluations(kw["nfe"], g)  # NFE (main + guide): every network evaluation
-        rec.update(nfe_main=count["main"], nfe_guide=count["guide"], nfe_total=count["total"])
-        rec.update(guidance=None if g is None else g.scale, **bed_metrics(name, bed, x), ms=ms)
-        records.append(rec)
-    return records
-
-
-def _evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cache: Path, key: dict):
-    items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
-    return _cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
-
-
-def _sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: Any) -> list[dict[str, Any]]:
-    """Inference-only sweeps on the recipe's student: sigmoid kappa, DPM-Solver-2 r, AutoGuidance w."""
-    nfes = [k for k in pr.nfes if k >= 4] or [max(pr.nfes)]
-    dpm = {"solver": "dpm-solver-2", "grid": "sigmoid", "kappa": sp.kappa}
-    items = [
-        (
-            {"knob": "kappa", "value": v, "nfe": k},
-            {"solver": "euler", "grid": "sigmoid", "kappa": v, "nfe": k},
-        )
-        for v in (1.0, 2.0, 5.0, 10.0, 20.0)
-        for k in nfes
-    ]
-    items += [
-        ({"knob": "r", "value": v, "nfe": max(nfes)}, {**dpm, "r": v, "nfe": max(nfes)})
-        for v in (0.3, 0.4, 0.5, 0.7, 1.0)
-    ]
-    items += [
-        ({"knob": "w", "value": v, "nfe": k}, {**dpm, "r": sp.r, "nfe": k, "guidance": AutoGuidance(weak, v)})
-        for v in (1.0, 1.2, 1.4, 1.6, 2.0)
-        for k in (min(pr.nfes), max(nfes))
-    ]
-    return _run_items(name, bed, student, items)
-
-
-def _diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(123)
-    n = min(bed["sizes"].n_diag, len(test[0]))
-    noise = torch.randn(n, *bed["shape"], generator=g)
-    teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
-    out: dict[str, Any] = {"straightness": {}, "one_step_error": {}}
-    for k, m in (("teacher", teacher), ("2rf", models["2rf"][0]), ("full", models["full"][0])):
-        out["straightness"][k] = straightness(m, noise, nfe=16)
-        out["one_step_error"][k] = one_step_error(m, test[0][:n], test[1][:n])
-    ts = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
-    x0_real = bed["data"].sample(n, generator=g)
-    indep = per_t_relative_loss(bed["init"], x0_real, torch.randn(x0_real.shape, generator=g), ts=ts)
-    rf = per_t_relative_loss(models["2rf"][0], test[0][:n], test[1][:n], ts=ts)
-    out["relative_loss"] = {
-        "teacher_fm_independent": {k: v.tolist() for k, v in indep.items()},
-        "reflow_2rf_pairs": {k: v.tolist() for k, v in rf.items()},
-    }
-    return out
-
-
 def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, progress: bool):
     """Train, evaluate and diagnose the ladder on one test bed; returns (records, diagnostics, samples)."""
     print(f"[bench reflow] {name}: teacher / init network")
@@ -242,7 +184,7 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     key = {"preset": preset, "seed": seed, "nfes": pr.nfes, "dataset": name}
     teacher = bed["teacher"].velocity if name == "ring" else bed["teacher"]
     tid = "exact" if name == "ring" else teacher_hash(out / "teachers" / name)
-    records = _evaluate(
+    records = evaluate(
         name, bed, teacher, "teacher", pr.nfes, euler, cache, {**key, "v": "teacher", "w": tid}
     )
     models: dict[str, Any] = {"teacher": (teacher, euler)}
@@ -256,7 +198,7 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
             student, weak, main_cfg = net, w, cfg
         models[rung] = (net, euler)
         ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir)}
-        records += _evaluate(name, bed, net, rung, pr.nfes, euler, cache, {**key, **ids})
+        records += evaluate(name, bed, net, rung, pr.nfes, euler, cache, {**key, **ids})
     sp = recipe("simple", bed["shape"]).sampling
     full_cfg = {
         "cfg": main_cfg.to_dict(), "weights": teacher_hash(main_cfg.loop.out_dir),
@@ -269,35 +211,48 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
     infer.append(("full", {**infer[-1][1], "guidance": AutoGuidance(weak, pr.guidance)}))
     for rung, kw in infer:
         k = {**key, "cfg": full_cfg, "kw": {a: b for a, b in kw.items() if a != "guidance"}, "w": pr.guidance}
-        records += _evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
+        records += evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
         models[rung] = (student, kw)
+    if bed["sizes"].gm_teacher:
+        records += _gm_variant(
+            name, bed, pr, (out, seed, progress), main_cfg, infer[1][1], (cache, key), models
+        )
     print(f"[bench reflow] {name}: diagnostics")
     dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
-    diag = _cached(cache / "diagnostics.json", dkey, lambda: _diagnostics(name, bed, models, test, pr))
-    if name != "digits" or pr.image_sweeps:
+    diag = cached(cache / "diagnostics.json", dkey, lambda: diagnostics(name, bed, models, test, pr))
+    if name not in IMAGE_BEDS or pr.image_sweeps:
         skey = {**dkey, "kappa": sp.kappa, "r": sp.r}
-        diag["sweeps"] = _cached(
-            cache / "sweeps.json", skey, lambda: _sweeps(name, bed, student, weak, pr, sp)
-        )
+        diag["sweeps"] = cached(cache / "sweeps.json", skey, lambda: sweeps(name, bed, student, weak, pr, sp))
     diag["training"] = {
         rung: json.loads((Path(c.loop.out_dir) / "checkpoint.json").read_text())["step"] for rung, c in cfgs
     }
-    samples = _figure_samples(name, bed, models, pr.nfes)
+    samples = figure_samples(name, bed, models, pr.nfes)
     return records, diag, samples
 
 
-def _figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[int, torch.Tensor]]:
-    n = 10 if name == "digits" else len(bed["noise"])
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    for v in ("teacher", "2rf", "full"):
-        model, kw = models[v]
-        out[v] = {k: sample(model, bed["noise"][:n], nfe=k, **kw) for k in nfes}
-    return out
+def _gm_variant(
+    name: str, bed: dict, pr: BenchPreset, run: tuple, cfg: Any, dpm: dict, ck: tuple, models: dict
+):
+    """The GM-teacher variant: the GM-DiT teacher (gm-ode order 2) and the recipe's student (``cfg``,
+    initialised from the FM teacher) trained on the GM teacher's pairs, sampled as ``+dpm``."""
+    (out, seed, progress), (cache, key) = run, ck
+    print(f"[bench reflow] {name}: GM-DiT teacher and its pairs (gm-ode order 2)")
+    gm, pairs = make_gm_pairs(name, bed, pr, out, seed, progress)
+    gkw = {"solver": "gm-ode", "order": 2, "grid": "uniform"}
+    gid = {"v": "gm-teacher", "w": teacher_hash(out / "teachers" / f"{name}-gm")}
+    records = evaluate(name, bed, gm, "gm-teacher", pr.nfes, gkw, cache, {**key, **gid})
+    cfg = apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / 'gm-recipe'}"])
+    print(f"[bench reflow] {name}: rung gm-recipe ({cfg.loop.steps} steps, GM-teacher pairs)")
+    net, _ = _train_rung("gm-recipe", cfg, bed, pairs, None, progress)
+    ids = {"cfg": cfg.to_dict(), "weights": teacher_hash(cfg.loop.out_dir), "kw": dpm}
+    records += evaluate(name, bed, net, "gm-recipe", pr.nfes, dpm, cache, {**key, **ids})
+    models.update({"gm-teacher": (gm, gkw), "gm-recipe": (net, dpm)})
+    return records
 
 
 def _knobs(pr: BenchPreset) -> str:
     parts = []
-    for label, shape in (("images", (1, 16, 16)), ("2-D", (2,))):
+    for label, shape in (("images", (1, 32, 32)), ("2-D", (2,))):
         c = recipe("simple", shape)
         norm = pr.normalize if pr.normalize is not None else c.loss.normalize
         parts.append(
@@ -307,12 +262,27 @@ def _knobs(pr: BenchPreset) -> str:
     return "Recipe knobs (`recipe('simple', shape)`): " + "; ".join(parts) + ". "
 
 
+def _print_estimates(pr: BenchPreset, datasets, out: Path, seed: int) -> int:
+    """``--estimate``: the measured time breakdown of each image bed (:func:`reflow_images.estimate`)."""
+    for name in (d for d in datasets if d in IMAGE_BEDS):
+        rungs = [r for r, _ in _rung_configs(name, pr, out, seed)]
+        est = estimate(name, pr, ["teacher", *rungs, "+sigmoid", "+dpm", "full"], len(rungs))
+        parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k.endswith("_s"))
+        unit = ", ".join(f"{k} {v:.3g}" for k, v in est.items() if not k.endswith("_s"))
+        print(f"[bench reflow] {name} estimate (min on this machine now): {parts}\n  measured: {unit}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ entry point
 def run(args: argparse.Namespace) -> int:
     pr, datasets, out = start_run(args, "reflow", PRESETS, DATASETS)
+    for name in datasets:
+        pr.sizes(name)  # ConfigError before any work when the preset has no budget for a bed
     if getattr(args, "normalize", None) is not None:
         pr = dataclasses.replace(pr, normalize=args.normalize)
     progress = not args.no_progress
+    if getattr(args, "estimate", False):
+        return _print_estimates(pr, datasets, out, args.seed)
     t0 = time.perf_counter()
     print(f"[bench reflow] preset {args.preset}: {pr.description}\n[bench reflow] output: {out.resolve()}")
     records: list[dict[str, Any]] = []
@@ -320,8 +290,8 @@ def run(args: argparse.Namespace) -> int:
     figs: list[Path] = []
     timing: dict[str, float] = {}
     for name in datasets:
-        if name == "digits" and (why := digits_available()) is not None:
-            print(f"[bench reflow] note: skipping digits (its modules are missing: {why})")
+        if (why := bed_available(name)) is not None:
+            print(f"[bench reflow] note: skipping {name} ({why})")
             continue
         t1 = time.perf_counter()
         recs, diag, samples = run_dataset(name, pr, args.preset, out, args.seed, progress)

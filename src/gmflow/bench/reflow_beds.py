@@ -1,7 +1,11 @@
 """Test beds and presets of the Simple ReFlow ladder benchmark (:mod:`gmflow.bench.reflow`).
 
 A test bed holds a data set with its evaluation reference, the teacher that makes the pairs, the
-network every student starts from and the evaluation noise; :func:`make_pairs` writes its pairs.
+network every student starts from and the evaluation noise (one tensor per noise draw);
+:func:`make_pairs` writes its pairs, :func:`make_gm_pairs` the GM-teacher variant's. The image beds'
+teachers and evaluation protocol are :mod:`gmflow.bench.reflow_images`. A preset holds one
+:class:`Sizes` per kind of bed (``toy`` for both 2-D beds, ``digits``, ``fmnist``); a bed the preset has
+no sizes for is refused (``ConfigError``).
 """
 
 from __future__ import annotations
@@ -13,32 +17,19 @@ from typing import Any
 
 import torch
 
-from ..data import load_dataset
-from ..experiments import (
-    ImageData,
-    ImageModel,
-    ImagesConfig,
-    Toy2DConfig,
-    Toy2DData,
-    ToyModel,
-    load_network,
-    run_experiment,
-)
-from ..metrics import (
-    frechet_distance,
-    get_classifier,
-    image_metrics,
-    in_support_fraction,
-    reference_set,
-    sliced_w2_mean,
-)
+from ..config import ConfigError
+from ..data import MissingDataError, load_dataset
+from ..experiments import Toy2DConfig, Toy2DData, ToyModel, load_network, run_experiment
+from ..metrics import in_support_fraction, reference_set, sliced_w2_mean
 from ..reflow import PairDataset, generate_pairs
 from ..train import FlowLoss, LoopConfig
+from . import images_setup
+from .reflow_images import IMAGE_BEDS, image_bed_metrics, image_reference, image_teacher_config
 
-__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_metrics", "digits_available",
-           "digits_reference", "make_pairs", "memorisation", "setup_bed"]  # fmt: skip
+__all__ = ["BenchPreset", "DATASETS", "PRESETS", "Sizes", "bed_available", "bed_metrics", "eval_noise",
+           "make_gm_pairs", "make_pairs", "setup_bed"]  # fmt: skip
 
-DATASETS = ("checkerboard", "ring", "digits")
+DATASETS = ("checkerboard", "ring", "digits", "fmnist")
 
 
 @dataclass(frozen=True)
@@ -58,6 +49,9 @@ class Sizes:
     n_diag: int  # held-out test pairs and diagnostic samples
     width: int = 128  # toy MLP width / UNet base
     depth: int = 3
+    trunk: tuple[str, ...] = ()  # DiT beds: --set overrides of the trunk (bench/images_setup.py)
+    draws: int = 1  # evaluation noise draws (records carry `draw`; the report gives mean ± std)
+    gm_teacher: bool = False  # DiT beds: also the GM-DiT teacher variant (gm-ode pairs, a velocity student)
 
 
 @dataclass(frozen=True)
@@ -67,11 +61,15 @@ class BenchPreset:
     normalize: override of the recipe's normaliser for the ``+norm`` rung (``None``: the recipe's;
     ``"none"`` drops the rung), for the normaliser comparisons of docs/maths/reflow.md §13.
     projection_lambda, pool: the ``+projection`` branch (a measurement: the recipe has no projection).
+    teacher_dropout, student_dropout: the digits UNet's (the fmnist DiT teacher has none; reflow_images).
+    classifier_epochs, classifier_limit: overrides of the image classifier's training (``None``: the
+    recipe's, i.e. the classifier the image benchmark caches too).
     """
 
     description: str
-    toy: Sizes
-    digits: Sizes
+    toy: Sizes | None = None
+    digits: Sizes | None = None
+    fmnist: Sizes | None = None
     datasets: tuple[str, ...] = ("checkerboard", "ring", "digits")
     nfes: tuple[int, ...] = (1, 2, 4, 9)
     normalize: str | None = None
@@ -81,16 +79,43 @@ class BenchPreset:
     teacher_dropout: float = 0.13
     student_dropout: float = 0.05
     weak_frac: float = 0.1
-    classifier_epochs: int = 15
-    image_sweeps: bool = False  # inference sweeps on digits too (always on 2-D)
+    classifier_epochs: int | None = None
+    classifier_limit: int | None = None
+    image_sweeps: bool = False  # inference sweeps on image beds too (always on 2-D)
 
+    def sizes(self, name: str) -> Sizes:
+        """The budget of test bed ``name``; ``ConfigError`` if this preset has none for it."""
+        s = self.toy if name in ("checkerboard", "ring") else getattr(self, name, None)
+        if not isinstance(s, Sizes):
+            raise ConfigError(f"--datasets: this preset has no sizes for the {name!r} test bed")
+        return s
+
+
+_SMOKE_TRUNK = ("model.patch_size=4", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8")
+
+# The fmnist budget, from `gmflow bench reflow --preset fmnist --estimate` (5 measured steps / calls each)
+# run niced on ONE thread of the loaded machine (load ~3): teacher step (batch 64) 240-250 ms, ReFlow
+# step 190-300 ms (take 240), GM-DiT step 270-290 ms, a teacher call 1.35 ms per sample (batch 256),
+# gm-ode order 2 1.8-2.2 ms, a scoring of 1000 samples 0.8 s, a memorisation check 4 s. Minutes:
+#   FM teacher 4000 steps 16 | pairs 50k bwd x 8 + 10k fwd x 9 + 500 test x 8 NFE 11 | 6 rungs x 1200
+#   steps 29 | sampling 11 variants x NFE (1+2+4+9) x 1000 x 3 draws (full: + guide) 12 | scoring 120
+#   cells 1.5 | memorisation 40 cells 2.6 | diagnostics 0.5 | GM-DiT teacher 4000 steps 19 | GM pairs
+#   (gm-ode 2) 15 | GM student 1200 steps 5 | GM rows 3  ->  ~114 min on one loaded thread.
+# Two idle threads: / 1.8 -> ~63 min; / 1.5 (the teacher step is 160 ms on 2 idle threads) -> ~76 min;
+# plus ~2 min of data loading and figures (the fmnist32 classifier is the image benchmark's cached one;
+# training it once adds a few minutes). Not run end to end yet.
+_FMNIST = Sizes(4000, 1200, 64, 64, 1e-3, 3e-4, 50000, 10000, 8, 1000, 500, trunk=images_setup.QUICK_TRUNK,
+                draws=3, gm_teacher=True)  # fmt: skip
+# `--preset smoke --datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features)
+_FMNIST_SMOKE = Sizes(4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2,
+                      gm_teacher=True)  # fmt: skip
 
 PRESETS: dict[str, BenchPreset] = {
     # Measured: docs/RESULTS.md §10 (issue 12 definitions; 2-D beds).
     "quick": BenchPreset(
         "<= 10 min on 2 idle cores: 3x128 MLPs, a base-16 UNet, short runs",
         toy=Sizes(1500, 600, 512, 512, 2e-3, 5e-4, 20000, 10000, 32, 5000, 2000),
-        digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 200, 200, width=16),
+        digits=Sizes(500, 100, 64, 64, 2e-3, 5e-4, 1000, 500, 12, 360, 200, width=16),
     ),
     # Measured before issue 12 (docs/RESULTS.md §7, old definitions, FD against the training split).
     "full": BenchPreset(
@@ -100,23 +125,36 @@ PRESETS: dict[str, BenchPreset] = {
         digits=Sizes(3000, 500, 128, 128, 2e-3, 5e-4, 8192, 1437, 24, 1000, 500, width=16),
         image_sweeps=True,
     ),
+    # Budget: the estimate above `_FMNIST` (not run end to end).
+    "fmnist": BenchPreset(
+        "<= 90 min on 2 idle cores: an unconditional quick-trunk DiT (4 layers, 64 wide, patch 4) on "
+        "Fashion-MNIST 32x32, 50k backward + 10k forward pairs, 3 noise draws, a GM-DiT teacher variant",
+        fmnist=_FMNIST,
+        datasets=("fmnist",),
+    ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": BenchPreset(
         "smoke test (seconds; not meaningful)",
         toy=Sizes(20, 10, 128, 128, 1e-3, 1e-3, 256, 128, 4, 400, 100, width=32, depth=2),
-        digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 80, 80, width=8),
+        digits=Sizes(4, 3, 16, 16, 1e-3, 1e-3, 96, 96, 2, 360, 80, width=8),
+        fmnist=_FMNIST_SMOKE,
         datasets=("checkerboard", "ring"),
         nfes=(1, 2),
         classifier_epochs=1,
+        classifier_limit=512,
     ),
 }
 
 
-def digits_available() -> str | None:
-    """``None`` if the digits test bed can run, else why not (scikit-learn missing)."""
+def bed_available(name: str) -> str | None:
+    """``None`` if test bed ``name`` can run, else why not (digits: scikit-learn missing; fmnist: the
+    Fashion-MNIST IDX files missing)."""
     try:
-        import sklearn  # noqa: F401 - optional dependency of the digits data set
-    except ImportError as e:
+        if name == "digits":
+            import sklearn  # noqa: F401 - optional dependency of the digits data set
+        elif name in IMAGE_BEDS:
+            load_dataset(IMAGE_BEDS[name].data, "test")
+    except (ImportError, MissingDataError) as e:
         return str(e)
     return None
 
@@ -129,94 +167,69 @@ def _loop(s: Sizes, out_dir: Path, seed: int) -> LoopConfig:
     )  # fmt: skip
 
 
-def _train_teacher(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
-    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached."""
-    d = out / "teachers" / ("ring-init" if name == "ring" else name)
-    if name == "digits":
-        s = pr.digits
-        model = ImageModel(base=s.width, mults=(1, 2), dropout=pr.teacher_dropout)
-        cfg = ImagesConfig(data=ImageData("digits16"), model=model, loop=_loop(s, d, seed))
+def _train_teacher(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool, gm: bool = False):
+    """The FM network of a test bed (teacher, or the ring's student init), trained once and cached;
+    ``gm``: the GM-DiT twin of an image bed's DiT teacher (``OUT/teachers/<bed>-gm``)."""
+    d = out / "teachers" / ("ring-init" if name == "ring" else name + ("-gm" if gm else ""))
+    s = pr.sizes(name)
+    if name in IMAGE_BEDS:
+        cfg = image_teacher_config(name, s, _loop(s, d, seed), pr.teacher_dropout, gm=gm)
     else:
-        s = pr.toy
         model = ToyModel(head="velocity", width=s.width, depth=s.depth, time_dim=64, pos_freqs=16)
         cfg = Toy2DConfig(data=Toy2DData(name), model=model, loss=FlowLoss(kind="fm"), loop=_loop(s, d, seed))
     run_experiment(cfg, progress=progress, verbose=progress)
     return load_network(d)
 
 
-def digits_reference(clf: Any, seed: int) -> dict[str, Any]:
-    """The digits evaluation protocol: held-out reference, equal-count floor, memorisation baseline.
-
-    ``ref`` is the **test** split (never used for pairs, projection, teacher or classifier training);
-    ``train`` the train split. ``floor`` is the FD of ``len(ref)`` train images (a seeded subset)
-    against ``ref``, the score of a perfect sampler evaluated with as many samples as the reference
-    holds. ``nn_test`` are the distances of the test images to their nearest training image (RMS
-    per pixel), the baseline of :func:`memorisation`.
-    """
-    train = load_dataset("digits16", split="train").tensor()
-    ref = load_dataset("digits16", split="test").tensor()
-    g = torch.Generator().manual_seed(seed + 11)
-    sub = train[torch.randperm(len(train), generator=g)[: len(ref)]]
-    floor = frechet_distance(clf.features(sub), clf.features(ref))
-    return dict(train=train, ref=ref, floor=floor, nn_test=_nn_distance(ref, train))
-
-
-def _nn_distance(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
-    """RMS-per-pixel distance of each ``x`` to its nearest ``train`` image, ``(N,)``."""
-    a, b = x.flatten(1).double(), train.flatten(1).double()
-    d2 = (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)).clamp_min(0)
-    return (d2.min(1).values / a.shape[1]).sqrt()
-
-
-def memorisation(x: torch.Tensor, train: torch.Tensor, nn_test: torch.Tensor) -> dict[str, float]:
-    """Samples' nearest-training-image distances against the test images' (the same statistic).
-
-    ``nn_ratio`` = median NN distance of the samples / that of the test images (about 1 for a model
-    that generalises like fresh data, well below 1 when it reproduces training images);
-    ``copy_frac`` = fraction of samples closer to a training image than the closest 1 % of test images.
-    """
-    d = _nn_distance(x.clamp(-1, 1), train)
-    q = float(torch.quantile(nn_test, 0.01))
-    return {"nn_ratio": float(d.median() / nn_test.median()), "copy_frac": float((d < q).double().mean())}
+def eval_noise(n: int, shape: tuple[int, ...], seed: int, draws: int) -> list[torch.Tensor]:
+    """The evaluation noise of each draw, ``draws x (n, *shape)``; draw 0 is the single draw of old runs."""
+    return [
+        torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed + 7 + 7919 * d))
+        for d in range(draws)
+    ]
 
 
 def setup_bed(name: str, pr: BenchPreset, out: Path, seed: int, progress: bool) -> dict[str, Any]:
     """A test bed: data, reference set and floor, teacher and student-init networks, evaluation noise.
 
-    Digits: :func:`digits_reference` (test-split reference, as many samples as reference images);
-    2-D: fresh reference draws of the known distribution (:func:`~gmflow.metrics.reference_set`).
+    Image beds: :func:`~gmflow.bench.reflow_images.image_reference` (the test split as reference, the
+    data set's cached classifier); 2-D: fresh reference draws of the known distribution
+    (:func:`~gmflow.metrics.reference_set`).
     """
-    if name == "digits":
-        data = load_dataset("digits16")
-        clf = get_classifier(16, cache_dir=out / "classifier", epochs=pr.classifier_epochs)
-        bed = dict(data=data, sizes=pr.digits, clf=clf, shape=(1, 16, 16), **digits_reference(clf, seed))
-        bed["fwd_data"] = bed["train"][: pr.digits.n_fwd]
+    s = pr.sizes(name)
+    if name in IMAGE_BEDS:
+        ib = IMAGE_BEDS[name]
+        data = load_dataset(ib.data)
+        scorer = images_setup.make_scorer(ib.data, pr.classifier_epochs, limit=pr.classifier_limit)
+        bed = dict(
+            data=data,
+            sizes=s,
+            scorer=scorer,
+            shape=ib.shape,
+            **image_reference(ib.data, scorer, s.n_eval, seed),
+        )
+        bed["fwd_data"] = bed["train"][: s.n_fwd]  # forward pairs invert training images only
         bed["real"] = bed["train"]  # projection target
-        n_eval = len(bed["ref"])
     else:
         data = load_dataset(name)
-        s = pr.toy
         ref, floor = reference_set(data, s.n_eval)
-        bed = dict(data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data, real=data)
-        n_eval = s.n_eval
-    net = _train_teacher(name, bed, pr, out, seed, progress)
+        bed = dict(
+            data=data, sizes=s, ref=ref, floor=floor, shape=(2,), fwd_data=data, real=data, n_eval=s.n_eval
+        )
+    net = _train_teacher(name, pr, out, seed, progress)
     bed["init"] = net  # the network every student starts from
     bed["teacher"] = data if name == "ring" else net  # exact GM teacher for the ring
-    bed["noise"] = torch.randn(n_eval, *bed["shape"], generator=torch.Generator().manual_seed(seed + 7))
+    bed["noise"] = eval_noise(bed["n_eval"], bed["shape"], seed, s.draws)
     return bed
 
 
-def bed_metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
-    """The test bed's metric record of samples ``x`` (sliced-W2 on 2-D; FD / precision / recall against
-    the held-out test split and the memorisation check on digits)."""
+def bed_metrics(name: str, bed: dict, x: torch.Tensor, draw: int = 0) -> dict[str, Any]:
+    """The test bed's metric record of samples ``x`` of noise draw ``draw`` (sliced-W2 on 2-D; on image
+    beds :func:`~gmflow.bench.reflow_images.image_bed_metrics`)."""
+    if name in IMAGE_BEDS:
+        return image_bed_metrics(bed, x, draw)
     finite = torch.isfinite(x.flatten(1)).all(1)
     rec: dict[str, Any] = {"nonfinite": int((~finite).sum())}
-    if name == "digits":
-        xs = torch.nan_to_num(x, 0.0, 1.0, -1.0)
-        m = image_metrics(xs, bed["ref"], bed["clf"])
-        rec.update(fd=m["fd"], fd_floor=bed["floor"], precision=m["precision"], recall=m["recall"])
-        rec.update(memorisation(xs, bed["train"], bed["nn_test"]))
-        return rec
     xf = x[finite]
     sw2 = sliced_w2_mean(xf, bed["ref"]) if len(xf) >= 2 else math.inf
     rec.update(sw2=sw2, sw2_floor=bed["floor"], sw2_ratio=sw2 / bed["floor"])
@@ -228,12 +241,14 @@ def bed_metrics(name: str, bed: dict, x: torch.Tensor) -> dict[str, Any]:
 def make_pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
     """Backward, forward and test pairs of a test bed (resumable pair directories).
 
-    The forward pairs invert ``bed["fwd_data"]`` (digits: training images only; the test split is the
-    evaluation reference and never enters a pair). The "test" pairs are teacher pairs from other noise.
+    The forward pairs invert ``bed["fwd_data"]`` (image beds: training images only; the test split is
+    the evaluation reference and never enters a pair). The "test" pairs are teacher pairs from other
+    noise (diagnostics).
     """
     s, d = bed["sizes"], out / "pairs" / name
     teacher = bed["teacher"]
-    common = dict(shard_size=4096, progress=progress)
+    shard = IMAGE_BEDS[name].shard_size if name in IMAGE_BEDS else 4096
+    common = dict(shard_size=shard, progress=progress)
     generate_pairs(teacher, d / "backward", direction="backward", n=s.n_bwd, solver="dpm++2m",
                    nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
     generate_pairs(teacher, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
@@ -242,3 +257,21 @@ def make_pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
                    nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed + 1, **common)  # fmt: skip
     test = PairDataset(d / "test")
     return PairDataset(d / "backward", d / "forward"), test.backward
+
+
+def make_gm_pairs(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, progress: bool):
+    """The GM-teacher variant of an image bed: ``(GM-DiT teacher, its pairs)``.
+
+    The GM-DiT twin of the bed's teacher (same trunk, data and budget) is trained once; its backward
+    pairs integrate **gm-ode order 2** at ``pair_nfe`` (the GM's own ODE solver), the same number of
+    pairs as the FM teacher's; its forward pairs invert the same training images (heun on the GM's
+    mean velocity, the only solvers that run upwards).
+    """
+    s, d = bed["sizes"], out / "pairs" / f"{name}-gm"
+    gm = _train_teacher(name, pr, out, seed, progress, gm=True)
+    common = dict(shard_size=IMAGE_BEDS[name].shard_size, progress=progress)
+    generate_pairs(gm, d / "backward", direction="backward", n=s.n_bwd, solver="gm-ode", order=2,
+                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
+    generate_pairs(gm, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
+                   nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
+    return gm, PairDataset(d / "backward", d / "forward")

@@ -57,8 +57,8 @@ class ImageModel:
 
     ``unet``: ``base``, ``mults``, ``num_res``, ``time_dim``, ``dropout`` (:class:`~gmflow.nn.SmallUNet`).
     ``dit``: ``patch_size``, ``num_layers``, ``num_heads`` x ``head_dim`` (hidden size),
-    ``logstd_inner_dim`` (:class:`~gmflow.nn.GMDiT`; unconditional when ``conditional`` is false: its
-    class table then holds only the null row).
+    ``logstd_inner_dim``, ``dropout`` (:class:`~gmflow.nn.GMDiT`; unconditional when ``conditional`` is
+    false: its class table then holds only the null row).
     ``spectral``: train a spectrum net with the GM (``spectrum_layers``, ``spectral_weight``,
     ``spectral_lr``; see the module docstring).
     """
@@ -161,7 +161,7 @@ class ImagesConfig(Experiment):
                 in_channels=c, sample_size=h, patch_size=m.patch_size, num_layers=m.num_layers,
                 num_attention_heads=m.num_heads, attention_head_dim=m.head_dim,
                 num_gaussians=m.num_components, logstd_inner_dim=m.logstd_inner_dim,
-                num_embeds_ada_norm=classes, head=m.head,
+                num_embeds_ada_norm=classes, head=m.head, dropout=m.dropout,
             )  # fmt: skip
         kw = {"num_classes": classes} if classes else {}
         return SmallUNet(

@@ -35,6 +35,7 @@ __all__ = [
     "frechet_distance_from_stats",
     "image_metrics",
     "knn_precision_recall",
+    "knn_radii",
 ]
 
 
@@ -136,8 +137,24 @@ def _covered(query: Tensor, ref: Tensor, radii: Tensor, batch: int) -> Tensor:
     return torch.cat([(torch.cdist(c, ref) <= radii[None]).any(1) for c in query.split(batch)])
 
 
+def knn_radii(feats: Tensor | np.ndarray, k: int = 3, *, batch_size: int = 1024) -> Tensor:
+    """``r_k(x; X)`` of every row ``x`` of ``feats (N, F)``: the distance to its k-th nearest other row,
+    ``(N,)`` float64 (the ``real_radii`` of :func:`knn_precision_recall`, computed once per reference)."""
+    x = _as_feats(feats, "feats")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if x.shape[0] <= k:
+        raise ValueError(f"feats needs more than k={k} samples, got {x.shape[0]}")
+    return _kth_radius(x, k, batch_size)
+
+
 def knn_precision_recall(
-    real_feats: Tensor | np.ndarray, fake_feats: Tensor | np.ndarray, k: int = 3, *, batch_size: int = 1024
+    real_feats: Tensor | np.ndarray,
+    fake_feats: Tensor | np.ndarray,
+    k: int = 3,
+    *,
+    batch_size: int = 1024,
+    real_radii: Tensor | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019), returns ``(precision, recall)``.
 
@@ -146,7 +163,8 @@ def knn_precision_recall(
         precision = mean_{g in fake} 1[ exists r in real: ||g - r|| <= r_k(r; real) ]
         recall    = mean_{r in real} 1[ exists g in fake: ||r - g|| <= r_k(g; fake) ]
 
-    Both sets need more than ``k`` points.
+    Both sets need more than ``k`` points. ``real_radii``: :func:`knn_radii` of ``real_feats`` with the
+    same ``k`` (skips the ``N_real x N_real`` distances when many sets are scored against one reference).
     """
     real, fake = _as_feats(real_feats, "real_feats"), _as_feats(fake_feats, "fake_feats")
     if real.shape[1] != fake.shape[1]:
@@ -156,7 +174,14 @@ def knn_precision_recall(
     for name, x in (("real_feats", real), ("fake_feats", fake)):
         if x.shape[0] <= k:
             raise ValueError(f"{name} needs more than k={k} samples, got {x.shape[0]}")
-    precision = _covered(fake, real, _kth_radius(real, k, batch_size), batch_size).double().mean()
+    if real_radii is None:
+        real_radii = _kth_radius(real, k, batch_size)
+    elif tuple(real_radii.shape) != (real.shape[0],):
+        raise ValueError(
+            f"real_radii must have shape ({real.shape[0]},) (knn_radii of real_feats), "
+            f"got {tuple(real_radii.shape)}"
+        )
+    precision = _covered(fake, real, real_radii.to(torch.float64), batch_size).double().mean()
     recall = _covered(real, fake, _kth_radius(fake, k, batch_size), batch_size).double().mean()
     return float(precision), float(recall)
 
@@ -204,6 +229,7 @@ def image_metrics(
     shrinkage: float = 0.0,
     clamp: bool = True,
     reference_features: Tensor | None = None,
+    reference_radii: Tensor | None = None,
 ) -> dict[str, float]:
     """FD, k-NN precision/recall and classifier statistics of ``samples`` against ``reference``.
 
@@ -216,6 +242,7 @@ def image_metrics(
             adds ``class_acc`` (:func:`class_accuracy`).
         reference_features: ``classifier.features_and_logits(reference)[0]`` ``(M, F)``, computed once
             when many sample sets are scored against one reference (skips recomputing it).
+        reference_radii: ``knn_radii(reference_features, k)`` ``(M,)``, likewise computed once.
 
     Returns ``dict(fd, precision, recall, confidence, classifier_score, n_samples, n_reference)``
     (and ``class_acc`` given ``labels``): ``confidence`` is the mean max softmax probability on the
@@ -243,7 +270,7 @@ def image_metrics(
                 f"(the classifier features of reference), got {tuple(f_real.shape)}"
             )
     fd = frechet_distance(f_real, f_fake, shrinkage=shrinkage)
-    precision, recall = knn_precision_recall(f_real, f_fake, k=k)
+    precision, recall = knn_precision_recall(f_real, f_fake, k=k, real_radii=reference_radii)
     logp = torch.log_softmax(logits.double(), dim=1)
     p = logp.exp()
     log_marginal = torch.log(p.mean(0).clamp_min(1e-300))

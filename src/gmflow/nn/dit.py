@@ -230,6 +230,19 @@ class GMDiT(PretrainedMixin, nn.Module):
         return dict(self._config)
 
     @property
+    def dropout(self) -> float:
+        """The dropout rate after the attention output projection and inside the MLP of every block."""
+        return self._config["dropout"]
+
+    def set_dropout(self, p: float) -> GMDiT:
+        """Set every block's dropout rate (Simple ReFlow fine-tunes with a smaller one) and the config's."""
+        self._config["dropout"] = _prob({"dropout": p}, "dropout")
+        for m in self.transformer_blocks.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = self._config["dropout"]
+        return self
+
+    @property
     def num_classes(self) -> int:
         """Number of classes N; the null class is id N."""
         return self._config["num_embeds_ada_norm"]
