@@ -62,9 +62,10 @@ SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", 
                "model.logstd_inner_dim=16")  # fmt: skip
 
 PRESETS: dict[str, ImagesPreset] = {
-    # Idle 2-core training steps (interleaved medians): quick trunk FM 123 ms / GMFlow 139 ms; the full
-    # trunk (6 layers) about 1.5x that (estimate; the full run prints its own). lr 1e-3: after 2000
-    # quick steps FM heun NFE 8 reached FD 142 and class accuracy 0.55 (lr 3e-4: FD 249, 0.16).
+    # Idle 2-core training steps (interleaved medians): quick trunk FM 123 ms / GMFlow 139 ms; full trunk
+    # (6 layers) FM 202-218 ms / GMFlow 215-231 ms. lr 1e-3: after 2000 quick steps FM heun NFE 8 reached
+    # FD 142 and class accuracy 0.55 (lr 3e-4: FD 249, 0.16). Measured end to end (docs/RESULTS.md
+    # §12, §12b): quick 13.4 min; full ~88 min (58 min training + 30 min evaluation, from a resumed run).
     "quick": ImagesPreset(
         "<= 15 min on 2 idle cores: a 4-layer 64-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
