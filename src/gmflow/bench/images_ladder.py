@@ -102,13 +102,14 @@ class LadderPreset:
     grid_per_class: int = 6
 
 
-# Time estimates from the measured parts (not yet run end to end): quick GM-DiT step ~140 ms on 2
-# idle cores (+ the spectrum net's few %), so the two models take ~10 min; a guided NFE-8 cell of
-# 300 samples ~5 s, 8 rows x 5 cells + 16 repeats + grids ~4 min. full: 2 x 8000 steps x ~0.24 s
-# ~64 min, cells of 500 samples on the 6-layer trunk ~12 s: 8 x 6 + 16 cells ~13 min.
+# quick, measured on 2 idle cores (docs/RESULTS.md §16): 19.0 min, over the 15-minute target: training
+# 5.9 + 5.6 min (a step with the spectrum net is ~172 ms, 24 % above the plain GM-DiT's 139 ms),
+# evaluation 7.1 min (a guided NFE-8 cell of 300 samples: ~5 s per-pixel, ~11 s with spectral
+# sampling). full (estimate from those rates): 2 x 8000 steps x ~0.27 s ~72 min + cells of 500 samples
+# on the 6-layer trunk (~8-25 s) ~12 min: ~85 min.
 LADDER_PRESETS: dict[str, LadderPreset] = {
     "quick": LadderPreset(
-        "<= 15 min on 2 idle cores (estimated): two quick GM-DiTs (lambda 0.5 / 1, with spectrum nets), "
+        "19 min on 2 idle cores (measured): two quick GM-DiTs (lambda 0.5 / 1, with spectrum nets), "
         "8 rows x 4 guidance scales, 300 samples per cell",
         cfg_scales=(1.5, 2.3, 3.3, 4.9), pg_scales=(0.16, 0.27, 0.39, 0.55), n_eval=300,
     ),
