@@ -31,7 +31,9 @@ conditional and the unconditional half as one doubled batch (``batch_factor = 2`
 
 Writes to ``DIR/ladder/``: ``results.json`` (one record per row x scale x draw, rewritten after
 each cell), ``results.md`` (the Table 4 analogue and every sweep point), ``fd_vs_precision.png``
-and one sample grid per row at its best-FD scale; the two runs live in ``DIR/ladder/models/``.
+and one sample grid per row at its best-FD scale; the two runs live in ``DIR/ladder/models/``. A
+re-run keeps only the records of the same :func:`run_key` (preset, seed, the models' weights, the
+classifier), so a changed preset or retrained model is re-scored rather than mixed in.
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ from tqdm.auto import tqdm
 from ..config import apply_sets
 from ..experiments import load_network, run_experiment
 from ..guidance import CFG, ProbabilisticGuidance
-from ..io import atomic_write_json
+from ..io import atomic_write_json, sha256_bytes
+from ..reflow import teacher_hash
 from ..sampling import sample
 from ..viz import image_grid
 from . import images_setup
 from .common import start_run
 from .images_ladder_report import best_fd_scale, figure, report_markdown
 
-__all__ = ["LADDER_PRESETS", "LadderPreset", "ROWS", "Row", "model_configs", "run", "sweep_cells"]
+__all__ = ["LADDER_PRESETS", "LadderPreset", "ROWS", "Row", "model_configs", "run", "run_key", "sweep_cells"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,14 @@ class LadderPreset:
     draws: int = 3  # noise draws of each row's best-FD cell
     grid_per_class: int = 6
 
+    def __post_init__(self) -> None:
+        if not self.cfg_scales or any(not w > 1.0 for w in self.cfg_scales):
+            raise ValueError(
+                f"cfg_scales: CFG scales must be > 1 (1 is the unguided cell), got {self.cfg_scales}"
+            )
+        if not self.pg_scales or any(not 0.0 < w < 1.0 for w in self.pg_scales):
+            raise ValueError(f"pg_scales: probabilistic scales must lie in (0, 1), got {self.pg_scales}")
+
 
 # quick, measured on 2 idle cores (docs/RESULTS.md §16): 19.0 min, over the 15-minute target: training
 # 5.9 + 5.6 min (a step with the spectrum net is ~172 ms, 24 % above the plain GM-DiT's 139 ms),
@@ -128,7 +139,7 @@ LADDER_PRESETS: dict[str, LadderPreset] = {
 
 def model_configs(pr: images_setup.ImagesPreset, out: Path, seed: int) -> dict[str, Any]:
     """``{"lambda0.5", "lambda1"}`` -> the GM-DiT configs (main preset ``pr``, spectrum net on)."""
-    gm = images_setup.model_configs(pr, out, seed, sets=["model.spectral=true"])["gmflow"]
+    gm = apply_sets(images_setup.model_configs(pr, out, seed)["gmflow"], ["model.spectral=true"])
     sets = {f"lambda{lam:g}": [f"loss.trans_ratio={lam}", f"loop.out_dir={out / f'lambda{lam:g}'}"]
             for lam in (0.5, 1.0)}  # fmt: skip
     return {name: apply_sets(gm, s) for name, s in sets.items()}
@@ -161,7 +172,17 @@ def _draw(models, row: Row, scale: float, lp: LadderPreset, noise, labels, num_c
     )  # fmt: skip
 
 
-def _score_cells(models, lp, scorer, todo, out: Path, seed: int, progress: bool, records: list[dict]):
+def run_key(lp: LadderPreset, seed: int, model_dirs: dict[str, str], classifier: str) -> str:
+    """Digest of what every scored cell depends on: the ladder preset, seed, the models' weights and
+    the classifier (records of another key are dropped when a run resumes)."""
+    weights = {name: teacher_hash(d) for name, d in model_dirs.items()}
+    what = {"ladder": dataclasses.asdict(lp), "seed": seed, "weights": weights, "classifier": classifier}
+    return sha256_bytes(json.dumps(what, sort_keys=True, default=str).encode())[:16]
+
+
+def _score_cells(
+    models, lp, scorer, todo, out: Path, seed: int, key: str, progress: bool, records: list[dict]
+):
     """Score ``todo`` cells ``(row id, scale, draw)``; results.json is rewritten after each one."""
     event = tuple(scorer.reference.shape[1:])
     labels = torch.arange(lp.n_eval) % scorer.num_classes
@@ -175,7 +196,7 @@ def _score_cells(models, lp, scorer, todo, out: Path, seed: int, progress: bool,
         ms = (time.perf_counter() - t0) * 1e3
         guided = scale != UNGUIDED[row.guidance]
         records.append(dict(
-            row=rid, model=row.model, solver=row.solver, order=row.order, spectral=row.spectral,
+            key=key, row=rid, model=row.model, solver=row.solver, order=row.order, spectral=row.spectral,
             substeps=row.substeps, guidance=row.guidance, orthogonal=lp.orthogonal, scale=scale, draw=draw,
             nfe=lp.nfe, batch_factor=2 if guided else 1, **scorer(x, labels, saturation=True), ms=ms,
         ))  # fmt: skip
@@ -183,23 +204,37 @@ def _score_cells(models, lp, scorer, todo, out: Path, seed: int, progress: bool,
     return records
 
 
-def evaluate(models, lp: LadderPreset, scorer, out: Path, seed: int, progress: bool, records: list[dict]):
-    """The sweeps on draw 0, then ``draws - 1`` more draws of each row's best-FD cell (resumable)."""
+def evaluate(
+    models, lp: LadderPreset, scorer, out: Path, seed: int, key: str, progress: bool, records: list[dict]
+):
+    """The sweeps on draw 0, then ``draws - 1`` more draws of each row's best-FD cell (resumable: the
+    records of ``key`` that belong to this preset's cells are kept, every other record is dropped)."""
+    cells = set(sweep_cells(lp)) | {
+        (row.id, s, d) for row in ROWS for s in scales(row, lp) for d in range(lp.draws)
+    }
+    records = [r for r in records if r.get("key") == key and (r["row"], r["scale"], r["draw"]) in cells]
     done = {(r["row"], r["scale"], r["draw"]) for r in records}
     todo = [c for c in sweep_cells(lp) if c not in done]
-    records = _score_cells(models, lp, scorer, todo, out, seed, progress, records)
+    records = _score_cells(models, lp, scorer, todo, out, seed, key, progress, records)
     repeats = [(row.id, best_fd_scale(records, row.id), d) for row in ROWS for d in range(1, lp.draws)]
-    todo = [c for c in repeats if c not in {(r["row"], r["scale"], r["draw"]) for r in records}]
-    return _score_cells(models, lp, scorer, todo, out, seed, progress, records)
+    done = {(r["row"], r["scale"], r["draw"]) for r in records}
+    keep = set(sweep_cells(lp)) | set(repeats)
+    records = [r for r in records if (r["row"], r["scale"], r["draw"]) in keep]  # repeats of an old best
+    todo = [c for c in repeats if c not in done]
+    return _score_cells(models, lp, scorer, todo, out, seed, key, progress, records)
 
 
-def _grids(models, lp: LadderPreset, records, num_classes: int, event, out: Path, seed: int) -> list[Path]:
-    """A row of samples per class for every ladder row at its best-FD scale (the same noise)."""
+def _grids(models, lp: LadderPreset, records, num_classes: int, event, out: Path, seed: int, key: str):
+    """A row of samples per class for every ladder row at its best-FD scale (the same noise); the file
+    name carries the run key, grids of other keys are removed."""
+    for old in out.glob("samples_*.png"):
+        if not old.stem.endswith(key):
+            old.unlink()
     labels = torch.arange(num_classes).repeat_interleave(lp.grid_per_class)
     paths = []
     for row in ROWS:
         scale = best_fd_scale(records, row.id)
-        path = out / f"samples_{row.id}_s{scale:g}.png"
+        path = out / f"samples_{row.id}_s{scale:g}_{key}.png"
         if not path.is_file():
             noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
             g = torch.Generator().manual_seed(seed + 12)
@@ -218,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     print(f"[bench images ladder] preset {args.preset}: {lp.description}")
     models, train_s = {}, {}
-    for name, cfg in model_configs(pr, out / "models", args.seed).items():
+    cfgs = model_configs(pr, out / "models", args.seed)
+    for name, cfg in cfgs.items():
         print(f"[bench images ladder] training GM-DiT {name} + spectrum net: {cfg.loop.steps} steps")
         t0 = time.perf_counter()
         run_experiment(cfg, progress=progress, verbose=True)
@@ -228,11 +264,17 @@ def run(args: argparse.Namespace) -> int:
     prev = out / "results.json"
     records = json.loads(prev.read_text()) if prev.is_file() else []
     t0 = time.perf_counter()
-    records = evaluate(models, lp, scorer, out, args.seed, progress, records)
+    classifier = getattr(scorer.classifier, "cache_path", None)
+    key = run_key(
+        lp, args.seed, {n: c.loop.out_dir for n, c in cfgs.items()}, str(classifier and Path(classifier).name)
+    )
+    records = evaluate(models, lp, scorer, out, args.seed, key, progress, records)
     eval_s = time.perf_counter() - t0
     title = f"{pr.data}: Table 4 ladder at NFE {lp.nfe}"
     figs = [figure(records, ROWS, out / "fd_vs_precision.png", title=title)]
-    figs += _grids(models, lp, records, scorer.num_classes, tuple(scorer.reference.shape[1:]), out, args.seed)
+    figs += _grids(
+        models, lp, records, scorer.num_classes, tuple(scorer.reference.shape[1:]), out, args.seed, key
+    )
     text, lines = report_markdown(records, ROWS, lp, args.preset, scorer.pixels)
     for line in lines:
         print(f"[bench images ladder] {line}")

@@ -60,8 +60,13 @@ def _run_items(
 
 
 def evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cache: Path, key: dict):
+    """The records of ``model`` at every NFE of ``nfes`` (sampling keywords ``kw``), cached in ``cache``
+    under ``key`` plus the bed's draws, sample count and (image beds) the classifier's cache entry."""
     items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
-    key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"]}
+    scorer = bed.get("scorer")
+    classifier = getattr(scorer.classifier, "cache_path", None) if scorer is not None else None
+    key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"],
+           "classifier": None if classifier is None else Path(classifier).name}  # fmt: skip
     return cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
 
 
