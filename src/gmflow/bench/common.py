@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..io import sha256_bytes
 
 
 def add_run_arguments(
@@ -51,6 +53,12 @@ def start_run(
     out = Path(args.out or f"runs/{bench}-{args.preset}")
     out.mkdir(parents=True, exist_ok=True)
     return pr, chosen, out
+
+
+def key_digest(key: Any) -> str:
+    """16 hex digits of the SHA-256 of ``key`` as sorted JSON (non-JSON values by ``str``): the identity
+    of what a cached benchmark result depends on."""
+    return sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:16]
 
 
 def interleaved_step_ms(

@@ -36,9 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
-from ..guidance import CFG, ProbabilisticGuidance
 from ..io import atomic_write_json
-from ..sampling import sample
 from ..viz import image_grid
 from . import images_setup
 from .common import start_run
@@ -96,20 +94,11 @@ def cells(gp: GuidancePreset) -> list[tuple[str, float | None, float | None, int
     return out
 
 
-def _guidance(kind: str, orthogonal: float | None, scale: float | None) -> CFG | ProbabilisticGuidance | None:
-    if kind == "cfg":
-        return CFG(scale, orthogonal=orthogonal)
-    if kind == "probabilistic":
-        return ProbabilisticGuidance(scale, orthogonal=orthogonal)
-    return None
-
-
 def _draw(model, gp: GuidancePreset, guidance, noise, labels, num_classes: int, generator) -> torch.Tensor:
     solver, order = gp.solver
-    return sample(
-        model, noise, solver=solver, nfe=gp.nfe, order=order, generator=generator,
-        cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels, num_classes)},
-        guidance=guidance,
+    return images_setup.class_sample(
+        model, noise, labels, num_classes, guidance=guidance, solver=solver, nfe=gp.nfe, order=order,
+        generator=generator,
     )  # fmt: skip
 
 
@@ -122,7 +111,7 @@ def evaluate(model, gp, scorer, out: Path, seed: int, progress: bool, records: l
     for kind, orth, scale, draw in tqdm(todo, desc="guidance", disable=None if progress else True):
         g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the same noise for every cell of a draw
         noise = torch.randn(gp.n_eval, *event, generator=g)
-        guidance = _guidance(kind, orth, scale)
+        guidance = images_setup.guidance_for(kind, scale, orth)
         t0 = time.perf_counter()
         x = _draw(model, gp, guidance, noise, labels, scorer.num_classes, g)
         ms = (time.perf_counter() - t0) * 1e3
@@ -151,7 +140,7 @@ def _grids(model, gp: GuidancePreset, num_classes: int, event, out: Path, seed: 
         if not path.is_file():
             noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
             g = torch.Generator().manual_seed(seed + 12)
-            x = _draw(model, gp, _guidance(kind, orth, scale), noise, labels, num_classes, g)
+            x = _draw(model, gp, images_setup.guidance_for(kind, scale, orth), noise, labels, num_classes, g)
             image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=gp.grid_per_class)
         paths.append(path)
     return paths

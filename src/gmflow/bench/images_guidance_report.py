@@ -19,7 +19,8 @@ from typing import Any
 from ..metrics import PixelStats
 from ..viz import sweep_panels
 
-__all__ = ["SATURATION", "crossing", "draw_means", "equal_level_rows", "figure", "report_markdown", "sweeps"]
+__all__ = ["SATURATION", "crossing", "draw_means", "equal_level_rows", "figure", "report_markdown",
+           "saturation_cells", "sweeps"]  # fmt: skip
 
 # (record key, column title, signed difference to the test split)
 SATURATION = (
@@ -78,11 +79,10 @@ def crossing(sweep: Sequence[dict], key: str, level: float) -> dict[str, float] 
     return None
 
 
-def _sat_cells(p: dict) -> list[str]:
-    """Saturation columns (``n/a`` when no sample of the cell was finite)."""
-    return [
-        "n/a" if k not in p else f"{p[k]:+.4f}" if signed else f"{p[k]:.4f}" for k, _, signed in SATURATION
-    ]
+def saturation_cells(p: dict, measures: Sequence[tuple[str, str, bool]] = SATURATION) -> list[str]:
+    """Table cells of the saturation ``measures`` of record ``p`` (``n/a`` when no sample of the cell
+    was finite); signed differences with their sign."""
+    return ["n/a" if k not in p else f"{p[k]:+.4f}" if signed else f"{p[k]:.4f}" for k, _, signed in measures]
 
 
 def table2_lines(sw: dict[tuple[str, float], list[dict]]) -> list[str]:
@@ -94,13 +94,15 @@ def table2_lines(sw: dict[tuple[str, float], list[dict]]) -> list[str]:
         b = max(guided, key=lambda p: p["precision"])
         lines.append(
             f"| {KIND_NAME[kind]} | {'yes' if orth else 'no'} | {b['scale']:g} | {b['precision']:.3f} | "
-            f"{b['recall']:.3f} | {b['class_acc']:.3f} | {b['fd']:.2f} | " + " | ".join(_sat_cells(b)) + " |"
+            f"{b['recall']:.3f} | {b['class_acc']:.3f} | {b['fd']:.2f} | "
+            + " | ".join(saturation_cells(b))
+            + " |"
         )
     base = next(iter(sw.values()), [None])[0]
     if base is not None:
         lines.append(
             f"| none | – | – | {base['precision']:.3f} | {base['recall']:.3f} | {base['class_acc']:.3f} | "
-            f"{base['fd']:.2f} | " + " | ".join(_sat_cells(base)) + " |"
+            f"{base['fd']:.2f} | " + " | ".join(saturation_cells(base)) + " |"
         )
     return lines
 
@@ -183,7 +185,7 @@ def _sweep_table(sw: dict[tuple[str, float], list[dict]]) -> list[str]:
             lines.append(
                 f"| {KIND_NAME[kind]} | {orth:g} | {q['scale']:g} | {q['draws']} | {q['precision']:.3f} | "
                 f"{q['recall']:.3f} | {q['class_acc']:.3f} | {q['fd']:.2f} | "
-                + " | ".join(_sat_cells(q))
+                + " | ".join(saturation_cells(q))
                 + " |"
             )
     return lines

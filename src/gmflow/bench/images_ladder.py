@@ -51,13 +51,11 @@ from tqdm.auto import tqdm
 
 from ..config import apply_sets
 from ..experiments import load_network, run_experiment
-from ..guidance import CFG, ProbabilisticGuidance
-from ..io import atomic_write_json, sha256_bytes
+from ..io import atomic_write_json
 from ..reflow import teacher_hash
-from ..sampling import sample
 from ..viz import image_grid
 from . import images_setup
-from .common import start_run
+from .common import key_digest, start_run
 from .images_ladder_report import best_fd_scale, figure, report_markdown
 
 __all__ = ["LADDER_PRESETS", "LadderPreset", "ROWS", "Row", "model_configs", "run", "run_key", "sweep_cells"]
@@ -155,29 +153,23 @@ def sweep_cells(lp: LadderPreset) -> list[tuple[str, float, int]]:
     return [(row.id, s, 0) for row in ROWS for s in scales(row, lp)]
 
 
-def _guidance(row: Row, scale: float, orthogonal: float) -> CFG | ProbabilisticGuidance | None:
-    if scale == UNGUIDED[row.guidance]:
-        return None
-    if row.guidance == "cfg":
-        return CFG(scale, orthogonal=orthogonal)
-    return ProbabilisticGuidance(scale, orthogonal=orthogonal)
-
-
 def _draw(models, row: Row, scale: float, lp: LadderPreset, noise, labels, num_classes: int, generator):
-    return sample(
-        models[row.model], noise, solver=row.solver, nfe=lp.nfe, order=row.order, substeps=row.substeps,
-        spectral=row.spectral, generator=generator, cond={"class_labels": labels},
-        uncond={"class_labels": torch.full_like(labels, num_classes)},
-        guidance=_guidance(row, scale, lp.orthogonal),
+    kind = "none" if scale == UNGUIDED[row.guidance] else row.guidance
+    guidance = images_setup.guidance_for(kind, scale, lp.orthogonal)
+    return images_setup.class_sample(
+        models[row.model], noise, labels, num_classes, guidance=guidance,
+        solver=row.solver, nfe=lp.nfe, order=row.order, substeps=row.substeps, spectral=row.spectral,
+        generator=generator,
     )  # fmt: skip
 
 
-def run_key(lp: LadderPreset, seed: int, model_dirs: dict[str, str], classifier: str) -> str:
+def run_key(lp: LadderPreset, seed: int, model_dirs: dict[str, str], classifier: str | None) -> str:
     """Digest of what every scored cell depends on: the ladder preset, seed, the models' weights and
     the classifier (records of another key are dropped when a run resumes)."""
     weights = {name: teacher_hash(d) for name, d in model_dirs.items()}
-    what = {"ladder": dataclasses.asdict(lp), "seed": seed, "weights": weights, "classifier": classifier}
-    return sha256_bytes(json.dumps(what, sort_keys=True, default=str).encode())[:16]
+    return key_digest(
+        {"ladder": dataclasses.asdict(lp), "seed": seed, "weights": weights, "classifier": classifier}
+    )
 
 
 def _score_cells(
@@ -209,9 +201,7 @@ def evaluate(
 ):
     """The sweeps on draw 0, then ``draws - 1`` more draws of each row's best-FD cell (resumable: the
     records of ``key`` that belong to this preset's cells are kept, every other record is dropped)."""
-    cells = set(sweep_cells(lp)) | {
-        (row.id, s, d) for row in ROWS for s in scales(row, lp) for d in range(lp.draws)
-    }
+    cells = {(row.id, s, d) for row in ROWS for s in scales(row, lp) for d in range(lp.draws)}
     records = [r for r in records if r.get("key") == key and (r["row"], r["scale"], r["draw"]) in cells]
     done = {(r["row"], r["scale"], r["draw"]) for r in records}
     todo = [c for c in sweep_cells(lp) if c not in done]
@@ -264,10 +254,7 @@ def run(args: argparse.Namespace) -> int:
     prev = out / "results.json"
     records = json.loads(prev.read_text()) if prev.is_file() else []
     t0 = time.perf_counter()
-    classifier = getattr(scorer.classifier, "cache_path", None)
-    key = run_key(
-        lp, args.seed, {n: c.loop.out_dir for n, c in cfgs.items()}, str(classifier and Path(classifier).name)
-    )
+    key = run_key(lp, args.seed, {n: c.loop.out_dir for n, c in cfgs.items()}, scorer.classifier_id)
     records = evaluate(models, lp, scorer, out, args.seed, key, progress, records)
     eval_s = time.perf_counter() - t0
     title = f"{pr.data}: Table 4 ladder at NFE {lp.nfe}"

@@ -14,10 +14,12 @@ from typing import Any
 
 from ..metrics import PixelStats
 from ..viz import sweep_panels
+from .images_guidance_report import SATURATION, saturation_cells
 
 __all__ = ["best_fd_scale", "figure", "report_markdown", "row_summary"]
 
 KIND = {"cfg": "CFG w", "probabilistic": "w~"}
+MEASURES = tuple(m for m in SATURATION if m[0] in ("d_mean_abs", "d_contrast", "pixel_w1"))  # table columns
 
 
 def _sweep(records: list[dict], rid: str) -> list[dict]:
@@ -46,6 +48,12 @@ def row_summary(records: list[dict], rid: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _summaries(records: list[dict], rows) -> dict[str, dict[str, Any]]:
+    """:func:`row_summary` of every row that has scored cells."""
+    done = {r["row"] for r in records}
+    return {row.id: row_summary(records, row.id) for row in rows if row.id in done}
+
+
 def _delta(v: float, parent: float | None, fmt: str) -> str:
     return "" if parent is None else f" ({v - parent:+{fmt}})"
 
@@ -57,8 +65,7 @@ def table4_lines(records: list[dict], rows) -> list[str]:
         "| Δ contrast | pixel W1 |",
         "|---" * 10 + "|",
     ]
-    done = {r["row"] for r in records}
-    summaries = {row.id: row_summary(records, row.id) for row in rows if row.id in done}
+    summaries = _summaries(records, rows)
     for row in rows:
         if row.id not in summaries:
             continue
@@ -67,11 +74,11 @@ def table4_lines(records: list[dict], rows) -> list[str]:
         fd += f" ({s['fd_draws']})" + _delta(s["best_fd"], p and p["best_fd"], ".1f")
         prec = f"{s['best_prec']:.3f}" + _delta(s["best_prec"], p and p["best_prec"], ".3f")
         a = s["at_prec"]
-        sat = " | ".join(f"{a[k]:+.4f}" if k in a else "n/a" for k in ("d_mean_abs", "d_contrast"))
-        w1 = f"{a['pixel_w1']:.4f}" if "pixel_w1" in a else "n/a"
         lines.append(
             f"| {row.id} | {row.label} | {fd} | {KIND[row.guidance]} {s['fd_scale']:g} | {prec} | "
-            f"{KIND[row.guidance]} {s['prec_scale']:g} | {a['class_acc']:.3f} | {sat} | {w1} |"
+            f"{KIND[row.guidance]} {s['prec_scale']:g} | {a['class_acc']:.3f} | "
+            + " | ".join(saturation_cells(a, MEASURES))
+            + " |"
         )
     return lines
 
@@ -83,19 +90,18 @@ def sweep_lines(records: list[dict], rows) -> list[str]:
     ]
     for row in rows:
         for r in _sweep(records, row.id):
-            sat = " | ".join(f"{r[k]:+.4f}" if k in r else "n/a" for k in ("d_mean_abs", "d_contrast"))
-            w1 = f"{r['pixel_w1']:.4f}" if "pixel_w1" in r else "n/a"
             lines.append(
                 f"| {row.id} | {KIND[row.guidance]} {r['scale']:g} | {r['fd']:.1f} | {r['precision']:.3f} | "
-                f"{r['recall']:.3f} | {r['class_acc']:.3f} | {sat} | {w1} | {r['ms']:.0f} |"
+                f"{r['recall']:.3f} | {r['class_acc']:.3f} | "
+                + " | ".join(saturation_cells(r, MEASURES))
+                + f" | {r['ms']:.0f} |"
             )
     return lines
 
 
 def summary_lines(records: list[dict], rows) -> list[str]:
     """One line per row with a parent: the sign of its change in best FD."""
-    done = {r["row"] for r in records}
-    s = {row.id: row_summary(records, row.id) for row in rows if row.id in done}
+    s = _summaries(records, rows)
     out = []
     for row in rows:
         if row.parent and row.id in s and row.parent in s:

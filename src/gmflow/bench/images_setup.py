@@ -3,6 +3,8 @@
 * :data:`PRESETS` / :class:`ImagesPreset`: the main benchmark's settings; its class-conditional GM-DiT
   (``DIR/models/gmflow``) is also the model of the guidance part.
 * :func:`model_configs`: the GMFlow run and its flow-matching twin (identical trunk, budget, recipe).
+* :func:`guidance_for` / :func:`class_sample`: the guidance object of a sweep cell and the class-
+  conditional (optionally guided) draw every part uses.
 * :class:`Scorer`: scores sample sets against the held-out **test** split with the data set's cached
   classifier (FD, precision / recall, class accuracy on clipped samples; the over-saturation
   measures of :mod:`gmflow.metrics.saturation` on the samples *before* clipping). The test split's
@@ -22,6 +24,7 @@ from torch import Tensor
 from ..config import apply_sets
 from ..data import load_dataset
 from ..experiments import get_preset
+from ..guidance import CFG, ProbabilisticGuidance
 from ..io import atomic_write_json, atomic_write_text
 from ..metrics import (
     ImageClassifier,
@@ -32,9 +35,11 @@ from ..metrics import (
     pixel_stats,
     saturation_metrics,
 )
+from ..sampling import sample
 from ..train import flow_objective
 
-__all__ = ["ImagesPreset", "PRESETS", "Scorer", "make_scorer", "model_configs", "step_parts", "write_report"]
+__all__ = ["ImagesPreset", "PRESETS", "Scorer", "class_sample", "guidance_for", "make_scorer",
+           "model_configs", "step_parts", "write_report"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,27 @@ def model_configs(
     }
 
 
+def guidance_for(
+    kind: str, scale: float | None, orthogonal: float | None
+) -> CFG | ProbabilisticGuidance | None:
+    """``"cfg"`` -> :class:`~gmflow.CFG` ``w``, ``"probabilistic"`` -> :class:`~gmflow.ProbabilisticGuidance`
+    ``w~`` (both with projection weight ``orthogonal``); ``"none"`` -> no guidance."""
+    if kind == "cfg":
+        return CFG(scale, orthogonal=orthogonal)
+    if kind == "probabilistic":
+        return ProbabilisticGuidance(scale, orthogonal=orthogonal)
+    return None
+
+
+def class_sample(
+    model, noise: Tensor, labels: Tensor, num_classes: int, *, guidance, **solver: Any
+) -> Tensor:
+    """Samples of the classes ``labels`` from ``noise``; a guided call's unconditional half uses the
+    null class ``num_classes`` (one doubled batch). ``solver``: keywords of :func:`gmflow.sample`."""
+    uncond = {"class_labels": torch.full_like(labels, num_classes)}
+    return sample(model, noise, cond={"class_labels": labels}, uncond=uncond, guidance=guidance, **solver)
+
+
 @dataclass(frozen=True, eq=False)
 class Scorer:
     """Scores ``(N, C, H, W)`` sample sets against one reference set (the test split)."""
@@ -116,6 +142,12 @@ class Scorer:
     radii: Tensor  # their k-NN radii (M,), k = 3 (precision)
     pixels: PixelStats  # saturation statistics of the reference
     num_classes: int
+
+    @property
+    def classifier_id(self) -> str | None:
+        """The classifier's cache entry (its name holds the training hash); ``None`` if not cached."""
+        path = getattr(self.classifier, "cache_path", None)
+        return None if path is None else Path(path).name
 
     def __call__(
         self, x: Tensor, labels: Tensor | None = None, *, saturation: bool = False

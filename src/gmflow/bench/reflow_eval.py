@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..guidance import AutoGuidance
-from ..io import atomic_write_json, sha256_bytes
+from ..io import atomic_write_json
 from ..reflow import one_step_error, per_t_relative_loss, straightness
 from ..sampling import network_evaluations, sample
+from .common import key_digest
 from .reflow_beds import BenchPreset, bed_metrics
 from .reflow_images import IMAGE_BEDS
 
@@ -28,7 +29,7 @@ __all__ = ["cached", "diagnostics", "evaluate", "figure_samples", "sweeps"]
 
 def cached(path: Path, key: dict, compute):
     """``compute()`` once per ``key`` (a JSON-able dict): the result is kept in ``path``."""
-    digest = sha256_bytes(json.dumps(key, sort_keys=True, default=str).encode())[:16]
+    digest = key_digest(key)
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("key") == digest:
@@ -64,9 +65,8 @@ def evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cac
     under ``key`` plus the bed's draws, sample count and (image beds) the classifier's cache entry."""
     items = [({"variant": variant, "nfe": k}, {**kw, "nfe": k}) for k in nfes]
     scorer = bed.get("scorer")
-    classifier = getattr(scorer.classifier, "cache_path", None) if scorer is not None else None
     key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"],
-           "classifier": None if classifier is None else Path(classifier).name}  # fmt: skip
+           "classifier": None if scorer is None else scorer.classifier_id}  # fmt: skip
     return cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
 
 
