@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gmflow.bench import reflow as bench
+from gmflow.bench.reflow_beds import BenchPreset, Sizes
 from gmflow.bench.reflow_report import draw_means
 from gmflow.config import ConfigError
 
@@ -80,6 +81,9 @@ def test_bad_preset_and_dataset(tmp_path):
         bench.run(_args(tmp_path, datasets=["mnist"]))
     with pytest.raises(ConfigError, match="no sizes for the 'digits' test bed"):
         bench.run(_args(tmp_path, preset="fmnist", datasets=["digits"]))
+    digits = bench.PRESETS["smoke"].digits
+    with pytest.raises(ConfigError, match="digits.gm_teacher: the 'digits' bed has no GM-DiT twin"):
+        BenchPreset("x", digits=Sizes(**{**digits.__dict__, "gm_teacher": True}))
 
 
 def test_relative_changes_and_headline():
@@ -128,8 +132,11 @@ def _fmnist_args(out, **kw):
 def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     """The fmnist bed on a small synthetic Fashion-MNIST: DiT teacher, ladder without +dropout, two draws,
     held-out test split, sample grids, reuse on re-run."""
+    from gmflow import sample
     from gmflow.data import load_dataset
+    from gmflow.experiments import load_network
     from gmflow.reflow import PairDataset
+    from gmflow.reflow.pairs import shard_seed
 
     monkeypatch.setenv("GMFLOW_FASHION_MNIST", str(fake_fmnist(n_train=400, n_test=200)))
     out = tmp_path / "run"
@@ -162,8 +169,18 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     pairs = PairDataset(out / "pairs" / "fmnist" / "backward", out / "pairs" / "fmnist" / "forward")
     x0 = pairs.forward[0]
     assert torch.equal(x0, train[: len(x0)])
-    every = torch.cat([pairs.backward[0], x0]).flatten(1).double()
-    assert torch.cdist(every, test.flatten(1).double()).min() > 1e-2
+    assert torch.cdist(x0.flatten(1).double(), test.flatten(1).double()).min() > 1e-2
+    # backward pairs are data-free: x1 is the first shard's seeded noise and x0 the teacher's ODE from it
+    bx0, bx1 = (v[:16] for v in pairs.backward)
+    manifest = json.loads((out / "pairs" / "fmnist" / "backward" / "manifest.json").read_text())
+    g = torch.Generator().manual_seed(shard_seed(manifest["seed"], "backward", 0))
+    assert torch.equal(
+        bx1, torch.randn((min(manifest["shard_size"], manifest["n"]), *bx1.shape[1:]), generator=g)[:16]
+    )
+    teacher = load_network(out / "teachers" / "fmnist")
+    with torch.no_grad():
+        again = sample(teacher, bx1, solver=manifest["solver"], nfe=manifest["nfe"])
+    torch.testing.assert_close(again, bx0, rtol=0, atol=1e-5)
     gm = {r["variant"]: r for r in records if r["variant"].startswith("gm-") and r["nfe"] == 2}
     assert gm["gm-teacher"]["solver"] == "gm-ode" and gm["gm-teacher"]["prev_variant"] == "teacher"
     assert gm["gm-recipe"]["solver"] == "dpm-solver-2" and gm["gm-recipe"]["prev_variant"] == "+dpm"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gmflow.bench import reflow as bench
-from gmflow.bench.reflow_images import estimate, image_reference, memorisation
+from gmflow.bench.reflow_images import NearestTrain, estimate, image_reference, memorisation
 from gmflow.metrics import frechet_distance
 
 from .test_reflow import _args
@@ -50,6 +50,17 @@ def test_digits_held_out_split_never_feeds_pairs(tmp_path):
     assert memorisation(ref["train"][:50], ref["nearest"], ref["nn_test"])["nn_ratio"] == 0.0
     m = memorisation(ref["ref"], ref["nearest"], ref["nn_test"])
     assert m["nn_ratio"] == 1.0 and m["copy_frac"] <= 0.02  # 1 % by construction (ties aside)
+
+
+def test_nearest_train_matches_brute_force_across_chunks():
+    """Chunked float64 search over a float32 train set = the exact nearest distance, per pixel RMS."""
+    g = torch.Generator().manual_seed(0)
+    train, x = torch.rand(37, 1, 4, 4, generator=g), torch.rand(9, 1, 4, 4, generator=g)
+    nearest = NearestTrain(train, chunk=5)
+    assert nearest.train.dtype == torch.float32  # no float64 copy of the train set is kept
+    exact = torch.cdist(x.flatten(1).double(), train.flatten(1).double()).min(1).values / 4
+    torch.testing.assert_close(nearest(x), exact, rtol=0, atol=1e-12)
+    assert nearest(train[[3, 30]]).max() < 1e-7
 
 
 def test_estimate_of_the_fmnist_bed(tmp_path, fake_fmnist, monkeypatch, capsys):

@@ -83,6 +83,13 @@ class BenchPreset:
     classifier_limit: int | None = None
     image_sweeps: bool = False  # inference sweeps on image beds too (always on 2-D)
 
+    def __post_init__(self) -> None:
+        for kind in ("toy", "digits", "fmnist"):
+            s = getattr(self, kind)
+            dit = kind in IMAGE_BEDS and IMAGE_BEDS[kind].arch == "dit"
+            if isinstance(s, Sizes) and s.gm_teacher and not dit:
+                raise ConfigError(f"{kind}.gm_teacher: the {kind!r} bed has no GM-DiT twin (DiT beds only)")
+
     def sizes(self, name: str) -> Sizes:
         """The budget of test bed ``name``; ``ConfigError`` if this preset has none for it."""
         s = self.toy if name in ("checkerboard", "ring") else getattr(self, name, None)
