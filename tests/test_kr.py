@@ -119,3 +119,14 @@ def test_fp32_inverse_converges_to_the_fp64_solution():
     x64 = standard_normal_to_gm(gm.to(dtype=D), z.to(D))
     assert (x.to(D) - x64).abs().max() < 1e-3
     assert (standard_normal_to_gm(gm, z, newton_steps=64) - x).abs().max() < 1e-5  # no drift
+
+
+def test_early_stop_of_the_inverse_keeps_its_accuracy(monkeypatch):
+    """Stopping once no iterate moves (checked every few iterations) = running every Newton step."""
+    import gmflow.kr as kr
+
+    gm = gm_batch(k=8, spatial=(64,), dtype=torch.float32)
+    z = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    early = standard_normal_to_gm(gm, z)
+    monkeypatch.setattr(kr, "_CHECK_EVERY", 10**9)
+    torch.testing.assert_close(early, standard_normal_to_gm(gm, z), rtol=0, atol=1e-5)
