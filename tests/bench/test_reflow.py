@@ -187,6 +187,7 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     gm_run = json.loads((out / "students" / "fmnist" / "gm-recipe" / "config.json").read_text())
     assert gm_run["pairs"]["backward"]["solver"] == "gm-ode"  # trained on the GM teacher's pairs
     assert "recipe on GM-teacher pairs" in text
+    assert "- `fmnist_samples_2rf.png`: a row per NFE (1, 2 from the top)" in text
     for v in ("teacher", "2rf", "hpf", "dpm", "full", "gm-teacher", "gm-recipe"):
         assert (out / f"fmnist_samples_{v}.png").stat().st_size > 500
     stamp = _stamps(out)

@@ -250,6 +250,22 @@ def _gm_variant(
     return records
 
 
+def _figure_notes(figs: list[Path], out: Path, pr: BenchPreset) -> str:
+    """The figure list of results.md, saying how a sample grid reads (its PNG has no labels)."""
+    if not figs:
+        return ""
+    nfes = ", ".join(str(k) for k in pr.nfes)
+    lines = [f"\nFigures (in `{out}`):"]
+    for f in figs:
+        note = ""
+        if "_samples_" in f.name:
+            note = f": a row per NFE ({nfes} from the top), the same first-draw noise in each column"
+        elif f.name.endswith("_histograms.png"):
+            note = ": rows teacher / 2rf / full, a column per NFE"
+        lines.append(f"- `{f.name}`{note}")
+    return "\n".join(lines) + "\n"
+
+
 def _knobs(pr: BenchPreset) -> str:
     parts = []
     for label, shape in (("images", (1, 32, 32)), ("2-D", (2,))):
@@ -303,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
         figs += figures(name, records, diag, samples, pr, out)
     add_relative_changes(records)
     text = results_markdown(records, diags, pr, args.preset, _knobs(pr))
+    text += _figure_notes(figs, out, pr)
     text += (
         f"\nWall time: {(time.perf_counter() - t0) / 60:.1f} min ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in timing.items())

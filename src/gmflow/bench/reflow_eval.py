@@ -24,7 +24,7 @@ from .common import key_digest
 from .reflow_beds import BenchPreset, bed_metrics
 from .reflow_images import IMAGE_BEDS
 
-__all__ = ["cached", "diagnostics", "evaluate", "figure_samples", "sweeps"]
+__all__ = ["cached", "diagnostics", "evaluate", "figure_samples", "score_items", "sweeps"]
 
 
 def cached(path: Path, key: dict, compute):
@@ -40,7 +40,7 @@ def cached(path: Path, key: dict, compute):
     return value
 
 
-def _run_items(
+def score_items(
     name: str, bed: dict, model: Any, items: list[tuple[dict, dict]], draws: int | None = None
 ) -> list[dict[str, Any]]:
     """One record per ``(record fields, gmflow.sample keywords)`` item and noise draw (the first
@@ -67,7 +67,7 @@ def evaluate(name: str, bed: dict, model: Any, variant: str, nfes, kw: dict, cac
     scorer = bed.get("scorer")
     key = {**key, "draws": len(bed["noise"]), "n_eval": bed["n_eval"],
            "classifier": None if scorer is None else scorer.classifier_id}  # fmt: skip
-    return cached(cache / f"{variant.lstrip('+')}.json", key, lambda: _run_items(name, bed, model, items))
+    return cached(cache / f"{variant.lstrip('+')}.json", key, lambda: score_items(name, bed, model, items))
 
 
 def sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: Any) -> list[dict[str, Any]]:
@@ -91,7 +91,7 @@ def sweeps(name: str, bed: dict, student: Any, weak: Any, pr: BenchPreset, sp: A
         for v in (1.0, 1.2, 1.4, 1.6, 2.0)
         for k in (min(pr.nfes), max(nfes))
     ]
-    return _run_items(name, bed, student, items, draws=1)
+    return score_items(name, bed, student, items, draws=1)
 
 
 def diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset) -> dict[str, Any]:
