@@ -34,7 +34,7 @@ def test_smoke_run_writes_results_and_reuses_them(tmp_path, capsys):
         assert r["sw2"] > 0 and r["sw2_floor"] > 0
     variants = [r["variant"] for r in records if r["dataset"] == "ring" and r["nfe"] == 1]
     assert variants == [
-        "teacher", "2rf", "+norm", "+pow10", "+forward", "+projection", "+sigmoid", "+dpm", "full"
+        "teacher", "2rf", "+norm", "+pow10", "+forward", "+projection", "+sigmoid", "+dpm", "full", "recipe"
     ]  # fmt: skip
     for r in records:  # NFE (main + guide): AutoGuidance's guide calls are counted
         assert (r["nfe_main"], r["nfe_guide"]) == (r["nfe"], r["nfe"] if r["variant"] == "full" else 0)
@@ -43,6 +43,10 @@ def test_smoke_run_writes_results_and_reuses_them(tmp_path, capsys):
     by = {(r["dataset"], r["variant"], r["nfe"]): r for r in records}
     assert by[("ring", "+projection", 1)]["prev_variant"] == "+forward"  # a branch off +forward
     assert by[("ring", "+sigmoid", 1)]["prev_variant"] == "+forward"
+    # the shipped 2-D recipe is the ladder's +forward student (reused, not retrained), sampled like +dpm
+    assert by[("ring", "recipe", 1)]["prev_variant"] == "2rf"
+    assert by[("ring", "recipe", 2)]["sw2"] == by[("ring", "+dpm", 2)]["sw2"]
+    assert not (tmp_path / "students" / "ring" / "recipe").exists()
     r = by[("ring", "+forward", 2)]
     assert r["prev_variant"] == "+pow10"
     prev = by[("ring", "+pow10", 2)]["sw2"]
@@ -108,17 +112,19 @@ def test_relative_changes_and_headline():
 
 def test_draw_means_relative_changes_and_paired_headline():
     """Several noise draws: changes per draw (same noise), tables and headline on the means (± sd)."""
-    fd = {("2rf", 0): 10.0, ("2rf", 1): 12.0, ("+dpm", 0): 7.0, ("+dpm", 1): 9.0, ("teacher", 0): 20.0,
+    fd = {("2rf", 0): 10.0, ("2rf", 1): 12.0, ("recipe", 0): 7.0, ("recipe", 1): 9.0, ("teacher", 0): 20.0,
           ("teacher", 1): 22.0}  # fmt: skip
     recs = [{"dataset": "fmnist", "variant": v, "nfe": 9, "draw": d, "fd": x} for (v, d), x in fd.items()]
     recs[0]["nn_ratio"] = 0.9  # memorisation: first draw only
     bench.add_relative_changes(recs)
     by = {(r["variant"], r["draw"]): r for r in recs}
-    assert by[("+dpm", 1)]["prev_variant"] == "2rf" and by[("+dpm", 1)]["rel_change"] == pytest.approx(-0.25)
+    assert by[("recipe", 1)]["prev_variant"] == "2rf" and by[("recipe", 1)]["rel_change"] == pytest.approx(
+        -0.25
+    )
     means = {r["variant"]: r for r in draw_means(recs)}
     assert means["2rf"]["draws"] == 2 and means["2rf"]["fd"] == 11.0
     assert means["2rf"]["fd_sd"] == pytest.approx(2**0.5) and means["2rf"]["nn_ratio"] == 0.9
-    assert "draw" not in means["2rf"] and means["+dpm"]["rel_change"] == pytest.approx(8.0 / 11.0 - 1.0)
+    assert "draw" not in means["2rf"] and means["recipe"]["rel_change"] == pytest.approx(8.0 / 11.0 - 1.0)
     (line,) = bench.headline(recs)
     assert line.startswith("fmnist (fd): NFE 9: 2rf 11 ± 1.4 -> recipe 8 ± 1.4 (-27.3%")
     assert "per draw -27.5 ± 3.5%" in line  # mean and sd of -30 % and -25 %
@@ -147,7 +153,7 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     # no +dropout (the DiT teacher has no dropout); the GM-teacher variant's two rows at the end
     assert variants == [
         "teacher", "2rf", "+norm", "+pow10", "+hpf", "+forward", "+projection", "+sigmoid", "+dpm", "full",
-        "gm-teacher", "gm-recipe",
+        "recipe", "gm-teacher", "gm-recipe",
     ]  # fmt: skip
     pr = bench.PRESETS["smoke"]
     cells = {(r["variant"], r["nfe"]): [] for r in records}
@@ -183,9 +189,14 @@ def test_fmnist_smoke_bed_end_to_end(tmp_path, fake_fmnist, monkeypatch):
     torch.testing.assert_close(again, bx0, rtol=0, atol=1e-5)
     gm = {r["variant"]: r for r in records if r["variant"].startswith("gm-") and r["nfe"] == 2}
     assert gm["gm-teacher"]["solver"] == "gm-ode" and gm["gm-teacher"]["prev_variant"] == "teacher"
-    assert gm["gm-recipe"]["solver"] == "dpm-solver-2" and gm["gm-recipe"]["prev_variant"] == "+dpm"
+    assert gm["gm-recipe"]["solver"] == "dpm-solver-2" and gm["gm-recipe"]["prev_variant"] == "recipe"
     gm_run = json.loads((out / "students" / "fmnist" / "gm-recipe" / "config.json").read_text())
     assert gm_run["pairs"]["backward"]["solver"] == "gm-ode"  # trained on the GM teacher's pairs
+    # the shipped image recipe (no HPF, no forward pairs) is the +pow10 student: reused, not retrained
+    assert not (out / "students" / "fmnist" / "recipe").exists()
+    assert (gm_run["config"]["loss"]["hpf_lambda"], gm_run["config"]["pairs"]["rho"]) == (0.0, 0.0)
+    rec = {(r["variant"], r["draw"]): r["fd"] for r in records if r["nfe"] == 1}
+    assert rec[("recipe", 0)] == rec[("+pow10", 0)]  # at NFE 1 every solver is one Euler step
     assert "recipe on GM-teacher pairs" in text
     assert "- `fmnist_samples_2rf.png`: a row per NFE (1, 2 from the top)" in text
     for v in ("teacher", "2rf", "hpf", "dpm", "full", "gm-teacher", "gm-recipe"):

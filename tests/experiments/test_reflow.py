@@ -87,19 +87,20 @@ def test_config_round_trip_and_recipes():
     assert (simple.loss.normalize, simple.loss.time_sampler, simple.loss.hpf_lambda) == (
         "sample",
         "pow10",
-        10.0,
+        0.0,
     )
-    assert simple.pairs.rho == 0.4
+    assert simple.pairs.rho == 0.0  # images: no HPF distance and no forward pairs, by measurement
     assert simple.sampling.sample_kwargs() == {
         "solver": "dpm-solver-2",
         "grid": "sigmoid",
         "kappa": 5.0,
         "r": 0.4,
     }
-    # per data type: images keep the HPF and the per-sample normaliser, vectors get the measured ones
+    # per data type: images keep the per-sample normaliser, vectors get the learned one and forward pairs
     assert recipe("simple", (1, 16, 16)) == simple and recipe("simple") == simple
     vec = recipe("simple", (2,))
     assert (vec.loss.hpf_lambda, vec.loss.normalize, vec.loss.time_sampler) == (0.0, "learned", "pow10")
+    assert vec.pairs.rho == 0.4
     assert RECIPES["simple"].loss.normalize == "sample"  # the table itself is not modified
     assert recipe("2rf", (2,)) == two
     with pytest.raises(ValueError, match="recipe must be one of"):

@@ -26,8 +26,9 @@ Test beds (:mod:`gmflow.bench.reflow_beds`):
   recipe's student trained on the GM teacher's gm-ode pairs). :mod:`gmflow.bench.reflow_images` and
   docs/maths/reflow.md §15-16.
 
-Ladder (each rung adds the next knob of ``gmflow.experiments.recipe("simple", shape)``; every model is
-evaluated at each NFE with the same noise):
+Ladder (each rung adds the next improvement of the paper: the normaliser and ``t`` density of
+``gmflow.experiments.recipe("simple", shape)``, the preset's ``hpf_lambda`` and ``rho``; every model is
+evaluated at each NFE with the same noise), then the shipped recipe as its own row:
 
 =============== ===========================================================================================
 teacher         the teacher itself, Euler on the uniform grid
@@ -36,15 +37,19 @@ teacher         the teacher itself, Euler on the uniform grid
 +norm           the recipe's loss normaliser (``sample``: ``l / max(sg[l], floor)``; ``learned``: a side
                 network for ``log E[l | x_t, t]``); left out where the recipe has none
 +pow10          ``t ∝ 10^t``
-+hpf            FFT-mask HPF distance (images only)
++hpf            FFT-mask HPF distance, lambda ``hpf_lambda`` (images only)
 +dropout        smaller student dropout (digits only: the toy MLP and the fmnist DiT teacher have none)
-+forward        forward pairs with ratio rho: the recipe's student
++forward        forward pairs with ratio ``rho``: the ladder's last student
 +sigmoid        sigmoid time grid (kappa); same student, inference only
-+dpm            DPM-Solver-2 (r); inference only: **the recipe as a user runs it**
-full            + AutoGuidance: weak model = the recipe student's checkpoint after ``weak_frac`` of its
++dpm            DPM-Solver-2 (r); inference only: the paper's recipe without guidance
+full            + AutoGuidance: weak model = that student's checkpoint after ``weak_frac`` of its
                 steps; ``w`` in the EDM2 lerp convention (w = 1 is none; the paper's 0.6 is 1.6 here).
                 The guide is a second network evaluation per solver call: the tables report NFE (main +
                 guide), and the headline also compares it with 2-RF at the same total NFE.
+recipe          ``recipe("simple", shape)`` **as a user runs it** (its training knobs, the bed's student
+                dropout, DPM-Solver-2 on the sigmoid grid), change vs 2rf: the headline. It reuses the
+                ladder rung with the same training config (fmnist: ``+pow10``, as the image recipe has
+                no HPF and no forward pairs; 2-D: ``+forward``), else trains its own (digits).
 +projection     branch off ``+forward``: the coupling projection computed once over the pair set,
                 ``x0 <- (x0 + lambda y) / (1 + lambda)`` (a measurement; the recipe has no projection)
 =============== ===========================================================================================
@@ -112,27 +117,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ ladder
-def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
-    """The training rungs, each adding one knob of ``recipe("simple", shape)`` to the previous one.
-
-    ``+projection`` is a branch off ``+forward`` (the recipe has no projection); rungs whose knob is
-    off in the recipe (the normaliser, the HPF distance on vectors) are left out.
-    """
+def _base_config(name: str, pr: BenchPreset, seed: int) -> ReflowConfig:
+    """The 2-RF student run of test bed ``name`` (every rung and the recipe row start from it)."""
     s = pr.sizes(name)
     image = IMAGE_BEDS.get(name)
-    rec = recipe("simple", image.shape if image else (2,))
     loop = LoopConfig(
         steps=s.reflow_steps, batch_size=s.reflow_batch, optimizer="adam", lr=s.reflow_lr,
         warmup_steps=max(1, s.reflow_steps // 20), seed=seed, ckpt_every=max(1, s.reflow_steps // 4),
         log_every=25,
     )  # fmt: skip
-    cfg = ReflowConfig(data=image.data if image else name, loop=loop)
+    return ReflowConfig(data=image.data if image else name, loop=loop)
+
+
+def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tuple[str, Any]]:
+    """The training rungs, each adding one improvement of the paper to the previous one.
+
+    The normaliser and ``t`` density are those of ``recipe("simple", shape)`` (``pr.normalize``
+    overrides the normaliser), the HPF lambda and forward-pair ratio the preset's ``hpf_lambda`` /
+    ``rho`` (the paper's values, which the shipped image recipe turns off by measurement).
+    ``+projection`` is a branch off ``+forward``; rungs that do not apply (no normaliser, the HPF
+    distance on vectors, dropout without a teacher dropout) are left out.
+    """
+    image = IMAGE_BEDS.get(name)
+    rec = recipe("simple", image.shape if image else (2,))
+    cfg = _base_config(name, pr, seed)
     norm = pr.normalize if pr.normalize is not None else rec.loss.normalize
     changes = {
         "2rf": [], "+norm": [f"loss.normalize={norm}"],
         "+pow10": [f"loss.time_sampler={rec.loss.time_sampler}"],
-        "+hpf": [f"loss.hpf_lambda={rec.loss.hpf_lambda}"],
-        "+dropout": [f"student_dropout={pr.student_dropout}"], "+forward": [f"pairs.rho={rec.pairs.rho}"],
+        "+hpf": [f"loss.hpf_lambda={pr.hpf_lambda}"],
+        "+dropout": [f"student_dropout={pr.student_dropout}"], "+forward": [f"pairs.rho={pr.rho}"],
         "+projection": [f"pairs.projection_lambda={pr.projection_lambda}",
                         f"pairs.projection_pool={pr.pool}"],
     }  # fmt: skip
@@ -153,6 +167,29 @@ def _rung_configs(name: str, pr: BenchPreset, out: Path, seed: int) -> list[tupl
             (rung, apply_sets(new, [f"loop.out_dir={out / 'students' / name / rung.lstrip('+')}"]))
         )
     return out_cfgs
+
+
+def _recipe_config(name: str, pr: BenchPreset, out: Path, seed: int, cfgs: list[tuple[str, Any]]):
+    """``(config, rung)``: the student of ``recipe("simple", shape)`` as shipped (with the bed's
+    smaller student dropout where the teacher has dropout), and the ladder rung with the same training
+    config whose run it reuses (``None``: it trains in ``OUT/students/<bed>/recipe``)."""
+    image = IMAGE_BEDS.get(name)
+    rec = recipe("simple", image.shape if image else (2,))
+    sets = [f"loss.normalize={rec.loss.normalize}", f"loss.time_sampler={rec.loss.time_sampler}",
+            f"loss.hpf_lambda={rec.loss.hpf_lambda}", f"pairs.rho={rec.pairs.rho}"]  # fmt: skip
+    if image is not None and image.dropout_rung:
+        sets.append(f"student_dropout={pr.student_dropout}")
+    cfg = apply_sets(_base_config(name, pr, seed), sets)
+
+    def training(c: ReflowConfig) -> dict:
+        d = c.to_dict()
+        d["loop"].pop("out_dir")
+        return d
+
+    same = next((rung for rung, c in cfgs if training(c) == training(cfg)), None)
+    if same is not None:
+        return dict(cfgs)[same], same
+    return apply_sets(cfg, [f"loop.out_dir={out / 'students' / name / 'recipe'}"]), None
 
 
 def _train_rung(rung: str, cfg: Any, bed: dict, pairs: Any, weak_frac: float | None, progress: bool):
@@ -213,10 +250,18 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
         k = {**key, "cfg": full_cfg, "kw": {a: b for a, b in kw.items() if a != "guidance"}, "w": pr.guidance}
         records += evaluate(name, bed, student, rung, pr.nfes, kw, cache, {**k, "v": rung})
         models[rung] = (student, kw)
+    rcfg, same = _recipe_config(name, pr, out, seed, cfgs)
+    if same is None:
+        print(f"[bench reflow] {name}: the shipped recipe's student ({rcfg.loop.steps} steps)")
+        net, _ = _train_rung("recipe", rcfg, bed, pairs, None, progress)
+    else:
+        net = models[same][0]
+    dpm = infer[1][1]
+    ids = {"cfg": rcfg.to_dict(), "weights": teacher_hash(rcfg.loop.out_dir), "kw": dpm}
+    records += evaluate(name, bed, net, "recipe", pr.nfes, dpm, cache, {**key, **ids, "v": "recipe"})
+    models["recipe"] = (net, dpm)
     if bed["sizes"].gm_teacher:
-        records += _gm_variant(
-            name, bed, pr, (out, seed, progress), main_cfg, infer[1][1], (cache, key), models
-        )
+        records += _gm_variant(name, bed, pr, (out, seed, progress), rcfg, dpm, (cache, key), models)
     print(f"[bench reflow] {name}: diagnostics")
     dkey = {**key, "cfg": full_cfg, "diag": 1, "2rf": teacher_hash(cfgs[0][1].loop.out_dir), "teacher": tid}
     diag = cached(cache / "diagnostics.json", dkey, lambda: diagnostics(name, bed, models, test, pr))
@@ -233,8 +278,8 @@ def run_dataset(name: str, pr: BenchPreset, preset: str, out: Path, seed: int, p
 def _gm_variant(
     name: str, bed: dict, pr: BenchPreset, run: tuple, cfg: Any, dpm: dict, ck: tuple, models: dict
 ):
-    """The GM-teacher variant: the GM-DiT teacher (gm-ode order 2) and the recipe's student (``cfg``,
-    initialised from the FM teacher) trained on the GM teacher's pairs, sampled as ``+dpm``."""
+    """The GM-teacher variant: the GM-DiT teacher (gm-ode order 2) and the shipped recipe's student
+    (``cfg``, initialised from the FM teacher) trained on the GM teacher's pairs, sampled as ``recipe``."""
     (out, seed, progress), (cache, key) = run, ck
     print(f"[bench reflow] {name}: GM-DiT teacher and its pairs (gm-ode order 2)")
     gm, pairs = make_gm_pairs(name, bed, pr, out, seed, progress)
@@ -281,8 +326,10 @@ def _knobs(pr: BenchPreset) -> str:
 def _print_estimates(pr: BenchPreset, datasets, out: Path, seed: int) -> int:
     """``--estimate``: the measured time breakdown of each image bed (:func:`reflow_images.estimate`)."""
     for name in (d for d in datasets if d in IMAGE_BEDS):
-        rungs = [r for r, _ in _rung_configs(name, pr, out, seed)]
-        est = estimate(name, pr, ["teacher", *rungs, "+sigmoid", "+dpm", "full"], len(rungs))
+        cfgs = _rung_configs(name, pr, out, seed)
+        rungs = [r for r, _ in cfgs]
+        trained = len(rungs) + (_recipe_config(name, pr, out, seed, cfgs)[1] is None)
+        est = estimate(name, pr, ["teacher", *rungs, "+sigmoid", "+dpm", "full", "recipe"], trained)
         parts = ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in est.items() if k.endswith("_s"))
         unit = ", ".join(f"{k} {v:.3g}" for k, v in est.items() if not k.endswith("_s"))
         print(f"[bench reflow] {name} estimate (min on this machine now): {parts}\n  measured: {unit}")

@@ -19,10 +19,11 @@ from .reflow_beds import BenchPreset
 from .reflow_images import IMAGE_BEDS
 
 TRAIN_RUNGS = ("2rf", "+norm", "+pow10", "+hpf", "+dropout", "+forward", "+projection")
-#: rungs that branch off another rung instead of extending the previous one; the GM-teacher variant
-#: (image beds with ``gm_teacher``): the GM-DiT teacher vs the FM teacher, and the recipe's student
-#: trained on the GM teacher's pairs vs the one trained on the FM teacher's (both sampled as ``+dpm``)
-BRANCH_OF = {"+projection": "+forward", "gm-teacher": "teacher", "gm-recipe": "+dpm"}
+#: rows that branch off another row instead of extending the previous one: the shipped recipe vs 2-RF
+#: (the headline), the projection, and the GM-teacher variant (image beds with ``gm_teacher``): the
+#: GM-DiT teacher vs the FM teacher, and the recipe's student trained on the GM teacher's pairs vs the
+#: one trained on the FM teacher's (both sampled with the recipe's inference)
+BRANCH_OF = {"recipe": "2rf", "+projection": "+forward", "gm-teacher": "teacher", "gm-recipe": "recipe"}
 LADDER = ("teacher", *(r for r in TRAIN_RUNGS if r not in BRANCH_OF), "+sigmoid", "+dpm", "full", *BRANCH_OF)
 IMAGE_ONLY = ("+hpf", "+dropout")
 
@@ -100,9 +101,10 @@ def _value(r: dict[str, Any], metric: str) -> str:
 
 
 def headline(records: list[dict[str, Any]]) -> list[str]:
-    """The recipe as a user runs it (``+dpm``, unguided) and ``full`` (+ AutoGuidance, with its guide
-    evaluations) vs 2rf at NFE 1, 2 and the largest NFE per data set (negative = better), on the means
-    over noise draws (± sd, and the draw-by-draw change, when there are several)."""
+    """The recipe as a user runs it (``recipe``, unguided) and ``full`` (the ladder's last rung +
+    AutoGuidance, with its guide evaluations) vs 2rf at NFE 1, 2 and the largest NFE per data set
+    (negative = better), on the means over noise draws (± sd, and the draw-by-draw change, when there
+    are several)."""
     lines = []
     for ds in dict.fromkeys(r["dataset"] for r in records):
         metric = metric_name(ds)
@@ -113,10 +115,10 @@ def headline(records: list[dict[str, Any]]) -> list[str]:
         for k in dict.fromkeys([n for n in nfes if n <= 2] + nfes[-1:]):
             b = get[("2rf", k)]
             part = f"NFE {k}: 2rf {_value(b, metric)}"
-            if ("+dpm", k) in get:
-                c = get[("+dpm", k)]
+            if ("recipe", k) in get:
+                c = get[("recipe", k)]
                 part += f" -> recipe {_value(c, metric)} ({_rel(c[metric], b[metric])}"
-                part += _paired(raw, ds, "+dpm", "2rf", k) + ")"
+                part += _paired(raw, ds, "recipe", "2rf", k) + ")"
             if ("full", k) in get:
                 a = get[("full", k)]
                 part += f", guided full {_value(a, metric)} ({_rel(a[metric], b[metric])}; "

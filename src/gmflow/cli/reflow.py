@@ -34,8 +34,8 @@ examples:
   gmflow reflow train --teacher runs/fm --pairs pairs/bwd --data checkerboard --out runs/2rf   # 2-RF
   gmflow reflow train --teacher runs/fm --pairs pairs/bwd --forward-pairs pairs/fwd --rho 0.4 \\
       --data checkerboard --out runs/srf --set loss.normalize=sample loss.time_sampler=pow10 --dry-run
-  gmflow reflow train --recipe simple --teacher runs/unet --pairs p/bwd --forward-pairs p/fwd \\
-      --data digits16 --set pairs.projection_lambda=1 student_dropout=0.05 --out runs/srf-digits
+  gmflow reflow train --recipe simple --teacher runs/unet --pairs p/bwd --data digits16 \\
+      --set student_dropout=0.05 --out runs/srf-digits     # images: no HPF, no forward pairs
 
 Keys are dotted: teacher, data, student_dropout, loss.*, pairs.*, sampling.*, loop.* (see --dry-run)."""
 
@@ -162,6 +162,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError(f"rho={cfg.pairs.rho} > 0 draws forward pairs: pass --forward-pairs DIR")
     if cfg.pairs.projection_lambda > 0 and cfg.data is None:
         raise ValueError("projection_lambda > 0 projects onto real data: pass --data NAME")
+    if cfg.pairs.forward is not None and cfg.pairs.rho == 0:
+        print("gmflow: note: pairs.rho = 0, so the forward pairs are not drawn (set --rho to mix them)",
+              file=sys.stderr)  # fmt: skip
     if args.dry_run:
         read_checkpoint_manifest(args.teacher)
         info = {"experiment": cfg.kind, **cfg.to_dict()}
