@@ -25,6 +25,7 @@ from pathlib import Path
 
 from gmflow.bench.reflow_beds import PRESETS, setup_bed
 from gmflow.bench.reflow_eval import score_items
+from gmflow.bench.reflow_report import metric_name
 from gmflow.experiments import load_network, recipe
 from gmflow.io import atomic_write_json
 
@@ -62,9 +63,7 @@ def main() -> None:
         rows += score_items(args.bed, bed, net, items)
     summary: dict[str, dict[int, list[float]]] = {}
     for r in rows:
-        summary.setdefault(r["variant"], {}).setdefault(r["nfe"], []).append(
-            r["fd"] if "fd" in r else r["sw2"]
-        )
+        summary.setdefault(r["variant"], {}).setdefault(r["nfe"], []).append(r[metric_name(args.bed)])
     for variant, by_nfe in summary.items():
         cells = [
             f"NFE {k}: {statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.1f}"
