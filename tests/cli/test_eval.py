@@ -133,3 +133,33 @@ def test_bpd_of_a_spectral_run_and_errors(spectral_run, cond_run, velocity_run, 
     assert main(["eval", "--ckpt", str(velocity_run.path), "--bpd"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--bpd needs a GM image run" in err
+
+
+def test_class_conditional_eval_is_class_balanced(cond_run, digits_run, tmp_path, capsys):
+    """A class-conditional run samples every class equally and scores class accuracy; --uncond / --guidance."""
+    base = ["eval", "--ckpt", str(cond_run.path), "--solvers", "gm-ode", "--nfes", "1", "--n", "100"]
+    out = tmp_path / "c.json"
+    assert main([*base, "--json", str(out)]) == 0
+    assert "class_acc" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    (row,) = res["rows"]
+    assert res["classes"] == "balanced" and res["guidance"] is None and 0 <= row["class_acc"] <= 1
+    assert main([*base, "--uncond", "--json", str(tmp_path / "u.json")]) == 0
+    unc = json.loads((tmp_path / "u.json").read_text())
+    assert unc["classes"] == "null class" and "class_acc" not in unc["rows"][0]
+    assert unc["rows"][0]["fd"] != row["fd"]  # the null class is a different input than the labels
+    g = ["--guidance", "cfg", "--scale", "2", "--json", str(tmp_path / "g.json")]
+    assert main([*base, *g]) == 0
+    guided = json.loads((tmp_path / "g.json").read_text())
+    assert guided["guidance"] == {"kind": "cfg", "scale": 2.0, "orthogonal": 0.0}
+    assert guided["rows"][0]["fd"] != row["fd"]
+    capsys.readouterr()
+    cases = [
+        ([*base, "--uncond", "--guidance", "cfg", "--scale", "2"], "drop --uncond"),
+        (["eval", "--ckpt", str(digits_run.path), "--uncond"], "--uncond: this run is not class-conditional"),
+        (["eval", "--ckpt", str(digits_run.path), "--guidance", "cfg", "--scale", "2"], "not class-conditional"),
+    ]
+    for args, match in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and match in err, (args, err)

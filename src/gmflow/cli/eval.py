@@ -35,7 +35,15 @@ from ..metrics import (
 from ..sampling import SOLVERS, SUBSTEP_METHODS
 from ..sampling.solvers.substeps import DEFAULT_SUBSTEP_METHOD
 from .common import UsageError, check_writable, draw_samples, fmt, positive
-from .sample import add_run_arguments, add_spectral_argument, check_solver, load_run_args, solver_order
+from .sample import (
+    add_guidance_arguments,
+    add_run_arguments,
+    add_spectral_argument,
+    check_solver,
+    guidance_from_args,
+    load_run_args,
+    solver_order,
+)
 
 __all__ = ["add_parser"]
 
@@ -44,6 +52,8 @@ examples:
   gmflow eval --ckpt runs/k64                        # gm-sde / gm-ode (order 2) and euler at NFE 1 2 4 8
   gmflow eval --ckpt runs/k64 --solvers gm-sde --nfes 1 2 --n 50000
   gmflow eval --ckpt runs/srf-digits --solvers dpm-solver-2 --nfes 1 2 9   # FD vs the test split
+  gmflow eval --ckpt runs/fmnist-gm --solvers gm-ode --nfes 4 8 --n 500  # class-balanced, + class_acc
+  gmflow eval --ckpt runs/fmnist-fm --solvers heun --nfes 16 --guidance cfg --scale 2
   gmflow eval --ckpt runs/fmnist-gm --bpd --num-t 4                   # test-split bits/dim (Eq. 21)"""
 
 
@@ -55,7 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Sample with several solvers and NFEs and print a quality table: for toy 2-D runs "
             "sliced-W2 (and its ratio to the data-vs-data floor), MMD and, for the checkerboard, "
             "in-support fraction and cell-mass KL; for image runs FD, precision and recall against the "
-            "held-out test split. Writes the table as JSON next to the checkpoint.",
+            "held-out test split; class-conditional runs sample every class equally (sample i gets class "
+            "i mod num_classes) and add the classifier's accuracy on the requested class, --uncond samples "
+            "the null class instead. Writes the table as JSON next to the checkpoint.",
             EPILOG,
         ),
     )
@@ -82,6 +94,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--json", metavar="FILE", help="output file (default: CKPT/eval.json, with --bpd CKPT/bpd.json)"
     )
+    e.add_argument(
+        "--uncond",
+        action="store_true",
+        help="class-conditional runs: sample the null class (unconditional) instead of every class equally",
+    )
+    add_guidance_arguments(e)
     add_spectral_argument(e)
     e.add_argument(
         "--bpd",
@@ -107,7 +125,7 @@ class _ToyScorer:
         self.info = {"reference_seed": REFERENCE_SEED, "sw2_floor": self.floor}
         self.summary = f"sw2 floor {self.floor:.4f}; "
 
-    def __call__(self, x: torch.Tensor) -> dict[str, Any]:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         ok = torch.isfinite(x).all(1)
         xf = x[ok]
         sw2 = sliced_w2_mean(xf, self.reference) if len(xf) >= 2 else math.nan
@@ -121,20 +139,21 @@ class _ToyScorer:
 class _ImageScorer:
     """FD / precision / recall in the data set classifier's features, against the test split."""
 
-    def __init__(self, run: Run, n: int) -> None:
+    def __init__(self, run: Run, n: int, conditional: bool) -> None:
         test = run.config.dataset("test")
         self.reference = test.tensor()
         self.classifier = get_classifier(run.config.data_name)
         dim = self.classifier.feature_dim
         if n <= dim:
             raise UsageError(f"--n: FD in {dim}-d classifier features needs more than {dim} samples, got {n}")
-        self.columns = ["fd", "precision", "recall", "confidence"]
+        self.columns = ["fd", "precision", "recall", "confidence"] + (["class_acc"] if conditional else [])
         self.info = {"reference": f"{run.config.data_name} test split ({len(self.reference)} images)"}
         self.summary = f"reference: {self.info['reference']}; "
 
-    def __call__(self, x: torch.Tensor) -> dict[str, Any]:
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
         ok = torch.isfinite(x.flatten(1)).all(1)
-        m = image_metrics(torch.nan_to_num(x, 0.0, 1.0, -1.0), self.reference, self.classifier)
+        x = torch.nan_to_num(x, 0.0, 1.0, -1.0)
+        m = image_metrics(x, self.reference, self.classifier, labels=labels)
         return dict(nonfinite=int((~ok).sum()), **{k: m[k] for k in self.columns})
 
 
@@ -153,10 +172,20 @@ def run(args: argparse.Namespace) -> int:
     if args.substep_method is not None and not any("substep_method" in SOLVERS[s].options for s in solvers):
         which = "/".join(n for n, c in SOLVERS.items() if "substep_method" in c.options)
         raise UsageError(f"--substep-method applies to --solvers {which} only")
+    if args.uncond and r.num_classes == 0:
+        raise UsageError("--uncond: this run is not class-conditional")
+    guidance = guidance_from_args(args, r)
+    if guidance is not None and args.uncond:
+        raise UsageError("--guidance needs class-conditional samples; drop --uncond")
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
     check_writable(out)
     n = args.n or (20000 if shape == (2,) else 1000)
-    scorer = _ToyScorer(r, n) if shape == (2,) else _ImageScorer(r, n)
+    if r.num_classes > 0:  # every class equally, or the null class
+        labels = torch.full((n,), r.num_classes) if args.uncond else torch.arange(n) % r.num_classes
+    else:
+        labels = None
+    conditional = labels is not None and not args.uncond
+    scorer = _ToyScorer(r, n) if shape == (2,) else _ImageScorer(r, n, conditional)
     no_spectral = {"spectral": False} if args.no_spectral else {}
     rows = []
     for solver in solvers:
@@ -166,12 +195,13 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             x = draw_samples(
                 r.model, shape, n, args.batch, args.seed, args.device, f"{solver} nfe={nfe}",
-                solver=solver, nfe=nfe, order=order, **extra, **no_spectral,
+                labels=labels, null_label=r.num_classes, solver=solver, nfe=nfe, order=order,
+                guidance=guidance, **extra, **no_spectral,
             )  # fmt: skip
             row: dict[str, Any] = {"solver": solver, "order": order, "nfe": nfe}
             if extra:
                 row["substep_method"] = extra["substep_method"] or DEFAULT_SUBSTEP_METHOD
-            row.update(scorer(x), seconds=round(time.perf_counter() - t0, 3))
+            row.update(scorer(x, labels if conditional else None), seconds=round(time.perf_counter() - t0, 3))
             rows.append(row)
             _print_row(row, ["solver", "order", "nfe", *scorer.columns, "seconds"], header=len(rows) == 1)
     result = {
@@ -182,6 +212,10 @@ def run(args: argparse.Namespace) -> int:
         "data": r.config.data_name,
         "n": n,
         "seed": args.seed,
+        "classes": "none" if labels is None else ("null class" if args.uncond else "balanced"),
+        "guidance": None
+        if guidance is None
+        else {"kind": args.guidance, "scale": args.scale, "orthogonal": args.orthogonal},
         **scorer.info,
         "rows": rows,
     }
