@@ -20,6 +20,8 @@ Other parts (``--part``, same presets and ``--out``; each writes into ``DIR/<par
 
 * ``guidance`` (:mod:`gmflow.bench.images_guidance`): CFG vs probabilistic guidance sweeps on this
   GM-DiT at NFE 32, precision vs over-saturation (GMFlow Table 2 analogue);
+* ``guided`` (:mod:`gmflow.bench.images_guided`): the headline comparison with guidance (FM + CFG vs
+  GMFlow + probabilistic guidance at the headline NFEs, best scale of a sweep on ``draws`` draws);
 * ``ddpm`` (:mod:`gmflow.bench.images_ddpm`): unconditional GMFlow K = 2 with GM-SDE 2 vs DDPM small /
   large variance on its FM twin at NFE 10-100 (GMFlow Table 5 analogue);
 * ``nll`` (:mod:`gmflow.bench.images_nll`): test bits/dim of GM-DiTs with K = 1-16, the K = 16 one
@@ -46,7 +48,7 @@ from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
 from ..sampling import sample
 from ..viz import image_grid, metric_curves
-from . import images_ddpm, images_guidance, images_ladder, images_nll
+from . import images_ddpm, images_guidance, images_guided, images_ladder, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
 from .images_setup import PRESETS, ImagesPreset, Scorer, make_scorer, model_configs, step_parts, write_report
 
@@ -54,8 +56,8 @@ FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
 # the parts besides "main" (this module)
 PARTS = {
-    "guidance": images_guidance.run, "ddpm": images_ddpm.run, "nll": images_nll.run,
-    "ladder": images_ladder.run,
+    "guidance": images_guidance.run, "guided": images_guided.run, "ddpm": images_ddpm.run,
+    "nll": images_nll.run, "ladder": images_ladder.run,
 }  # fmt: skip
 
 
@@ -64,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--part", choices=("main", *PARTS), default="main",
         help="main: GMFlow vs FM over NFE (default); guidance: CFG vs probabilistic guidance; "
+        "guided: the headline comparison with guidance; "
         "ddpm: unconditional K = 2 GM-SDE 2 vs DDPM (Table 5 analogue); nll: bits/dim vs K, "
         "K = 16 + spectral (Table 3 analogue); ladder: the K = 8 ablation ladder at NFE 8 (Table 4 analogue)",
     )  # fmt: skip

@@ -19,8 +19,10 @@ benchmarks:
   pairs   ReFlow pair accuracy vs cost: GMFlow teacher + gm-ode vs FM teacher
   images  class-conditional GM-DiT vs its flow-matching twin on Fashion-MNIST (FD vs the test split)
           --part guidance: CFG vs probabilistic guidance (precision vs saturation, Table 2 analogue)
+          --part guided: the headline comparison with guidance (FM + CFG vs GMFlow + probabilistic)
           --part ddpm: unconditional K = 2 GM-SDE 2 vs DDPM small / large (Table 5 analogue)
           --part nll: bits/dim vs K, K = 16 + spectral (Table 3 analogue)
+          --part ladder: the K = 8 ablation ladder at NFE 8 (Table 4 analogue)
 
 examples:
   gmflow bench toy2d --preset quick --out runs/toy2d-quick

@@ -1,0 +1,66 @@
+"""``gmflow bench images --part guided``: sweep cells, best-cell selection, the smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gmflow.bench import images_guided as ig
+from gmflow.bench import images_setup
+from gmflow.cli import main
+
+
+def test_sweep_cells_cover_both_models_at_their_headline_nfe():
+    gp = ig.GUIDED_PRESETS["quick"]
+    cells = ig.sweep_cells(gp, (4, 8))
+    gm = [c for c in cells if c[0] == "gmflow"]
+    fm = [c for c in cells if c[0] == "fm"]
+    assert [c[4] for c in gm] == list(gp.pg_scales) and {c[1:4] for c in gm} == {("gm-ode", 2, 4)}
+    assert len(fm) == len(gp.fm_solvers) * len(gp.cfg_scales) and {c[3] for c in fm} == {8}
+    assert ig.UNGUIDED["cfg"] in gp.cfg_scales and ig.UNGUIDED["probabilistic"] in gp.pg_scales
+
+
+def test_best_cells_and_headline_rows_use_draw_0_for_the_choice():
+    def rec(model, scale, draw, fd, solver="heun"):
+        return dict(model=model, solver=solver, order=1, nfe=8, scale=scale, draw=draw, fd=fd, class_acc=0.5)
+
+    records = [
+        rec("fm", 1.0, 0, 50.0), rec("fm", 3.0, 0, 40.0), rec("fm", 3.0, 0, 45.0, solver="dpm++2m"),
+        rec("fm", 3.0, 1, 44.0), rec("fm", 1.0, 1, 10.0),  # a later draw never changes the choice
+    ]  # fmt: skip
+    best = ig.best_cells(records)
+    assert (best["fm"]["scale"], best["fm"]["solver"]) == (3.0, "heun")
+    row = ig.headline_rows(records)["fm"]
+    assert row["draws"] == 2 and row["fd_mean"] == pytest.approx(42.0) and row["fd_sd"] > 0
+
+
+@pytest.mark.slow
+def test_smoke_run_reuses_the_main_models_and_resumes(tmp_path, capsys):
+    out = tmp_path / "bench"
+    gp = ig.GUIDED_PRESETS["smoke"]
+    args = ["bench", "images", "--part", "guided", "--preset", "smoke", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "training it" in capsys.readouterr().out
+    res = out / "guided"
+    records = json.loads((res / "results.json").read_text())
+    n_sweep = len(ig.sweep_cells(gp, images_setup.PRESETS["smoke"].headline))
+    assert len(records) == n_sweep + 2 * (gp.draws - 1)
+    for r in records:
+        unguided = r["scale"] == ig.UNGUIDED[r["guidance"]]
+        assert r["batch_factor"] == (1 if unguided else 2) and r["guidance"] == ig.KIND[r["model"]]
+        assert {"fd", "precision", "recall", "class_acc"} <= set(r)
+    best = ig.best_cells(records)
+    for name, b in best.items():  # the best cell of the sweep is the one repeated on draw 1
+        (again,) = [r for r in records if r["draw"] == 1 and r["model"] == name]
+        assert (again["solver"], again["scale"], again["nfe"]) == (b["solver"], b["scale"], b["nfe"])
+    text = (res / "results.md").read_text()
+    assert "guided FD (test split, 2 / 2 noise draws)" in text and "doubled batch" in text
+    pngs = ["fd_vs_scale.png", "samples_gmflow_best.png", "samples_fm_best.png"]
+    assert all((res / p).stat().st_size > 500 for p in pngs)
+    stamps = {p: (res / p).stat().st_mtime_ns for p in pngs[1:]}
+    capsys.readouterr()
+    assert main(args) == 0  # resume: the models are reused, no new cells, grids kept
+    assert "reused" in capsys.readouterr().out
+    assert json.loads((res / "results.json").read_text()) == records
+    assert {p: (res / p).stat().st_mtime_ns for p in pngs[1:]} == stamps
