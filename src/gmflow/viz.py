@@ -22,12 +22,15 @@ from torch import Tensor
 
 from .io import atomic_write
 
-__all__ = ["CHECKERBOARD_DENSITY", "histogram_grid", "image_grid", "metric_curves", "sweep_panels"]
+__all__ = [
+    "CHECKERBOARD_DENSITY", "histogram_grid", "image_grid", "metric_curves", "save_figure", "sweep_panels",
+]  # fmt: skip
 
 CHECKERBOARD_DENSITY = 1.0 / 32.0  # uniform density of the scale-4 checkerboard on its support (area 32)
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Render ``fig`` (a matplotlib ``Figure``) to a PNG at ``path`` atomically, tight bounding box."""
     FigureCanvasAgg(fig)
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
 
@@ -134,7 +137,7 @@ def histogram_grid(
             )
     if title:
         fig.suptitle(title, fontsize=10, y=1.0 - 0.08 / (height + 0.25), va="top")
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _group_label(key: tuple[tuple[str, Any], ...]) -> str:
@@ -217,7 +220,7 @@ def metric_curves(
         ax.legend(fontsize=7, frameon=False)
     else:
         ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def sweep_panels(
@@ -274,7 +277,7 @@ def sweep_panels(
         axes[0].legend(fontsize=7, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save_figure(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def image_grid(

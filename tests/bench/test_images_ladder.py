@@ -76,7 +76,7 @@ def test_smoke_run_end_to_end_and_resumes(tmp_path, capsys):
     for row in lad.ROWS:  # the repeats are at the row's best draw-0 FD
         again = [r for r in records if r["row"] == row.id and r["draw"] > 0]
         assert [r["scale"] for r in again] == [rep.best_fd_scale(records, row.id)] * (lp.draws - 1)
-    guided = [r for r in records if r["scale"] != lad.UNGUIDED[r["guidance"]]]
+    guided = [r for r in records if r["scale"] != images_setup.UNGUIDED[r["guidance"]]]
     assert guided and all(r["batch_factor"] == 2 for r in guided)
     assert all({"fd", "precision", "class_acc", "d_mean_abs"} <= set(r) for r in records)
     for name, lam in (("lambda0.5", 0.5), ("lambda1", 1.0)):

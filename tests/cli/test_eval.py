@@ -136,7 +136,7 @@ def test_bpd_of_a_spectral_run_and_errors(spectral_run, cond_run, velocity_run, 
 
 
 def test_class_conditional_eval_is_class_balanced(cond_run, digits_run, tmp_path, capsys):
-    """A class-conditional run samples every class equally and scores class accuracy; --uncond / --guidance."""
+    """A class-conditional run samples all classes equally and scores class accuracy; --uncond, --guidance."""
     base = ["eval", "--ckpt", str(cond_run.path), "--solvers", "gm-ode", "--nfes", "1", "--n", "100"]
     out = tmp_path / "c.json"
     assert main([*base, "--json", str(out)]) == 0
@@ -152,12 +152,16 @@ def test_class_conditional_eval_is_class_balanced(cond_run, digits_run, tmp_path
     assert main([*base, *g]) == 0
     guided = json.loads((tmp_path / "g.json").read_text())
     assert guided["guidance"] == {"kind": "cfg", "scale": 2.0, "orthogonal": 0.0}
+    assert guided["rows"][0]["batch_factor"] == 2 and "batch_factor" not in row
     assert guided["rows"][0]["fd"] != row["fd"]
     capsys.readouterr()
     cases = [
         ([*base, "--uncond", "--guidance", "cfg", "--scale", "2"], "drop --uncond"),
         (["eval", "--ckpt", str(digits_run.path), "--uncond"], "--uncond: this run is not class-conditional"),
-        (["eval", "--ckpt", str(digits_run.path), "--guidance", "cfg", "--scale", "2"], "not class-conditional"),
+        (
+            ["eval", "--ckpt", str(digits_run.path), "--guidance", "cfg", "--scale", "2"],
+            "not class-conditional",
+        ),
     ]
     for args, match in cases:
         assert main(args) == 2, args

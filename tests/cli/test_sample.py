@@ -161,7 +161,8 @@ def test_class_grid_with_guidance_writes_samples_labels_and_a_row_per_class(cond
         (["--classes", "0-10"], "--classes: ids must lie in [0, 9]"),
         (["--classes", "a-b"], "--classes: expected ids"),
         (["--guidance", "cfg"], "--guidance cfg needs --scale"),
-        (["--scale", "2"], "--scale needs --guidance"),
+        (["--scale", "2"], "--scale / --orthogonal need --guidance"),
+        (["--orthogonal", "1"], "--scale / --orthogonal need --guidance"),
         (["--guidance", "probabilistic", "--scale", "1.5"], "--scale/--orthogonal:"),
     ],
 )

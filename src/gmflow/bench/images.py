@@ -50,7 +50,16 @@ from ..sampling import sample
 from ..viz import image_grid, metric_curves
 from . import images_ddpm, images_guidance, images_guided, images_ladder, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
-from .images_setup import PRESETS, ImagesPreset, Scorer, make_scorer, model_configs, step_parts, write_report
+from .images_setup import (
+    PRESETS,
+    ImagesPreset,
+    Scorer,
+    make_scorer,
+    mean_sd,
+    model_configs,
+    step_parts,
+    write_report,
+)
 
 FM_SOLVERS = (("euler", 1), ("heun", 1), ("dpm++2m", 1), ("dpm-solver-2", 1), ("ddpm", 1))
 GM_SOLVERS = (("gm-sde", 1), ("gm-sde", 2), ("gm-ode", 1), ("gm-ode", 2))
@@ -138,10 +147,6 @@ def draw_means(records: list[dict]) -> list[dict]:
     return [{**rs[0], **{m: statistics.fmean(r[m] for r in rs) for m in metrics}} for rs in groups.values()]
 
 
-def _mean_sd(v: list[float]) -> str:
-    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
-
-
 def summary_lines(records: list[dict], pr: ImagesPreset) -> list[str]:
     gm_nfe, fm_nfe = pr.headline
     g, f = _best(records, "gmflow", gm_nfe), _best(records, "fm", fm_nfe)
@@ -150,7 +155,7 @@ def summary_lines(records: list[dict], pr: ImagesPreset) -> list[str]:
     verdict = "GMFlow better" if statistics.fmean(g[2]) < statistics.fmean(f[2]) else "FM better"
     lines = [
         f"FD (test split, {len(g[2])} noise draws): GMFlow K={pr.components} at NFE {gm_nfe} "
-        f"({g[0]} o{g[1]}) {_mean_sd(g[2])} vs FM best at NFE {fm_nfe} ({f[0]}) {_mean_sd(f[2])} -> {verdict}"
+        f"({g[0]} o{g[1]}) {mean_sd(g[2])} vs FM best at NFE {fm_nfe} ({f[0]}) {mean_sd(f[2])} -> {verdict}"
     ]
     top = max(pr.nfes)
     acc = [r["class_acc"] for r in records if r["model"] == "fm" and r["nfe"] == top]

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..metrics import PixelStats
 from ..viz import sweep_panels
+from .images_setup import UNGUIDED
 
 __all__ = ["SATURATION", "crossing", "draw_means", "equal_level_rows", "figure", "report_markdown",
            "saturation_cells", "sweeps"]  # fmt: skip
@@ -33,7 +34,6 @@ SATURATION = (
 )
 QUALITY = ("precision", "recall", "class_acc", "fd")
 KIND_NAME = {"cfg": "CFG w", "probabilistic": "probabilistic w~"}
-NO_GUIDANCE = {"cfg": 1.0, "probabilistic": 0.0}  # the scale that means "no guidance"
 
 
 def draw_means(records: list[dict]) -> list[dict]:
@@ -60,7 +60,7 @@ def sweeps(records: list[dict]) -> dict[tuple[str, float], list[dict]]:
         sw = out.setdefault((m["kind"], m["orthogonal"]), [])
         if not sw and base is not None:
             sw.append(
-                {**base, "kind": m["kind"], "orthogonal": m["orthogonal"], "scale": NO_GUIDANCE[m["kind"]]}
+                {**base, "kind": m["kind"], "orthogonal": m["orthogonal"], "scale": UNGUIDED[m["kind"]]}
             )
         sw.append(m)
     return out

@@ -11,7 +11,8 @@ trained here with the same configs):
 
 1. a sweep on noise draw 0: FM with every solver of ``fm_solvers`` x CFG scale ``w`` (1 = none),
    GMFlow with ``gm_solver`` x probabilistic scale ``w~`` (0 = none, orthogonal projection 1);
-2. each model's best-FD cell of the sweep repeated on draws ``1 .. draws - 1`` (the headline rows).
+2. each model's best-FD cell of the sweep on ``draws`` fresh noise draws ``1 .. draws``: the headline
+   is their mean ± sd, so choosing the best of many sweep cells does not bias it.
 
 Every cell scores class-balanced samples against the **test** split (FD, precision / recall, class
 accuracy). NFE counts network calls: a guided call evaluates the conditional and the unconditional
@@ -25,27 +26,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from ..experiments import load_network, run_experiment
-from ..io import atomic_write, atomic_write_json
-from ..viz import image_grid
+from ..io import atomic_write_json
+from ..viz import image_grid, save_figure
 from . import images_setup
 from .common import start_run
+from .images_setup import UNGUIDED, mean_sd
 
-__all__ = ["GUIDED_PRESETS", "GuidedPreset", "best_cells", "run", "sweep_cells"]
+__all__ = ["GUIDED_PRESETS", "GuidedPreset", "best_cells", "headline_rows", "run", "sweep_cells"]
 
 KIND = {"fm": "cfg", "gmflow": "probabilistic"}  # the guidance each model is compared with
-UNGUIDED = {"cfg": 1.0, "probabilistic": 0.0}  # the scale that means "no guidance"
 ORTHOGONAL = {"cfg": 0.0, "probabilistic": 1.0}  # the paper's settings: vanilla CFG, projected w~
+
+Cell = tuple[str, str, int, int, float]  # (model, solver, order, nfe, scale)
 
 
 @dataclass(frozen=True)
@@ -58,23 +62,23 @@ class GuidedPreset:
     n_eval: int  # class-balanced samples per cell
     fm_solvers: tuple[str, ...] = ("heun", "dpm++2m")
     gm_solver: tuple[str, int] = ("gm-ode", 2)
-    draws: int = 3  # noise draws of each model's best cell
+    draws: int = 3  # fresh noise draws of each model's best cell (the headline)
     grid_per_class: int = 8
 
 
-# Cell costs (idle 2 cores, one doubled batch per step): quick FM NFE 8 / GM NFE 4 with 500 samples
-# ~15 / ~10 s; full FM NFE 24 with 1000 samples ~70-100 s, GM NFE 6 ~30 s (ad-hoc runs of the same
-# cells, docs/RESULTS.md §12c). quick: 16 + 4 cells ~4 min; full: 16 + 4 cells ~20 min, plus the main
-# part's training if DIR/models is missing (quick ~9 min, full ~58 min).
+# Estimated, not yet measured end to end: cell costs of ad-hoc runs of the same cells (idle 2 cores,
+# docs/RESULTS.md §12c): quick FM NFE 8 / GM NFE 4 with 500 samples ~15 / ~10 s; full FM NFE 24 with
+# 1000 samples ~35 s unguided, ~70 s guided, GM NFE 6 ~21 s. quick: 15 sweep + 6 headline cells ~4 min;
+# full: ~17 min; plus the main part's training if DIR/models is missing (quick ~9 min, full ~58 min).
 GUIDED_PRESETS: dict[str, GuidedPreset] = {
     "quick": GuidedPreset(
-        "<= 15 min on 2 idle cores with the main part's models (~4 min of sampling): FM heun / dpm++2m "
-        "at NFE 8 with CFG vs GMFlow GM-ODE 2 at NFE 4 with probabilistic guidance, 500 samples per cell",
+        "FM heun / dpm++2m at NFE 8 with CFG vs GMFlow GM-ODE 2 at NFE 4 with probabilistic guidance, "
+        "500 samples per cell (~4 min with the main part's models, estimated)",
         cfg_scales=(1.0, 2.0, 3.0, 4.0, 5.0), pg_scales=(0.0, 0.2, 0.35, 0.5, 0.65), n_eval=500,
     ),
     "full": GuidedPreset(
-        "<= 90 min on 2 idle cores with the main part's models (~20 min of sampling): FM heun / dpm++2m "
-        "at NFE 24 with CFG vs GMFlow GM-ODE 2 at NFE 6 with probabilistic guidance, 1000 samples per cell",
+        "FM heun / dpm++2m at NFE 24 with CFG vs GMFlow GM-ODE 2 at NFE 6 with probabilistic guidance, "
+        "1000 samples per cell (~17 min with the main part's models, estimated)",
         cfg_scales=(1.0, 1.5, 2.0, 3.0, 4.0), pg_scales=(0.0, 0.15, 0.3, 0.45, 0.6), n_eval=1000,
     ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
@@ -85,96 +89,95 @@ GUIDED_PRESETS: dict[str, GuidedPreset] = {
 }  # fmt: skip
 
 
-def sweep_cells(gp: GuidedPreset, headline: tuple[int, int]) -> list[tuple[str, str, int, int, float]]:
-    """``(model, solver, order, nfe, scale)`` of the draw-0 sweep; ``headline = (GM NFE, FM NFE)``."""
+def sweep_cells(gp: GuidedPreset, headline: tuple[int, int]) -> list[Cell]:
+    """The draw-0 sweep; ``headline = (GM NFE, FM NFE)``."""
     solver, order = gp.gm_solver
-    cells = [("gmflow", solver, order, headline[0], s) for s in gp.pg_scales]
-    return cells + [("fm", s, 1, headline[1], w) for s in gp.fm_solvers for w in gp.cfg_scales]
+    cells = [("gmflow", solver, order, headline[0], float(s)) for s in gp.pg_scales]
+    return cells + [("fm", s, 1, headline[1], float(w)) for s in gp.fm_solvers for w in gp.cfg_scales]
 
 
-def best_cells(records: list[dict]) -> dict[str, dict]:
-    """Each model's lowest-FD record of draw 0 (the sweep), keyed by model."""
+def _cell(r: dict) -> Cell:
+    return r["model"], r["solver"], r["order"], r["nfe"], float(r["scale"])
+
+
+def best_cells(records: list[dict]) -> dict[str, Cell]:
+    """Each model's lowest-FD cell of the draw-0 sweep (non-finite FDs never win), keyed by model."""
     best: dict[str, dict] = {}
     for r in records:
-        if r["draw"] == 0 and (r["model"] not in best or r["fd"] < best[r["model"]]["fd"]):
+        if (
+            r["draw"] == 0
+            and math.isfinite(r["fd"])
+            and (r["model"] not in best or r["fd"] < best[r["model"]]["fd"])
+        ):
             best[r["model"]] = r
-    return best
-
-
-def _cell_key(model: str, solver: str, order: int, nfe: int, scale: float, draw: int) -> tuple:
-    return model, solver, order, nfe, float(scale), draw
-
-
-def _sample(model, name: str, cell: tuple, noise, labels, num_classes: int, generator) -> torch.Tensor:
-    _, solver, order, nfe, scale = cell
-    kind = KIND[name]
-    guidance = None if scale == UNGUIDED[kind] else images_setup.guidance_for(kind, scale, ORTHOGONAL[kind])
-    return images_setup.class_sample(
-        model, noise, labels, num_classes, guidance=guidance, solver=solver, nfe=nfe, order=order,
-        generator=generator,
-    )  # fmt: skip
-
-
-def _score(models, cells, draw: int, gp, scorer, out, seed, records, bar) -> None:
-    done = {_cell_key(r["model"], r["solver"], r["order"], r["nfe"], r["scale"], r["draw"]) for r in records}
-    event = tuple(scorer.reference.shape[1:])
-    labels = torch.arange(gp.n_eval) % scorer.num_classes
-    for cell in cells:
-        if _cell_key(*cell, draw) in done:
-            continue
-        name = cell[0]
-        g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the same noise for every cell of a draw
-        noise = torch.randn(gp.n_eval, *event, generator=g)
-        t0 = time.perf_counter()
-        x = _sample(models[name], name, cell, noise, labels, scorer.num_classes, g)
-        ms = (time.perf_counter() - t0) * 1e3
-        m = scorer(x, labels)
-        kind = KIND[name]
-        records.append(dict(
-            model=name, solver=cell[1], order=cell[2], nfe=cell[3], guidance=kind, scale=float(cell[4]),
-            orthogonal=ORTHOGONAL[kind], draw=draw, batch_factor=1 if cell[4] == UNGUIDED[kind] else 2,
-            fd=m["fd"], precision=m["precision"], recall=m["recall"], class_acc=m["class_acc"],
-            nonfinite=m["nonfinite"], ms=ms,
-        ))  # fmt: skip
-        atomic_write_json(out / "results.json", records)
-        bar.update()
+    return {name: _cell(r) for name, r in best.items()}
 
 
 def headline_rows(records: list[dict]) -> dict[str, dict]:
-    """Per model: the best sweep cell and its FD / class accuracy over every draw of that cell."""
+    """Per model: its best sweep cell and that cell's FD / class accuracy on the fresh draws (>= 1)."""
     rows = {}
-    for name, b in best_cells(records).items():
-        same = [
-            r for r in records
-            if (r["model"], r["solver"], r["nfe"], r["scale"]) == (name, b["solver"], b["nfe"], b["scale"])
-        ]  # fmt: skip
-        fds = [r["fd"] for r in same]
-        rows[name] = dict(
-            best=b, draws=len(fds), fd_mean=statistics.fmean(fds),
-            fd_sd=statistics.stdev(fds) if len(fds) > 1 else 0.0,
-            class_acc=statistics.fmean(r["class_acc"] for r in same),
-        )  # fmt: skip
+    for name, cell in best_cells(records).items():
+        fresh = [r for r in records if r["draw"] > 0 and _cell(r) == cell]
+        if fresh:
+            fds = [r["fd"] for r in fresh]
+            rows[name] = dict(cell=cell, fds=fds, batch_factor=fresh[0]["batch_factor"],
+                              class_acc=statistics.fmean(r["class_acc"] for r in fresh))  # fmt: skip
     return rows
+
+
+def _guidance(cell: Cell):
+    kind = KIND[cell[0]]
+    return None if cell[4] == UNGUIDED[kind] else images_setup.guidance_for(kind, cell[4], ORTHOGONAL[kind])
+
+
+def _sample(models, cell: Cell, noise, labels, num_classes: int, generator) -> torch.Tensor:
+    name, solver, order, nfe, _ = cell
+    return images_setup.class_sample(models[name], noise, labels, num_classes, guidance=_guidance(cell),
+                                     solver=solver, nfe=nfe, order=order, generator=generator)  # fmt: skip
+
+
+def _score(models, todo: list[tuple[Cell, int]], gp, scorer, out, seed, records, bar) -> None:
+    event = tuple(scorer.reference.shape[1:])
+    labels = torch.arange(gp.n_eval) % scorer.num_classes
+    for cell, draw in todo:
+        g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the main part's noise of that draw
+        noise = torch.randn(gp.n_eval, *event, generator=g)
+        t0 = time.perf_counter()
+        x = _sample(models, cell, noise, labels, scorer.num_classes, g)
+        ms = (time.perf_counter() - t0) * 1e3
+        m = scorer(x, labels)
+        guided = _guidance(cell) is not None
+        kind = KIND[cell[0]] if guided else "none"
+        records.append(dict(
+            model=cell[0], solver=cell[1], order=cell[2], nfe=cell[3], scale=cell[4], guidance=kind,
+            orthogonal=ORTHOGONAL[kind] if guided else None, draw=draw, batch_factor=2 if guided else 1,
+            seed=seed, n_eval=gp.n_eval, fd=m["fd"], precision=m["precision"], recall=m["recall"],
+            class_acc=m["class_acc"], nonfinite=m["nonfinite"], ms=ms,
+        ))  # fmt: skip
+        atomic_write_json(out / "results.json", records)
+        bar.update()
 
 
 def _figure(records: list[dict], path: Path, title: str) -> Path:
     fig = Figure(figsize=(9, 3.6))
     axes = fig.subplots(1, 2, sharey=True)
     for ax, name in zip(axes, ("gmflow", "fm")):
-        sweep = [r for r in records if r["model"] == name and r["draw"] == 0]
+        sweep = [r for r in records if r["model"] == name and r["draw"] == 0 and math.isfinite(r["fd"])]
         for solver in sorted({r["solver"] for r in sweep}):
-            pts = sorted((r["scale"], r["fd"]) for r in sweep if r["solver"] == solver)
-            nfe = next(r["nfe"] for r in sweep if r["solver"] == solver)
-            ax.plot(*zip(*pts), marker="o", label=f"{solver} NFE {nfe}")
-        ax.set_xlabel("probabilistic w~ (orthogonal 1)" if name == "gmflow" else "CFG w")
-        ax.set_title("GMFlow" if name == "gmflow" else "flow matching")
+            pts = sorted((r["scale"], r["fd"], r["nfe"]) for r in sweep if r["solver"] == solver)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{solver} NFE {pts[0][2]}")
+        ax.set_xlabel("probabilistic w~ (orthogonal 1; 0 = none)" if name == "gmflow" else "CFG w (1 = none)")
+        ax.set_title("GMFlow" if name == "gmflow" else "flow matching", fontsize=10)
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, frameon=False)
     axes[0].set_ylabel("FD vs test split (draw 0)")
-    fig.suptitle(title)
-    FigureCanvasAgg(fig)
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def _grid_name(cell: Cell) -> str:
+    return f"samples_{cell[0]}_{cell[1]}_nfe{cell[3]}_s{cell[4]:g}.png"
 
 
 def report(records: list[dict], gp: GuidedPreset, preset: str) -> tuple[str, list[str]]:
@@ -183,40 +186,59 @@ def report(records: list[dict], gp: GuidedPreset, preset: str) -> tuple[str, lis
     lines = []
     if {"gmflow", "fm"} <= rows.keys():
         g, f = rows["gmflow"], rows["fm"]
-        verdict = "GMFlow better" if g["fd_mean"] < f["fd_mean"] else "FM better"
-        gb, fb = g["best"], f["best"]
+        gm, fm = statistics.fmean(g["fds"]), statistics.fmean(f["fds"])
+        spread = math.hypot(*(statistics.stdev(r["fds"]) if len(r["fds"]) > 1 else 0.0 for r in (g, f)))
+        verdict = (
+            "within the draws' spread"
+            if abs(gm - fm) <= spread
+            else ("GMFlow better" if gm < fm else "FM better")
+        )
+        batch = {1: "", 2: ", x2 batch"}
+        gc, fc = g["cell"], f["cell"]
+        gm_how = f"{gc[1]} o{gc[2]}, w~ {gc[4]:g}{batch[g['batch_factor']]}"
+        fm_how = f"{fc[1]}, w {fc[4]:g}{batch[f['batch_factor']]}"
         lines.append(
-            f"guided FD (test split, {g['draws']} / {f['draws']} noise draws): GMFlow at NFE {gb['nfe']} "
-            f"({gb['solver']} o{gb['order']}, w~ {gb['scale']:g}) {g['fd_mean']:.2f} ± {g['fd_sd']:.2f} "
-            f"vs FM at NFE {fb['nfe']} ({fb['solver']}, w {fb['scale']:g}) {f['fd_mean']:.2f} ± "
-            f"{f['fd_sd']:.2f} -> {verdict}"
+            f"guided FD (test split, {len(g['fds'])} fresh noise draws): GMFlow at NFE {gc[3]} ({gm_how}) "
+            f"{mean_sd(g['fds'])} vs FM at NFE {fc[3]} ({fm_how}) {mean_sd(f['fds'])} -> {verdict}"
         )
         lines.append(f"class accuracy of those cells: GMFlow {g['class_acc']:.3f}, FM {f['class_acc']:.3f}")
-    table = ["| model | solver | NFE (x2 batch when guided) | scale | FD | precision | recall | class acc |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    table = ["| model | solver | NFE | batch | guidance | FD | precision | recall | class acc |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(
         (r for r in records if r["draw"] == 0), key=lambda r: (r["model"], r["solver"], r["scale"])
     ):
+        how = "none" if r["guidance"] == "none" else f"{r['guidance']} {r['scale']:g}"
         table.append(
-            f"| {r['model']} | {r['solver']} | {r['nfe']} | {r['guidance']} {r['scale']:g} | {r['fd']:.1f} | "
+            f"| {r['model']} | {r['solver']} | {r['nfe']} | x{r['batch_factor']} | {how} | {r['fd']:.1f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['class_acc']:.3f} |"
         )
     text = "\n".join([
         f"# gmflow bench images --part guided — preset `{preset}`", "", gp.description, "", *lines, "",
         "FM: CFG w (1 = unguided, no projection); GMFlow: probabilistic guidance w~ (0 = unguided) with "
         "orthogonal projection 1. A guided step evaluates the conditional and the unconditional half in "
-        "one doubled batch. Each model's best-FD cell of the sweep (draw 0) is repeated on the other draws.",
+        "one doubled batch (batch x2, one NFE). Each model's best-FD cell of the draw-0 sweep is scored "
+        "again on fresh noise draws; the headline is their mean ± sd.",
         "", "## Sweep (draw 0)", "", *table, "",
-        "Figures: fd_vs_scale.png (the sweeps), samples_gmflow_best.png / samples_fm_best.png (a row per "
+        "Figures: fd_vs_scale.png (the sweeps), samples_<model>_<solver>_nfe<N>_s<scale>.png (a row per "
         "class, each model's best cell).",
     ]) + "\n"  # fmt: skip
     return text, lines
+
+
+def _load(path: Path, seed: int, n_eval: int) -> list[dict]:
+    records = json.loads(path.read_text()) if path.is_file() else []
+    other = {(r.get("seed"), r.get("n_eval")) for r in records} - {(seed, n_eval)}
+    if other:
+        raise ConfigError(f"{path} holds results of another --seed / sample count {sorted(other, key=str)}; "
+                          f"use another --out or remove it")  # fmt: skip
+    return records
 
 
 def run(args: argparse.Namespace) -> int:
     gp, _, root = start_run(args, "images", GUIDED_PRESETS)
     pr = images_setup.PRESETS[args.preset]
     out = root / "guided"
+    records = _load(out / "results.json", args.seed, gp.n_eval)
     out.mkdir(exist_ok=True)
     progress = not args.no_progress
     t_start = time.perf_counter()
@@ -229,23 +251,18 @@ def run(args: argparse.Namespace) -> int:
         run_experiment(cfg, progress=progress, verbose=True)
         models[name] = load_network(cfg.loop.out_dir)
     scorer = images_setup.make_scorer(pr.data, pr.classifier_epochs)
-    prev = out / "results.json"
-    records = json.loads(prev.read_text()) if prev.is_file() else []
-    sweep = sweep_cells(gp, pr.headline)
-    with tqdm(
-        total=len(sweep) + 2 * (gp.draws - 1), desc="guided", disable=None if progress else True
-    ) as bar:
-        _score(models, sweep, 0, gp, scorer, out, args.seed, records, bar)
-        best = [
-            tuple(b[k] for k in ("model", "solver", "order", "nfe", "scale"))
-            for b in best_cells(records).values()
-        ]
-        for draw in range(1, gp.draws):
-            _score(models, best, draw, gp, scorer, out, args.seed, records, bar)
+    done = {(_cell(r), r["draw"]) for r in records}
+    sweep = [(c, 0) for c in sweep_cells(gp, pr.headline) if (c, 0) not in done]
+    total = len(sweep_cells(gp, pr.headline)) + 2 * gp.draws
+    with tqdm(total=total, initial=len(done), desc="guided", disable=None if progress else True) as bar:
+        _score(models, sweep, gp, scorer, out, args.seed, records, bar)
+        best = best_cells(records)
+        fresh = [(c, d) for c in best.values() for d in range(1, gp.draws + 1) if (c, d) not in done]
+        _score(models, fresh, gp, scorer, out, args.seed, records, bar)
     figs = [_figure(records, out / "fd_vs_scale.png", f"{pr.data}: guided FD at the headline NFEs")]
     labels = torch.arange(scorer.num_classes).repeat_interleave(gp.grid_per_class)
-    for cell in best:
-        path = out / f"samples_{cell[0]}_best.png"
+    for cell in best.values():
+        path = out / _grid_name(cell)
         if not path.is_file():
             noise = torch.randn(
                 len(labels),
@@ -253,13 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 generator=torch.Generator().manual_seed(args.seed + 11),
             )
             x = _sample(
-                models[cell[0]],
-                cell[0],
-                cell,
-                noise,
-                labels,
-                scorer.num_classes,
-                torch.Generator().manual_seed(args.seed + 12),
+                models, cell, noise, labels, scorer.num_classes, torch.Generator().manual_seed(args.seed + 12)
             )
             image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=gp.grid_per_class)
         figs.append(path)

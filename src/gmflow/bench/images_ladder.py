@@ -57,6 +57,7 @@ from ..viz import image_grid
 from . import images_setup
 from .common import key_digest, start_run
 from .images_ladder_report import best_fd_scale, figure, report_markdown
+from .images_setup import UNGUIDED
 
 __all__ = ["LADDER_PRESETS", "LadderPreset", "ROWS", "Row", "model_configs", "run", "run_key", "sweep_cells"]
 
@@ -86,7 +87,6 @@ ROWS = (
     Row("B0", "GM-ODE 2 + prob. guidance", None, "lambda0.5", "gm-ode", 2, "probabilistic"),
     Row("B1", "B0 without sub-steps", "B0", "lambda0.5", "gm-ode", 2, "probabilistic", substeps=1),
 )  # fmt: skip
-UNGUIDED = {"cfg": 1.0, "probabilistic": 0.0}
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..flow import interpolate
-from ..io import atomic_write
 from ..kr import gm_to_standard_normal
 from ..spectral import field_to_hartley
+from ..viz import save_figure
 
 __all__ = ["fd_summary", "mean_sd", "monotone", "radial_spectra", "results_markdown", "spectrum_figure"]
 
@@ -64,7 +63,6 @@ def spectrum_figure(spectra: dict[str, Any], path: str | os.PathLike, *, title: 
     """One panel per ``t``: learned vs target spectrum (and the data's), log power vs frequency."""
     curves = spectra["curves"]
     fig = Figure(figsize=(3.4 * len(curves), 3.2))
-    FigureCanvasAgg(fig)
     axes = np.atleast_1d(fig.subplots(1, len(curves), sharey=True))
     f = spectra["freq"]
     for ax, c in zip(axes, curves):
@@ -79,7 +77,7 @@ def spectrum_figure(spectra: dict[str, Any], path: str | os.PathLike, *, title: 
     axes[0].set_ylabel("power (flat = 1)")
     axes[0].legend(fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight"))
+    return save_figure(fig, path, dpi)
 
 
 def fd_summary(records: list[dict]) -> dict[bool, list[float]]:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,10 @@ from ..metrics import (
 from ..sampling import sample
 from ..train import flow_objective
 
-__all__ = ["ImagesPreset", "PRESETS", "Scorer", "class_sample", "guidance_for", "make_scorer",
-           "model_configs", "step_parts", "write_report"]  # fmt: skip
+__all__ = ["ImagesPreset", "PRESETS", "Scorer", "UNGUIDED", "class_sample", "guidance_for", "make_scorer",
+           "mean_sd", "model_configs", "step_parts", "write_report"]  # fmt: skip
+
+UNGUIDED = {"cfg": 1.0, "probabilistic": 0.0}  # the scale of each guidance kind that means "no guidance"
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,11 @@ def step_parts(cfgs: dict[Any, Any]) -> dict[Any, tuple]:
 
         parts[key] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
     return parts
+
+
+def mean_sd(v: Sequence[float]) -> str:
+    """``"m ± sd"`` of the draws ``v`` (just ``"m"`` for one draw), two decimals."""
+    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def write_report(out: Path, tag: str, meta: dict[str, Any], text: str, figs: Sequence[Path]) -> None:

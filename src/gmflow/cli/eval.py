@@ -66,8 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "sliced-W2 (and its ratio to the data-vs-data floor), MMD and, for the checkerboard, "
             "in-support fraction and cell-mass KL; for image runs FD, precision and recall against the "
             "held-out test split; class-conditional runs sample every class equally (sample i gets class "
-            "i mod num_classes) and add the classifier's accuracy on the requested class, --uncond samples "
-            "the null class instead. Writes the table as JSON next to the checkpoint.",
+            "i mod num_classes: +-1 per class when --n is not a multiple) and add the classifier's "
+            "accuracy on the requested class; --uncond samples the null class instead. Writes the table "
+            "as JSON next to the checkpoint.",
             EPILOG,
         ),
     )
@@ -199,11 +200,20 @@ def run(args: argparse.Namespace) -> int:
                 guidance=guidance, **extra, **no_spectral,
             )  # fmt: skip
             row: dict[str, Any] = {"solver": solver, "order": order, "nfe": nfe}
+            if guidance is not None:  # each guided call is one doubled batch (cond + uncond), one NFE
+                row["batch_factor"] = 2
             if extra:
                 row["substep_method"] = extra["substep_method"] or DEFAULT_SUBSTEP_METHOD
             row.update(scorer(x, labels if conditional else None), seconds=round(time.perf_counter() - t0, 3))
             rows.append(row)
-            _print_row(row, ["solver", "order", "nfe", *scorer.columns, "seconds"], header=len(rows) == 1)
+            cols = [
+                "solver",
+                "order",
+                "nfe",
+                *(["batch_factor"] if guidance is not None else []),
+                *scorer.columns,
+            ]
+            _print_row(row, [*cols, "seconds"], header=len(rows) == 1)
     result = {
         "ckpt": str(args.ckpt),
         "step": r.step,

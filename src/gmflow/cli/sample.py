@@ -104,8 +104,8 @@ def add_guidance_arguments(p: argparse.ArgumentParser) -> None:
 def guidance_from_args(args: argparse.Namespace, run: Run) -> CFG | ProbabilisticGuidance | None:
     """The guidance object of ``--guidance/--scale/--orthogonal`` (one-line usage errors)."""
     if args.guidance is None:
-        if args.scale is not None:
-            raise UsageError("--scale needs --guidance cfg or --guidance probabilistic")
+        if args.scale is not None or args.orthogonal:
+            raise UsageError("--scale / --orthogonal need --guidance cfg or --guidance probabilistic")
         return None
     if run.num_classes == 0:
         raise UsageError(
