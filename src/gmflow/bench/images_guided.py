@@ -66,19 +66,19 @@ class GuidedPreset:
     grid_per_class: int = 8
 
 
-# Estimated, not yet measured end to end: cell costs of ad-hoc runs of the same cells (idle 2 cores,
-# docs/RESULTS.md §12c): quick FM NFE 8 / GM NFE 4 with 500 samples ~15 / ~10 s; full FM NFE 24 with
-# 1000 samples ~35 s unguided, ~70 s guided, GM NFE 6 ~21 s. quick: 15 sweep + 6 headline cells ~4 min;
-# full: ~17 min; plus the main part's training if DIR/models is missing (quick ~9 min, full ~58 min).
+# Measured (idle 2 cores, the main part's models reused; docs/RESULTS.md §12c): quick 2.6 min of
+# sampling (21 cells of 500 samples); full 20.8 min (21 cells of 1000; FM NFE 24 ~35 s unguided, 70-95 s
+# guided, GM NFE 6 ~21-28 s). Training the main part's models first, if DIR/models is missing, adds
+# ~9 min (quick) / ~58 min (full).
 GUIDED_PRESETS: dict[str, GuidedPreset] = {
     "quick": GuidedPreset(
         "FM heun / dpm++2m at NFE 8 with CFG vs GMFlow GM-ODE 2 at NFE 4 with probabilistic guidance, "
-        "500 samples per cell (~4 min with the main part's models, estimated)",
+        "500 samples per cell (~3 min with the main part's models)",
         cfg_scales=(1.0, 2.0, 3.0, 4.0, 5.0), pg_scales=(0.0, 0.2, 0.35, 0.5, 0.65), n_eval=500,
     ),
     "full": GuidedPreset(
         "FM heun / dpm++2m at NFE 24 with CFG vs GMFlow GM-ODE 2 at NFE 6 with probabilistic guidance, "
-        "1000 samples per cell (~17 min with the main part's models, estimated)",
+        "1000 samples per cell (~21 min with the main part's models)",
         cfg_scales=(1.0, 1.5, 2.0, 3.0, 4.0), pg_scales=(0.0, 0.15, 0.3, 0.45, 0.6), n_eval=1000,
     ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
