@@ -168,7 +168,6 @@ def _figure(records: list[dict], path: Path, title: str) -> Path:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{solver} NFE {pts[0][2]}")
         ax.set_xlabel("probabilistic w~ (orthogonal 1; 0 = none)" if name == "gmflow" else "CFG w (1 = none)")
         ax.set_title("GMFlow" if name == "gmflow" else "flow matching", fontsize=10)
-        ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, frameon=False)
     axes[0].set_ylabel("FD vs test split (draw 0)")
