@@ -85,7 +85,7 @@ from ..reflow import NORMALIZATIONS, teacher_hash
 from ..train import LoopConfig, has_checkpoint, read_manifest
 from .common import add_run_arguments, start_run
 from .reflow_beds import DATASETS, PRESETS, BenchPreset, bed_available, make_gm_pairs, make_pairs, setup_bed
-from .reflow_eval import cached, diagnostics, evaluate, figure_samples, sweeps
+from .reflow_eval import HISTOGRAM_ROWS, cached, diagnostics, evaluate, figure_samples, sweeps
 from .reflow_images import IMAGE_BEDS, estimate
 from .reflow_report import (
     BRANCH_OF,
@@ -306,7 +306,7 @@ def _figure_notes(figs: list[Path], out: Path, pr: BenchPreset) -> str:
         if "_samples_" in f.name:
             note = f": a row per NFE ({nfes} from the top), the same first-draw noise in each column"
         elif f.name.endswith("_histograms.png"):
-            note = ": rows teacher / 2rf / full, a column per NFE"
+            note = f": rows {' / '.join(HISTOGRAM_ROWS)} (those the ladder has), a column per NFE"
         lines.append(f"- `{f.name}`{note}")
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ from .common import key_digest
 from .reflow_beds import BenchPreset, bed_metrics
 from .reflow_images import IMAGE_BEDS
 
-__all__ = ["cached", "diagnostics", "evaluate", "figure_samples", "score_items", "sweeps"]
+__all__ = ["HISTOGRAM_ROWS", "cached", "diagnostics", "evaluate", "figure_samples", "score_items", "sweeps"]
 
 
 def cached(path: Path, key: dict, compute):
@@ -114,13 +114,16 @@ def diagnostics(name: str, bed: dict, models: dict, test: tuple, pr: BenchPreset
     return out
 
 
+HISTOGRAM_ROWS = ("teacher", "2rf", "recipe", "full")  # the 2-D beds' histogram rows, top to bottom
+
+
 def figure_samples(name: str, bed: dict, models: dict, nfes) -> dict[str, dict[int, torch.Tensor]]:
     """Samples of the first noise draw per variant and NFE: 10 per variant on image beds, the whole
-    draw of teacher / 2rf / full on 2-D."""
+    draw of teacher / 2rf / recipe / full on 2-D (those of them the ladder has)."""
     image = name in IMAGE_BEDS
     noise = bed["noise"][0][:10] if image else bed["noise"][0]
     out: dict[str, dict[int, torch.Tensor]] = {}
-    for v in models if image else ("teacher", "2rf", "full"):
+    for v in models if image else [v for v in HISTOGRAM_ROWS if v in models]:
         model, kw = models[v]
         out[v] = {k: sample(model, noise, nfe=k, **kw) for k in nfes}
     return out

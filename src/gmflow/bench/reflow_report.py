@@ -272,6 +272,6 @@ def figures(name: str, records, diag, samples, pr: BenchPreset, out: Path) -> li
         ring = name == "ring"
         figs.append(histogram_grid(
             samples, out / f"{name}_histograms.png", nfes=list(pr.nfes), range=5.5 if ring else 4.2,
-            bins=120, ref_density=0.1 if ring else 1.0 / 32.0, title=f"{name}: rows teacher / 2rf / full",
+            bins=120, ref_density=0.1 if ring else 1.0 / 32.0, title=f"{name}: rows {' / '.join(samples)}",
         ))  # fmt: skip
     return figs
