@@ -107,17 +107,17 @@ def test_metric_curves_continuous_x_uses_matplotlib_log_ticks(tmp_path):
 
     recs = [{"row": r, "ms": 9.5 * 1.7**i + r, "err": 1.0 / (i + 1)} for r in (0, 1) for i in range(8)]
     seen = {}
-    orig = viz._save_figure
+    orig = viz.save_figure
 
     def spy(fig, path, dpi):
         seen["locator"] = fig.axes[0].xaxis.get_major_locator()
         return orig(fig, path, dpi)
 
-    viz._save_figure = spy
+    viz.save_figure = spy
     try:
         assert metric_curves(recs, tmp_path / "c.png", metric="err", x="ms", group_keys=("row",)).exists()
         assert not isinstance(seen["locator"], FixedLocator)  # 16 distinct non-integer x: no label per point
         metric_curves([{"nfe": n, "e": 1.0 / n} for n in (1, 2, 4)], tmp_path / "n.png", metric="e")
         assert isinstance(seen["locator"], FixedLocator)
     finally:
-        viz._save_figure = orig
+        viz.save_figure = orig
