@@ -71,3 +71,24 @@ def test_smoke_run_reuses_the_main_models_and_resumes(tmp_path, capsys):
     assert {p: (res / p).stat().st_mtime_ns for p in pngs[1:]} == stamps
     assert main([*args, "--seed", "1"]) == 2  # results of another seed are not mixed in
     assert "another --seed" in capsys.readouterr().err
+
+
+def test_unguided_cells_are_copied_from_the_main_part(tmp_path):
+    pr, gp = images_setup.PRESETS["smoke"], ig.GUIDED_PRESETS["smoke"]
+    gm_nfe, fm_nfe = pr.headline
+    main_records = [
+        dict(model="fm", solver="heun", order=1, nfe=fm_nfe, draw=0, fd=5.0, precision=0.5, recall=0.4,
+             class_acc=0.3, nonfinite=0, ms=1.0),
+        dict(model="fm", solver="heun", order=1, nfe=fm_nfe, draw=1, fd=6.0, precision=0.5, recall=0.4,
+             class_acc=0.3, nonfinite=0, ms=1.0),  # another draw: not the sweep's noise
+        dict(model="gmflow", solver="gm-sde", order=2, nfe=gm_nfe, draw=0, fd=7.0, precision=0.5,
+             recall=0.4, class_acc=0.3, nonfinite=0, ms=1.0),  # not the part's GM solver
+    ]  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(main_records))
+    (tmp_path / "meta.json").write_text(json.dumps({"seed": 0}))
+    records: list[dict] = []
+    assert ig.reuse_main_cells(records, tmp_path, pr, gp, seed=1) == 0  # another seed: other noise
+    assert ig.reuse_main_cells(records, tmp_path, pr, gp, seed=0) == 1
+    (r,) = records
+    assert (r["model"], r["scale"], r["guidance"], r["fd"], r["from_main"]) == ("fm", 1.0, "none", 5.0, True)
+    assert ig.reuse_main_cells(records, tmp_path, pr, gp, seed=0) == 0  # already there

@@ -14,11 +14,13 @@ trained here with the same configs):
 2. each model's best-FD cell of the sweep on ``draws`` fresh noise draws ``1 .. draws``: the headline
    is their mean ± sd, so choosing the best of many sweep cells does not bias it.
 
-Every cell scores class-balanced samples against the **test** split (FD, precision / recall, class
-accuracy). NFE counts network calls: a guided call evaluates the conditional and the unconditional
-half as one doubled batch (``batch_factor = 2``). Writes to ``DIR/guided/``: ``results.json`` (one
-record per model x solver x scale x draw, rewritten after each cell), ``results.md``,
-``fd_vs_scale.png`` and a sample grid (a row per class) of each model's best cell.
+The unguided sweep cells the main part already scored (same noise and sample count) are copied from
+``DIR/results.json`` (``from_main``). Every cell scores class-balanced samples against the **test**
+split (FD, precision / recall, class accuracy). NFE counts network calls: a guided call evaluates
+the conditional and the unconditional half as one doubled batch (``batch_factor = 2``). Writes to
+``DIR/guided/``: ``results.json`` (one record per model x solver x scale x draw, rewritten after each
+cell), ``results.md``, ``fd_vs_scale.png`` and a sample grid (a row per class) of each model's best
+cell.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ def _guidance(cell: Cell):
     return None if cell[4] == UNGUIDED[kind] else images_setup.guidance_for(kind, cell[4], ORTHOGONAL[kind])
 
 
-def _sample(models, cell: Cell, noise, labels, num_classes: int, generator) -> torch.Tensor:
+def _sample(models, cell: Cell, guidance, noise, labels, num_classes: int, generator) -> torch.Tensor:
     name, solver, order, nfe, _ = cell
-    return images_setup.class_sample(models[name], noise, labels, num_classes, guidance=_guidance(cell),
+    return images_setup.class_sample(models[name], noise, labels, num_classes, guidance=guidance,
                                      solver=solver, nfe=nfe, order=order, generator=generator)  # fmt: skip
 
 
@@ -142,11 +144,12 @@ def _score(models, todo: list[tuple[Cell, int]], gp, scorer, out, seed, records,
     for cell, draw in todo:
         g = torch.Generator().manual_seed(seed * 1000003 + draw)  # the main part's noise of that draw
         noise = torch.randn(gp.n_eval, *event, generator=g)
+        guidance = _guidance(cell)
         t0 = time.perf_counter()
-        x = _sample(models, cell, noise, labels, scorer.num_classes, g)
+        x = _sample(models, cell, guidance, noise, labels, scorer.num_classes, g)
         ms = (time.perf_counter() - t0) * 1e3
         m = scorer(x, labels)
-        guided = _guidance(cell) is not None
+        guided = guidance is not None
         kind = KIND[cell[0]] if guided else "none"
         records.append(dict(
             model=cell[0], solver=cell[1], order=cell[2], nfe=cell[3], scale=cell[4], guidance=kind,
@@ -156,6 +159,31 @@ def _score(models, todo: list[tuple[Cell, int]], gp, scorer, out, seed, records,
         ))  # fmt: skip
         atomic_write_json(out / "results.json", records)
         bar.update()
+
+
+def reuse_main_cells(records: list[dict], root: Path, pr, gp: GuidedPreset, seed: int) -> int:
+    """Copy the unguided sweep cells the main part already scored (``root/results.json``: same models,
+    solver, NFE, noise of draw 0 and sample count) into ``records``; returns how many were copied."""
+    meta, main = root / "meta.json", root / "results.json"
+    if pr.n_eval != gp.n_eval or not (meta.is_file() and main.is_file()):
+        return 0
+    if json.loads(meta.read_text()).get("seed") != seed:
+        return 0
+    have = {(_cell(r), r["draw"]) for r in records}
+    unguided = {c for c in sweep_cells(gp, pr.headline) if _guidance(c) is None and (c, 0) not in have}
+    copied = 0
+    for r in json.loads(main.read_text()):
+        cell = (r["model"], r["solver"], r["order"], r["nfe"], UNGUIDED[KIND[r["model"]]])
+        if r["draw"] == 0 and cell in unguided:
+            unguided.discard(cell)
+            records.append(dict(
+                model=cell[0], solver=cell[1], order=cell[2], nfe=cell[3], scale=cell[4], guidance="none",
+                orthogonal=None, draw=0, batch_factor=1, seed=seed, n_eval=gp.n_eval, fd=r["fd"],
+                precision=r["precision"], recall=r["recall"], class_acc=r["class_acc"],
+                nonfinite=r["nonfinite"], ms=r["ms"], from_main=True,
+            ))  # fmt: skip
+            copied += 1
+    return copied
 
 
 def _figure(records: list[dict], path: Path, title: str) -> Path:
@@ -250,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         run_experiment(cfg, progress=progress, verbose=True)
         models[name] = load_network(cfg.loop.out_dir)
     scorer = images_setup.make_scorer(pr.data, pr.classifier_epochs)
+    if reuse_main_cells(records, root, pr, gp, args.seed):
+        atomic_write_json(out / "results.json", records)
     done = {(_cell(r), r["draw"]) for r in records}
     sweep = [(c, 0) for c in sweep_cells(gp, pr.headline) if (c, 0) not in done]
     total = len(sweep_cells(gp, pr.headline)) + 2 * gp.draws
@@ -260,17 +290,13 @@ def run(args: argparse.Namespace) -> int:
         _score(models, fresh, gp, scorer, out, args.seed, records, bar)
     figs = [_figure(records, out / "fd_vs_scale.png", f"{pr.data}: guided FD at the headline NFEs")]
     labels = torch.arange(scorer.num_classes).repeat_interleave(gp.grid_per_class)
+    event = tuple(scorer.reference.shape[1:])
     for cell in best.values():
         path = out / _grid_name(cell)
         if not path.is_file():
-            noise = torch.randn(
-                len(labels),
-                *scorer.reference.shape[1:],
-                generator=torch.Generator().manual_seed(args.seed + 11),
-            )
-            x = _sample(
-                models, cell, noise, labels, scorer.num_classes, torch.Generator().manual_seed(args.seed + 12)
-            )
+            noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(args.seed + 11))
+            g = torch.Generator().manual_seed(args.seed + 12)
+            x = _sample(models, cell, _guidance(cell), noise, labels, scorer.num_classes, g)
             image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=gp.grid_per_class)
         figs.append(path)
     text, lines = report(records, gp, args.preset)

@@ -17,6 +17,7 @@ from ..flow import interpolate
 from ..kr import gm_to_standard_normal
 from ..spectral import field_to_hartley
 from ..viz import save_figure
+from .images_setup import mean_sd
 
 __all__ = ["fd_summary", "mean_sd", "monotone", "radial_spectra", "results_markdown", "spectrum_figure"]
 
@@ -86,12 +87,6 @@ def fd_summary(records: list[dict]) -> dict[bool, list[float]]:
     for r in sorted((r for r in records if r["part"] == "fd"), key=lambda r: r["draw"]):
         out[bool(r["spectral"])].append(r["fd"])
     return out
-
-
-def mean_sd(v: list[float]) -> str:
-    if not v:
-        return "n/a"
-    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
 def monotone(values: list[float]) -> bool:

@@ -208,7 +208,9 @@ def step_parts(cfgs: dict[Any, Any]) -> dict[Any, tuple]:
 
 
 def mean_sd(v: Sequence[float]) -> str:
-    """``"m ± sd"`` of the draws ``v`` (just ``"m"`` for one draw), two decimals."""
+    """``"m ± sd"`` of the draws ``v`` (just ``"m"`` for one draw, ``"n/a"`` for none), two decimals."""
+    if not v:
+        return "n/a"
     return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
 
 
