@@ -77,7 +77,7 @@ class DDPMPreset:
 DDPM_PRESETS: dict[str, DDPMPreset] = {
     "quick": DDPMPreset(
         "<= 15 min on 2 idle cores: two unconditional 4-layer 64-wide GM-DiTs (K = 2 / FM), 1500 steps",
-        data="fmnist32", steps=1500, batch_size=64, trunk=images_setup.QUICK_TRUNK, n_eval=300,
+        data="fmnist32", steps=1500, batch_size=64, trunk=images_setup.NARROW_TRUNK, n_eval=300,
     ),
     "full": DDPMPreset(
         "<= 90 min on 2 idle cores: two unconditional 6-layer 64-wide GM-DiTs (K = 2 / FM), 4000 steps",

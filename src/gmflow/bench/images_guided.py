@@ -68,10 +68,10 @@ class GuidedPreset:
     grid_per_class: int = 8
 
 
-# Measured (idle 2 cores, the main part's models reused; docs/RESULTS.md §12c): quick 2.6 min of
-# sampling (21 cells of 500 samples); full 20.8 min (21 cells of 1000; FM NFE 24 ~35 s unguided, 70-95 s
-# guided, GM NFE 6 ~21-28 s). Training the main part's models first, if DIR/models is missing, adds
-# ~9 min (quick) / ~58 min (full).
+# Measured (idle 2 cores, the main part's models reused; docs/RESULTS.md §12c): quick 2.4 min of
+# sampling (18 new cells of 500 samples, 96 x 2 trunk); full 20.8 min (21 cells of 1000, 64 x 6 trunk;
+# FM NFE 24 ~35 s unguided, 70-95 s guided, GM NFE 6 ~21-28 s). Training the main part's models first,
+# if DIR/models is missing, adds ~10 min (quick) / ~58 min (full).
 GUIDED_PRESETS: dict[str, GuidedPreset] = {
     "quick": GuidedPreset(
         "FM heun / dpm++2m at NFE 8 with CFG vs GMFlow GM-ODE 2 at NFE 4 with probabilistic guidance, "

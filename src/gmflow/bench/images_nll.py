@@ -2,12 +2,13 @@
 
     gmflow bench images --part nll --preset quick --out runs/images-quick   # run again to resume
 
-Trains class-conditional GM-DiTs with K in {1, 2, 4, 8, 16} on the trunk, data and recipe of the
-``gmflow bench images`` preset of the same name (transition loss lambda = 0.5, logit-normal t, label
-dropout 0.1, EMA; a shorter budget, so that five models fit), the K = 16 model with a spectrum net
-(``model.spectral=true``). Its trunk is trained exactly as without the spectrum net (the spectral
-loss never reaches it, docs/maths/spectral.md §6), so it gives both the ``K = 16`` row (its GM) and
-the ``K = 16 + spectral`` row (its spectral density, Eq. 19) from the same draws. Reports
+Trains class-conditional GM-DiTs with K in {1, 2, 4, 8, 16} on the trunk (quick: the 4-layer 64-wide
+one it was measured on), data and recipe of the ``gmflow bench images`` preset of the same name
+(transition loss lambda = 0.5, logit-normal t, label dropout 0.1, EMA; a shorter budget, so that five
+models fit), the K = 16 model with a spectrum net (``model.spectral=true``). Its trunk is trained
+exactly as without the spectrum net (the spectral loss never reaches it, docs/maths/spectral.md §6),
+so it gives both the ``K = 16`` row (its GM) and the ``K = 16 + spectral`` row (its spectral density,
+Eq. 19) from the same draws. Reports
 
 * bits/dim of the **test** split by Eq. 21 (:func:`gmflow.metrics.bits_per_dim`; t ~ U(0, 1) in
   ``num_t`` stratified draws, the true labels, uniformly dequantised 8-bit levels,
@@ -65,14 +66,17 @@ class NllPreset:
     draws: int = 3
     spectrum_t: tuple[float, ...] = (0.2, 0.5, 0.8)
     n_spectrum: int = 256
+    trunk: tuple[str, ...] | None = None  # --set overrides of the trunk; None: the base preset's
 
 
 NLL_PRESETS: dict[str, NllPreset] = {
     # Budgets from `estimate` (a few measured steps per model) on a loaded machine, scaled to an idle
-    # one by a toy-step calibration; the estimates scattered by +-40 % (docs/RESULTS.md). Not run yet.
+    # one by a toy-step calibration; the estimates scattered by +-40 % (docs/RESULTS.md). Measured: quick
+    # 9.2 min idle (§11); full not run yet.
     "quick": NllPreset(
-        "<= 15 min on 2 idle cores (estimated 12-14): the quick trunk (4 layers, 64 wide, patch 4) on"
+        "<= 15 min on 2 idle cores (estimated 12-14): a 4-layer 64-wide trunk (patch 4) on"
         " Fashion-MNIST 32x32, five models x 450 steps", base="quick", steps=450, n_test=2000, n_eval=500,
+        trunk=images_setup.NARROW_TRUNK,  # measured on it; the main quick preset is now 96 x 2
     ),
     "full": NllPreset(
         "<= 90 min on 2 idle cores (estimated 45-86): the full trunk (6 layers, 64 wide, patch 4) on"
@@ -177,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     """``gmflow bench images --part nll`` (trunk and recipe of :data:`~gmflow.bench.images_setup.PRESETS`)."""
     pr, _, root = start_run(args, "images", NLL_PRESETS)
     base = images_setup.PRESETS[pr.base]
+    if pr.trunk is not None:
+        base = dataclasses.replace(base, trunk=pr.trunk)
     out = root / "nll"
     out.mkdir(exist_ok=True)
     progress = not args.no_progress

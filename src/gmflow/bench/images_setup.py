@@ -64,18 +64,24 @@ class ImagesPreset:
     classifier_epochs: int | None = None  # None: the classifier's default
 
 
-QUICK_TRUNK = ("model.patch_size=4", "model.num_layers=4", "model.num_heads=2", "model.head_dim=32")
+# The quick preset's trunk: 96 wide (3 heads x 32), 2 layers. At width 64 the GM head (K (C + 1) p^2 = 256
+# outputs per token) starves the GM model (docs/RESULTS.md §12c); 96 x 2 costs ~0.9x of 64 x 4 per step.
+QUICK_TRUNK = ("model.patch_size=4", "model.num_layers=2", "model.num_heads=3", "model.head_dim=32")
+# The 4-layer 64-wide trunk the quick preset had before; the ddpm part and the ReFlow Fashion-MNIST
+# teacher keep it (their measured numbers rest on it).
+NARROW_TRUNK = ("model.patch_size=4", "model.num_layers=4", "model.num_heads=2", "model.head_dim=32")
 FULL_TRUNK = ("model.patch_size=4", "model.num_layers=6", "model.num_heads=2", "model.head_dim=32")
 SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8",
                "model.logstd_inner_dim=16")  # fmt: skip
 
 PRESETS: dict[str, ImagesPreset] = {
-    # Idle 2-core training steps (interleaved medians): quick trunk FM 123 ms / GMFlow 139 ms; full trunk
-    # (6 layers) FM 202-218 ms / GMFlow 215-231 ms. lr 1e-3: after 2000 quick steps FM heun NFE 8 reached
-    # FD 142 and class accuracy 0.55 (lr 3e-4: FD 249, 0.16). Measured end to end (docs/RESULTS.md
-    # §12, §12b): quick 13.4 min; full ~88 min (58 min training + 30 min evaluation, from a resumed run).
+    # Idle 2-core training steps (interleaved medians): quick trunk (96 x 2) FM 130-133 ms / GMFlow 150-160
+    # ms; full trunk (64 x 6) FM 202-218 ms / GMFlow 215-231 ms. lr 1e-3 (lr 3e-4 left the 64 x 4 models
+    # barely conditional: FM FD 249, class accuracy 0.16). Measured end to end (docs/RESULTS.md §12,
+    # §12b): quick 14.3 min, GMFlow NFE 4 FD 136.7 vs FM NFE 8 146.7; full ~88 min (58 min training + 30
+    # min evaluation, from a resumed run).
     "quick": ImagesPreset(
-        "<= 15 min on 2 idle cores: a 4-layer 64-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
+        "<= 15 min on 2 idle cores: a 2-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
         headline=(4, 8), lr=1e-3,
     ),

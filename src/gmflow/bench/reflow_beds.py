@@ -116,7 +116,7 @@ _SMOKE_TRUNK = ("model.patch_size=4", "model.num_layers=1", "model.num_heads=2",
 # plus ~2 min of data loading and figures (the fmnist32 classifier is the image benchmark's cached one;
 # training it once adds a few minutes). Measured end to end (docs/RESULTS.md §17): ~80 min on 2 cores
 # (teacher step 139 ms, GM-DiT 182 ms, rungs 145-177 ms); recipe at NFE 9 -0.4 % FD vs 2-RF.
-_FMNIST = Sizes(4000, 1200, 64, 64, 1e-3, 3e-4, 50000, 10000, 8, 1000, 500, trunk=images_setup.QUICK_TRUNK,
+_FMNIST = Sizes(4000, 1200, 64, 64, 1e-3, 3e-4, 50000, 10000, 8, 1000, 500, trunk=images_setup.NARROW_TRUNK,
                 draws=3, gm_teacher=True)  # fmt: skip
 # `--preset smoke --datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features)
 _FMNIST_SMOKE = Sizes(4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2,
