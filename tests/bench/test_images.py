@@ -28,6 +28,8 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, capsys):
     assert "FD (test split" in text and "| gmflow | gm-sde | 2 |" in text
     for name in ("fd_vs_nfe.png", "precision_vs_nfe.png", "class_acc_vs_nfe.png"):
         assert (out / name).stat().st_size > 1000
+    for model, solver, order, nfe in images.grid_cells(records, pr):
+        assert (out / f"samples_{model}_{solver}_o{order}_nfe{nfe}.png").stat().st_size > 500
     meta = json.loads((out / "meta.json").read_text())
     assert meta["step_time"]["ratio"] > 0
     # re-running reuses the trained models and the scored cells
@@ -37,3 +39,22 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, capsys):
     assert (out / "models" / "gmflow" / "checkpoint.json").read_text() == before
     assert json.loads((out / "results.json").read_text()) == records
     assert "already trained" in capsys.readouterr().err
+
+
+def _rec(model, solver, order, nfe, fd):
+    return {"model": model, "solver": solver, "order": order, "nfe": nfe, "fd": fd}
+
+
+def test_grids_show_each_models_best_solver_at_the_headline_nfes():
+    pr = images.PRESETS["quick"]  # headline: GMFlow NFE 4 vs FM NFE 8
+    records = [
+        _rec("gmflow", "gm-sde", 2, 4, 150.0), _rec("gmflow", "gm-ode", 2, 4, 140.0),
+        _rec("gmflow", "gm-ode", 2, 4, 142.0), _rec("gmflow", "gm-sde", 2, 4, 130.0),  # mean 140 vs 141
+        _rec("fm", "heun", 1, 8, 148.0), _rec("fm", "dpm++2m", 1, 8, 146.0),
+        _rec("fm", "euler", 1, 4, 200.0), _rec("fm", "dpm-solver-2", 1, 4, 180.0),
+        _rec("gmflow", "gm-sde", 2, 8, 100.0),  # not a headline NFE of GMFlow
+    ]  # fmt: skip
+    assert images.grid_cells(records, pr) == [
+        ("gmflow", "gm-sde", 2, 4), ("fm", "dpm++2m", 1, 8), ("fm", "dpm-solver-2", 1, 4)
+    ]  # fmt: skip
+    assert images.grid_cells([], pr) == []

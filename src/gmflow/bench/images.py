@@ -14,7 +14,8 @@ and scores them against the held-out **test** split in the features of a classif
 the train split (cached by hash): Fréchet distance, k-NN precision / recall and ``class_acc``, the
 classifier's accuracy on the samples w.r.t. the requested class. The headline rows are repeated
 with ``draws`` fresh noise draws (mean ± sd). Writes ``results.json`` (one record per model x solver
-x order x NFE x draw), ``results.md``, NFE-vs-FD / NFE-vs-precision curves and sample grids.
+x order x NFE x draw), ``results.md``, NFE-vs-FD / NFE-vs-precision curves and sample grids (each
+model's best solver at the headline NFEs, and FM's best at GMFlow's NFE).
 
 Other parts (``--part``, same presets and ``--out``; each writes into ``DIR/<part>/``):
 
@@ -177,17 +178,27 @@ def results_markdown(records: list[dict], nfes: tuple[int, ...], metric: str) ->
     return "\n".join(lines)
 
 
-def _grids(models, pr: ImagesPreset, event: tuple[int, ...], num_classes: int, out: Path, seed: int):
-    """A row per class, 8 samples each, for GMFlow and FM at the headline NFEs."""
+def grid_cells(records: list[dict], pr: ImagesPreset) -> list[tuple[str, str, int, int]]:
+    """``(model, solver, order, nfe)`` of the sample grids: each model's best solver at its headline NFE,
+    and FM's best at GMFlow's NFE (FM on GMFlow's budget)."""
+    gm_nfe, fm_nfe = pr.headline
+    cells = []
+    for model, nfe in (("gmflow", gm_nfe), ("fm", fm_nfe), ("fm", gm_nfe)):
+        best = _best(records, model, nfe)
+        if best is not None:
+            cells.append((model, best[0], best[1], nfe))
+    return cells
+
+
+def _grids(models, cells, event: tuple[int, ...], num_classes: int, out: Path, seed: int) -> list[Path]:
+    """A row per class, 8 samples each, for every ``(model, solver, order, nfe)`` of ``cells``."""
     labels = torch.arange(num_classes).repeat_interleave(8)
     noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
     paths = []
-    rows = (("gmflow", "gm-sde", 2, pr.headline[0]), ("fm", "heun", 1, pr.headline[1]),
-            ("fm", "euler", 1, pr.headline[0]))  # fmt: skip
-    for name, solver, order, nfe in rows:
+    for name, solver, order, nfe in cells:
         x = sample(models[name], noise, solver=solver, nfe=nfe, order=order, cond={"class_labels": labels},
                    generator=torch.Generator().manual_seed(seed + 12))  # fmt: skip
-        path = out / f"samples_{name}_{solver}_nfe{nfe}.png"
+        path = out / f"samples_{name}_{solver}_o{order}_nfe{nfe}.png"
         paths.append(image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=8))
     return paths
 
@@ -235,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         for m in ("fd", "precision", "class_acc")
     ]
-    figs += _grids(models, pr, tuple(scorer.reference.shape[1:]), scorer.num_classes, out, args.seed)
+    event = tuple(scorer.reference.shape[1:])
+    figs += _grids(models, grid_cells(records, pr), event, scorer.num_classes, out, args.seed)
     text = "\n".join([
         f"# gmflow bench images — preset `{args.preset}`", "", pr.description, "", *lines, "",
         f"Training step (interleaved medians): FM {timing['fm_step_ms']:.1f} ms, GMFlow "
