@@ -67,8 +67,8 @@ class ImagesPreset:
 # The quick preset's trunk: 96 wide (3 heads x 32), 2 layers. At width 64 the GM head (K (C + 1) p^2 = 256
 # outputs per token) starves the GM model (docs/RESULTS.md §12c); 96 x 2 costs ~0.9x of 64 x 4 per step.
 QUICK_TRUNK = ("model.patch_size=4", "model.num_layers=2", "model.num_heads=3", "model.head_dim=32")
-# The 4-layer 64-wide trunk the quick preset had before; the ddpm part and the ReFlow Fashion-MNIST
-# teacher keep it (their measured numbers rest on it).
+# The 4-layer 64-wide trunk the quick preset had before; the quick ddpm / nll / ladder parts and the
+# ReFlow Fashion-MNIST teacher keep it (their measured numbers rest on it).
 NARROW_TRUNK = ("model.patch_size=4", "model.num_layers=4", "model.num_heads=2", "model.head_dim=32")
 FULL_TRUNK = ("model.patch_size=4", "model.num_layers=6", "model.num_heads=2", "model.head_dim=32")
 SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", "model.head_dim=8",
