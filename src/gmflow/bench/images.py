@@ -48,16 +48,18 @@ from tqdm.auto import tqdm
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
 from ..sampling import sample
-from ..viz import image_grid, metric_curves
+from ..viz import metric_curves
 from . import images_ddpm, images_guidance, images_guided, images_ladder, images_nll
 from .common import add_run_arguments, interleaved_step_ms, start_run
 from .images_setup import (
     PRESETS,
     ImagesPreset,
     Scorer,
+    grid_noise,
     make_scorer,
     mean_sd,
     model_configs,
+    save_grid,
     step_parts,
     write_report,
 )
@@ -193,13 +195,12 @@ def grid_cells(records: list[dict], pr: ImagesPreset) -> list[tuple[str, str, in
 def _grids(models, cells, event: tuple[int, ...], num_classes: int, out: Path, seed: int) -> list[Path]:
     """A row per class, 8 samples each, for every ``(model, solver, order, nfe)`` of ``cells``."""
     labels = torch.arange(num_classes).repeat_interleave(8)
-    noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
     paths = []
     for name, solver, order, nfe in cells:
+        noise, g = grid_noise(len(labels), event, seed)
         x = sample(models[name], noise, solver=solver, nfe=nfe, order=order, cond={"class_labels": labels},
-                   generator=torch.Generator().manual_seed(seed + 12))  # fmt: skip
-        path = out / f"samples_{name}_{solver}_o{order}_nfe{nfe}.png"
-        paths.append(image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=8))
+                   generator=g)  # fmt: skip
+        paths.append(save_grid(x, out / f"samples_{name}_{solver}_o{order}_nfe{nfe}.png", nrow=8))
     return paths
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
 from ..sampling import sample
-from ..viz import image_grid, metric_curves
+from ..viz import metric_curves
 from . import images_setup
 from .common import start_run
 
@@ -176,9 +176,8 @@ def _grids(models, pr: DDPMPreset, event, out: Path, seed: int) -> list[Path]:
     for method, *_ in METHODS:
         path = out / f"samples_{method.replace(' ', '_')}_nfe{min(pr.nfes)}.png"
         if not path.is_file():
-            noise = torch.randn(64, *event, generator=torch.Generator().manual_seed(seed + 11))
-            x = _draw(models, method, noise, min(pr.nfes), torch.Generator().manual_seed(seed + 12))
-            image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=8)
+            noise, g = images_setup.grid_noise(64, event, seed)
+            images_setup.save_grid(_draw(models, method, noise, min(pr.nfes), g), path, nrow=8)
         paths.append(path)
     return paths
 

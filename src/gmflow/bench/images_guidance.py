@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
-from ..viz import image_grid
 from . import images_setup
 from .common import start_run
 from .images_guidance_report import figure, report_markdown
@@ -138,10 +137,9 @@ def _grids(model, gp: GuidancePreset, num_classes: int, event, out: Path, seed: 
         name = "samples_none.png" if kind == "none" else f"samples_{kind}_o{orth:g}_s{scale:g}.png"
         path = out / name
         if not path.is_file():
-            noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
-            g = torch.Generator().manual_seed(seed + 12)
+            noise, g = images_setup.grid_noise(len(labels), event, seed)
             x = _draw(model, gp, images_setup.guidance_for(kind, scale, orth), noise, labels, num_classes, g)
-            image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=gp.grid_per_class)
+            images_setup.save_grid(x, path, nrow=gp.grid_per_class)
         paths.append(path)
     return paths
 

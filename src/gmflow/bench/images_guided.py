@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
-from ..viz import image_grid, save_figure
+from ..viz import save_figure
 from . import images_setup
 from .common import start_run
 from .images_setup import UNGUIDED, mean_sd
@@ -294,10 +294,9 @@ def run(args: argparse.Namespace) -> int:
     for cell in best.values():
         path = out / _grid_name(cell)
         if not path.is_file():
-            noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(args.seed + 11))
-            g = torch.Generator().manual_seed(args.seed + 12)
+            noise, g = images_setup.grid_noise(len(labels), event, args.seed)
             x = _sample(models, cell, _guidance(cell), noise, labels, scorer.num_classes, g)
-            image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=gp.grid_per_class)
+            images_setup.save_grid(x, path, nrow=gp.grid_per_class)
         figs.append(path)
     text, lines = report(records, gp, args.preset)
     for line in lines:

@@ -54,7 +54,6 @@ from ..config import apply_sets
 from ..experiments import load_network, run_experiment
 from ..io import atomic_write_json
 from ..reflow import teacher_hash
-from ..viz import image_grid
 from . import images_setup
 from .common import key_digest, start_run
 from .images_ladder_report import best_fd_scale, figure, report_markdown
@@ -230,10 +229,9 @@ def _grids(models, lp: LadderPreset, records, num_classes: int, event, out: Path
         scale = best_fd_scale(records, row.id)
         path = out / f"samples_{row.id}_s{scale:g}_{key}.png"
         if not path.is_file():
-            noise = torch.randn(len(labels), *event, generator=torch.Generator().manual_seed(seed + 11))
-            g = torch.Generator().manual_seed(seed + 12)
+            noise, g = images_setup.grid_noise(len(labels), event, seed)
             x = _draw(models, row, scale, lp, noise, labels, num_classes, g)
-            image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=lp.grid_per_class)
+            images_setup.save_grid(x, path, nrow=lp.grid_per_class)
         paths.append(path)
     return paths
 

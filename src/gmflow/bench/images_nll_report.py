@@ -19,7 +19,7 @@ from ..spectral import field_to_hartley
 from ..viz import save_figure
 from .images_setup import mean_sd
 
-__all__ = ["fd_summary", "mean_sd", "monotone", "radial_spectra", "results_markdown", "spectrum_figure"]
+__all__ = ["fd_summary", "monotone", "radial_spectra", "results_markdown", "spectrum_figure"]
 
 
 def _radial(power: Tensor) -> list[float]:

@@ -38,9 +38,10 @@ from ..metrics import (
 )
 from ..sampling import sample
 from ..train import flow_objective
+from ..viz import image_grid
 
 __all__ = ["ImagesPreset", "PRESETS", "Scorer", "UNGUIDED", "class_sample", "guidance_for", "make_scorer",
-           "mean_sd", "model_configs", "step_parts", "write_report"]  # fmt: skip
+           "grid_noise", "mean_sd", "model_configs", "save_grid", "step_parts", "write_report"]  # fmt: skip
 
 UNGUIDED = {"cfg": 1.0, "probabilistic": 0.0}  # the scale of each guidance kind that means "no guidance"
 
@@ -211,6 +212,18 @@ def step_parts(cfgs: dict[Any, Any]) -> dict[Any, tuple]:
 
         parts[key] = (model, opt, flow_objective(cfg.loss, null_label=data.num_classes), batch)
     return parts
+
+
+def grid_noise(n: int, event: Sequence[int], seed: int) -> tuple[Tensor, torch.Generator]:
+    """The noise ``(n, *event)`` of a run's sample grids (seed ``seed + 11``) and the solver's generator
+    (seed ``seed + 12``): every grid of a run starts from the same noise."""
+    noise = torch.randn(n, *event, generator=torch.Generator().manual_seed(seed + 11))
+    return noise, torch.Generator().manual_seed(seed + 12)
+
+
+def save_grid(x: Tensor, path: Path, nrow: int) -> Path:
+    """Samples ``x (N, C, H, W)`` as a PNG grid, ``nrow`` per row (non-finite -> 0, clipped to [-1, 1])."""
+    return image_grid(torch.nan_to_num(x, 0.0).clamp(-1, 1), path, nrow=nrow)
 
 
 def mean_sd(v: Sequence[float]) -> str:
