@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from gmflow.bench import images
+from gmflow.bench import images, images_setup
+from gmflow.bench.images_ladder import LADDER_PRESETS
+from gmflow.bench.images_nll import NLL_PRESETS
 from gmflow.cli import main
 
 pytestmark = pytest.mark.slow
@@ -58,3 +60,13 @@ def test_grids_show_each_models_best_solver_at_the_headline_nfes():
         ("gmflow", "gm-sde", 2, 4), ("fm", "dpm++2m", 1, 8), ("fm", "dpm-solver-2", 1, 4)
     ]  # fmt: skip
     assert images.grid_cells([], pr) == []
+
+
+def test_parts_measured_on_an_earlier_recipe_pin_its_trunk_and_lr():
+    quick = images_setup.PRESETS["quick"]
+    for part in (LADDER_PRESETS["quick"], NLL_PRESETS["quick"]):
+        pr = images_setup.pinned(quick, part.trunk, part.lr)
+        assert (pr.trunk, pr.lr) == (images_setup.NARROW_TRUNK, 1e-3) != (quick.trunk, quick.lr)
+        assert pr.steps == quick.steps and pr.data == quick.data
+    full = images_setup.PRESETS["full"]
+    assert images_setup.pinned(full, LADDER_PRESETS["full"].trunk, LADDER_PRESETS["full"].lr) == full

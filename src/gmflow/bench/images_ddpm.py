@@ -64,7 +64,7 @@ class DDPMPreset:
     nfes: tuple[int, ...] = (10, 25, 50, 100)
     draws: int = 3  # noise draws at the smallest NFE
     components: int = 2
-    lr: float = 1e-3  # as the main part (bench/images_setup.py: measured better than 3e-4 at this budget)
+    lr: float = 1e-3  # measured with it (the main part has moved on to 5e-3: docs/RESULTS.md §12d)
     warmup_steps: int = 200
     classifier_epochs: int | None = None  # None: the classifier's default
 

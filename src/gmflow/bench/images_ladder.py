@@ -91,8 +91,8 @@ ROWS = (
 
 @dataclass(frozen=True)
 class LadderPreset:
-    """The ladder's evaluation; models, budget and (unless ``trunk`` is set) the trunk come from the main
-    preset of the same name."""
+    """The ladder's evaluation; models, budget and (unless ``trunk`` / ``lr`` are set) the trunk and the
+    learning rate come from the main preset of the same name."""
 
     description: str
     cfg_scales: tuple[float, ...]  # CFG w > 1
@@ -103,6 +103,7 @@ class LadderPreset:
     draws: int = 3  # noise draws of each row's best-FD cell
     grid_per_class: int = 6
     trunk: tuple[str, ...] | None = None  # --set overrides of the trunk; None: the main preset's
+    lr: float | None = None  # None: the main preset's
 
     def __post_init__(self) -> None:
         if not self.cfg_scales or any(not w > 1.0 for w in self.cfg_scales):
@@ -123,7 +124,7 @@ LADDER_PRESETS: dict[str, LadderPreset] = {
         "19 min on 2 idle cores (measured): two 4-layer 64-wide GM-DiTs (lambda 0.5 / 1, with spectrum "
         "nets), 8 rows x 4 guidance scales, 300 samples per cell",
         cfg_scales=(1.5, 2.3, 3.3, 4.9), pg_scales=(0.16, 0.27, 0.39, 0.55), n_eval=300,
-        trunk=images_setup.NARROW_TRUNK,  # measured on it; the main quick preset is now 96 x 2
+        trunk=images_setup.NARROW_TRUNK, lr=1e-3,  # measured with them (docs/RESULTS.md §12c, §12d)
     ),
     "full": LadderPreset(
         "<= 90 min on 2 idle cores (estimated): two full GM-DiTs (lambda 0.5 / 1, with spectrum nets), "
@@ -239,8 +240,7 @@ def _grids(models, lp: LadderPreset, records, num_classes: int, event, out: Path
 def run(args: argparse.Namespace) -> int:
     lp, _, root = start_run(args, "images", LADDER_PRESETS)
     pr = images_setup.PRESETS[args.preset]
-    if lp.trunk is not None:
-        pr = dataclasses.replace(pr, trunk=lp.trunk)
+    pr = images_setup.pinned(pr, lp.trunk, lp.lr)
     out = root / "ladder"
     out.mkdir(exist_ok=True)
     progress = not args.no_progress

@@ -52,8 +52,8 @@ __all__ = ["NLL_PRESETS", "NllPreset", "estimate", "model_configs", "run"]
 
 @dataclass(frozen=True)
 class NllPreset:
-    """Budget and evaluation of the K sweep; trunk, data, batch, lr and warm-up come from the
-    ``gmflow bench images`` preset ``base``."""
+    """Budget and evaluation of the K sweep; data, batch, warm-up and (unless ``trunk`` / ``lr`` are set)
+    trunk and lr come from the ``gmflow bench images`` preset ``base``."""
 
     description: str
     base: str
@@ -67,6 +67,7 @@ class NllPreset:
     spectrum_t: tuple[float, ...] = (0.2, 0.5, 0.8)
     n_spectrum: int = 256
     trunk: tuple[str, ...] | None = None  # --set overrides of the trunk; None: the base preset's
+    lr: float | None = None  # None: the base preset's
 
 
 NLL_PRESETS: dict[str, NllPreset] = {
@@ -76,7 +77,7 @@ NLL_PRESETS: dict[str, NllPreset] = {
     "quick": NllPreset(
         "<= 15 min on 2 idle cores (estimated 12-14): a 4-layer 64-wide trunk (patch 4) on"
         " Fashion-MNIST 32x32, five models x 450 steps", base="quick", steps=450, n_test=2000, n_eval=500,
-        trunk=images_setup.NARROW_TRUNK,  # measured on it; the main quick preset is now 96 x 2
+        trunk=images_setup.NARROW_TRUNK, lr=1e-3,  # measured with them (docs/RESULTS.md §12c, §12d)
     ),
     "full": NllPreset(
         "<= 90 min on 2 idle cores (estimated 45-86): the full trunk (6 layers, 64 wide, patch 4) on"
@@ -181,8 +182,7 @@ def run(args: argparse.Namespace) -> int:
     """``gmflow bench images --part nll`` (trunk and recipe of :data:`~gmflow.bench.images_setup.PRESETS`)."""
     pr, _, root = start_run(args, "images", NLL_PRESETS)
     base = images_setup.PRESETS[pr.base]
-    if pr.trunk is not None:
-        base = dataclasses.replace(base, trunk=pr.trunk)
+    base = images_setup.pinned(base, pr.trunk, pr.lr)
     out = root / "nll"
     out.mkdir(exist_ok=True)
     progress = not args.no_progress

@@ -79,3 +79,25 @@ def test_predictor_corrector_is_exact_for_a_single_gaussian(method):
     assert torch.allclose(integrate(field, x_t, t, tn, 1, method), exact, atol=1e-12)
     e64, e512 = (_rms(integrate(field, x_t, t, tn, n, "euler"), exact) for n in (64, 512))
     assert e512 < e64 / 4  # Euler only converges to it
+
+
+def test_pc3_stays_as_accurate_as_pc2_on_a_sharp_mixture():
+    """A sharp GM (s = 0.003, K = 8) on the last step 1/6 -> 0 with 3 sub-steps: the step in g grows by
+    far more than 2x from one sub-step to the next, where the quadratic weights would amplify the change
+    of mbar (unguarded pc3: 6x pc2's error); such positions take the pc2 step. Earlier steps keep third
+    order (t = 0.5 -> 1/3: pc3 more accurate than pc2)."""
+    g = torch.Generator().manual_seed(0)
+    b = 256
+    gm = GaussianMixture(
+        torch.randn(b, 8, 1, generator=g, dtype=D),
+        torch.log_softmax(torch.randn(b, 8, 1, generator=g, dtype=D), 1),
+        torch.full((b, 1, 1), math.log(0.003), dtype=D),
+    )
+    errs = {}
+    for t, tn in ((0.5, 1 / 3), (1 / 6, 0.0)):
+        x_t = torch.randn(b, 1, generator=g, dtype=D)
+        field = GMField(PreparedGM(gm), x_t, t)
+        ref = integrate(field, x_t, t, tn, 2048, "pc2")
+        errs[t] = {m: _rms(integrate(field, x_t, t, tn, 3, m), ref) for m in ("pc2", "pc3")}
+    assert errs[1 / 6]["pc3"] <= 1.01 * errs[1 / 6]["pc2"], errs
+    assert errs[0.5]["pc3"] < 0.6 * errs[0.5]["pc2"], errs
