@@ -77,11 +77,12 @@ SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", 
                "model.logstd_inner_dim=16")  # fmt: skip
 
 PRESETS: dict[str, ImagesPreset] = {
-    # Idle 2-core training steps (interleaved medians): quick trunk (96 x 2) FM 130-133 ms / GMFlow 150-160
-    # ms; full trunk (64 x 6) FM 202-218 ms / GMFlow 215-231 ms. lr 1e-3 (lr 3e-4 left the 64 x 4 models
-    # barely conditional: FM FD 249, class accuracy 0.16). Measured end to end (docs/RESULTS.md §12,
-    # §12b): quick 14.3 min, GMFlow NFE 4 FD 136.7 vs FM NFE 8 146.7; full ~88 min (58 min training + 30
-    # min evaluation, from a resumed run).
+    # Idle 2-core training steps (interleaved medians) on the slower / faster machine seen: quick trunk
+    # (96 x 2) FM 130-133 / 58-72 ms, GMFlow 150-160 / 68-84 ms; full trunk (64 x 6) FM 202-218 / 99-126 ms,
+    # GMFlow 215-231 / 108-140 ms. lr 5e-3: lr 1e-3 left both models under-trained (quick FM FD 147 vs 79,
+    # docs/RESULTS.md §12d). Measured end to end (§12, §12b) on the faster machine: quick 7.2 min (GMFlow
+    # NFE 4 FD 81.2 vs FM NFE 8 79.2), full 50 min (GMFlow NFE 6 33.1 vs FM NFE 24 23.2; FM class accuracy
+    # at NFE 32 85.0 %); with lr 1e-3 on the slower machine 14.3 min and ~88 min.
     "quick": ImagesPreset(
         "<= 15 min on 2 idle cores: a 2-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
