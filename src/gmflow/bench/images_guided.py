@@ -68,9 +68,10 @@ class GuidedPreset:
     grid_per_class: int = 8
 
 
-# Measured (idle 2 cores, the main part's models reused; docs/RESULTS.md §12c): quick 2.4 min of
-# sampling (18 new cells of 500 samples, 96 x 2 trunk); full 20.8 min (21 cells of 1000, 64 x 6 trunk;
-# FM NFE 24 ~35 s unguided, 70-95 s guided, GM NFE 6 ~21-28 s). Training the main part's models first,
+# Measured (idle 2 cores, the main part's models reused; docs/RESULTS.md §12c): quick 2.4 / 1.1 min of
+# sampling on the slower / faster machine seen (18 new cells of 500 samples, 96 x 2 trunk); full 20.8 /
+# 6.5 min (21 cells of 1000, 64 x 6 trunk; slower machine: FM NFE 24 ~35 s unguided, 70-95 s guided,
+# GM NFE 6 ~21-28 s). Training the main part's models first,
 # if DIR/models is missing, adds ~10 min (quick) / ~58 min (full).
 GUIDED_PRESETS: dict[str, GuidedPreset] = {
     "quick": GuidedPreset(

@@ -82,7 +82,7 @@ PRESETS: dict[str, ImagesPreset] = {
     # GMFlow 215-231 / 108-140 ms. lr 5e-3: lr 1e-3 left both models under-trained (quick FM FD 147 vs 79,
     # docs/RESULTS.md §12d). Measured end to end (§12, §12b) on the faster machine: quick 7.2 min (GMFlow
     # NFE 4 FD 81.2 vs FM NFE 8 79.2), full 50 min (GMFlow NFE 6 33.1 vs FM NFE 24 23.2; FM class accuracy
-    # at NFE 32 85.0 %); with lr 1e-3 on the slower machine 14.3 min and ~88 min.
+    # at NFE 32 83.8 % over 3 draws); with lr 1e-3 on the slower machine 14.3 min and ~88 min.
     "quick": ImagesPreset(
         "<= 15 min on 2 idle cores: a 2-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
