@@ -83,7 +83,8 @@ def steps() -> dict[str, torch.Tensor]:
 def test_spectral_sample_matches_the_official_fixture(steps):
     gm = GaussianMixture(*(steps[f"spectral.x0_gm.{k}"] for k in ("means", "logweights", "logstds")))
     surrogate = gm.to_gaussian()
-    assert torch.equal(surrogate.mean, steps["spectral.iso_gaussian.mean"])
+    # not bit-equal on every CPU: the softmax's float32 exp differs by an ulp between machines
+    torch.testing.assert_close(surrogate.mean, steps["spectral.iso_gaussian.mean"], atol=1e-6, rtol=0)
     assert torch.allclose(surrogate.var, steps["spectral.iso_gaussian.var"], atol=1e-6)
     net = SpectrumMLP.from_pretrained(FIXTURE / "spectrum_net")
     with torch.no_grad():

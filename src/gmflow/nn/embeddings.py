@@ -63,9 +63,12 @@ def timestep_embedding(
         raise ValueError(f"dim={dim} is too small for freq_shift={freq_shift}")
     dtype = _compute_dtype(t)
     i = torch.arange(half, device=t.device, dtype=dtype)
-    freqs = torch.exp(-math.log(max_period) * i / (half - freq_shift))
-    angles = (scale * t.to(dtype))[:, None] * freqs[None, :]
-    sin, cos = torch.sin(angles), torch.cos(angles)
+    # exp, sin and cos of the float32 arguments are evaluated in float64 and rounded: float32 kernels
+    # differ by an ulp between CPUs, and angles up to 1000 turn an ulp of a frequency into ~1e-5
+    # of a feature; rounded float64 values are the same on every machine
+    freqs = torch.exp((-math.log(max_period) * i / (half - freq_shift)).double()).to(dtype)
+    angles = ((scale * t.to(dtype))[:, None] * freqs[None, :]).double()
+    sin, cos = torch.sin(angles).to(dtype), torch.cos(angles).to(dtype)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2:
         emb = nn.functional.pad(emb, (0, 1))
