@@ -75,26 +75,24 @@ def _predictor_corrector(field: GMField, x: Tensor, t: float, t_next: float, n: 
         sq_b = e_b.sqrt()
         k = sq_b * dg  # x-space weight of a constant mbar over the sub-step
         base = (sq_b / e_a.sqrt()) * x - k * vc
-        multistep = m_prev is not None and order == 3
-        if multistep:
-            # s = (g_{j-1} - g_j) / dg < 0; where the sub-step is more than twice as long in g as the last
-            # one (-1/2 < s < 0: a sharp GM passing its knee in g), the weights below grow like 1/s and
-            # amplify the change of mbar, so those positions take the trapezoid (pc2) step instead.
+        if m_prev is None or order == 2:
+            pred = base + k * m
+            m_new = field.mbar(pred, taus[j + 1], e_b)
+            x = base + (0.5 * k) * (m + m_new)  # trapezoid in g
+        else:
+            # s = (g_{j-1} - g_j) / dg < 0. Where the sub-step is more than twice as long in g as the last
+            # one (-1/2 < s < 0: a sharp GM passing its knee in g) the weights grow like 1/s and amplify
+            # the change of mbar, so those positions get the pc2 weights (predictor 0, corrector 1/2, 1/2).
             s = -dg_prev / dg
             short = s > -0.5
             s = s.clamp_max(-0.5)
-        if not multistep:
-            pred = base + k * m
-        else:  # linear in g through (g_{j-1}, g_j): weights 1/(2s), 1 - 1/(2s)
-            pred = torch.where(short, base + k * m, base + k * (m + (0.5 / s) * (m_prev - m)))
-        m_new = field.mbar(pred, taus[j + 1], e_b)
-        trapezoid = base + (0.5 * k) * (m + m_new)
-        if not multistep:
-            x = trapezoid
-        else:  # quadratic through (s, 0, 1) integrated over [0, 1]
-            w_prev = -1.0 / (6.0 * s * (s - 1.0))
-            w_cur = 0.5 - 1.0 / (6.0 * s)
-            w_new = (1.0 / 3.0 - 0.5 * s) / (1.0 - s)
-            x = torch.where(short, trapezoid, base + k * (w_prev * m_prev + w_cur * m + w_new * m_new))
+            # predictor linear in g through (g_{j-1}, g_j): weights 1/(2s), 1 - 1/(2s)
+            pred = base + k * (m + torch.where(short, 0.0, 0.5 / s) * (m_prev - m))
+            m_new = field.mbar(pred, taus[j + 1], e_b)
+            # corrector: quadratic through (s, 0, 1) integrated over [0, 1]
+            w_prev = torch.where(short, 0.0, -1.0 / (6.0 * s * (s - 1.0)))
+            w_cur = torch.where(short, 0.5, 0.5 - 1.0 / (6.0 * s))
+            w_new = torch.where(short, 0.5, (1.0 / 3.0 - 0.5 * s) / (1.0 - s))
+            x = base + k * (w_prev * m_prev + w_cur * m + w_new * m_new)
         m_prev, m, dg_prev = m, m_new, dg
     return x
