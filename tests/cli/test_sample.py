@@ -72,6 +72,15 @@ def test_toy_samples_png_seeds_and_batches(toy_run, tmp_path):
     torch.testing.assert_close(torch.load(a), torch.load(b), rtol=1e-6, atol=1e-6)
 
 
+def test_solver_order_and_nfe_default_to_the_runs_few_step_sampler(toy_run, velocity_run, copy_run):
+    gm, vel = copy_run(toy_run.path, "gm"), copy_run(velocity_run.path, "vel")
+    assert _sample(gm, "--n", "20") == 0 and _sample(vel, "--n", "20") == 0
+    assert (gm / "samples_gm-ode_o2_nfe8.pt").is_file() and (vel / "samples_dpm++2m_nfe8.pt").is_file()
+    assert _sample(gm, "--solver", "gm-sde", "--nfe", "2", "--n", "20") == 0  # order 2 unless told
+    assert (gm / "samples_gm-sde_o2_nfe2.pt").is_file()
+    assert _sample(vel, "--order", "2", "--n", "20") == 2  # dpm++2m has no order option
+
+
 def test_default_output_goes_into_the_run(velocity_run, copy_run, capsys):
     d = copy_run(velocity_run.path)
     assert _sample(d, "--solver", "dpm++2m", "--nfe", "3", "--n", "20") == 0

@@ -27,8 +27,13 @@ __all__ = [
     "solver_order",
 ]
 
+# The sampler a run gets when --solver is not given: the best few-step solver of its head in the image and
+# toy benchmarks (docs/RESULTS.md §3, §12), second order for the GM solvers.
+DEFAULT_SOLVER = {"gm": "gm-ode", "velocity": "dpm++2m"}
+
 EPILOG = """\
 examples:
+  gmflow sample --ckpt runs/fmnist --classes 0-9 --per-class 8 --png grid.png  # default solver, NFE 8
   gmflow sample --ckpt runs/k64 --solver gm-sde --order 2 --nfe 4 --n 100000 --png k64.png
   gmflow sample --ckpt runs/fm --solver euler --nfe 8 --out fm.npy --raw
   gmflow sample --ckpt runs/fmnist-spec --solver gm-sde --order 2 --nfe 8 --no-spectral   # per-pixel draws
@@ -58,10 +63,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_run_arguments(s)
     s.add_argument(
-        "--solver", required=True, choices=SOLVERS, metavar="SOLVER", help=f"one of: {', '.join(SOLVERS)}"
+        "--solver",
+        choices=SOLVERS,
+        metavar="SOLVER",
+        help=f"one of: {', '.join(SOLVERS)} (default: {DEFAULT_SOLVER['gm']} for GM runs, "
+        f"{DEFAULT_SOLVER['velocity']} for velocity runs)",
     )
-    s.add_argument("--nfe", type=positive("--nfe"), required=True, help="network evaluations per sample")
-    s.add_argument("--order", type=int, choices=(1, 2), default=1, help="GM solvers: 1st or 2nd order")
+    s.add_argument(
+        "--nfe", type=positive("--nfe"), default=8, help="network evaluations per sample (default 8)"
+    )
+    s.add_argument(
+        "--order", type=int, choices=(1, 2), default=None, help="GM solvers: 1st or 2nd order (default 2)"
+    )
     add_substep_arguments(s)
     s.add_argument("--n", type=positive("--n"), default=10000, help="number of samples (default 10000)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -197,9 +210,11 @@ def _save_samples(x: torch.Tensor, path: Path, labels: torch.Tensor | None) -> N
 
 def run(args: argparse.Namespace) -> int:
     r = load_run_args(args)
-    check_solver(r, args.solver, args.order, args.substeps, args.substep_method)
-    several_orders = len(SOLVERS[args.solver].orders) > 1
-    tag = f"{args.solver}_o{args.order}_nfe{args.nfe}" if several_orders else f"{args.solver}_nfe{args.nfe}"
+    solver = args.solver or DEFAULT_SOLVER[r.head]
+    order = args.order if args.order is not None else solver_order(solver, 2)
+    check_solver(r, solver, order, args.substeps, args.substep_method)
+    several_orders = len(SOLVERS[solver].orders) > 1
+    tag = f"{solver}_o{order}_nfe{args.nfe}" if several_orders else f"{solver}_nfe{args.nfe}"
     if args.no_spectral:
         tag += "_nospectral"
     out = Path(args.out) if args.out else Path(args.ckpt) / f"samples_{tag}.pt"
@@ -225,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     elif r.num_classes > 0:  # class-conditional run without --classes: cycle through every class
         labels = torch.arange(n) % r.num_classes
     kw = dict(
-        solver=args.solver, nfe=args.nfe, order=args.order, substeps=args.substeps,
+        solver=solver, nfe=args.nfe, order=order, substeps=args.substeps,
         substep_method=args.substep_method, guidance=guidance,
     )  # fmt: skip
     if args.no_spectral:
