@@ -62,6 +62,24 @@ def test_grids_show_each_models_best_solver_at_the_headline_nfes():
     assert images.grid_cells([], pr) == []
 
 
+def _acc(model, solver, order, nfe, draw, acc):
+    return {**_rec(model, solver, order, nfe, 100.0), "draw": draw, "class_acc": acc}
+
+
+def test_class_accuracy_check_repeats_the_first_draws_best_fm_solver():
+    pr = images.PRESETS["quick"]  # top NFE 16, 3 draws; headline GMFlow NFE 4 vs FM NFE 8
+    records = [
+        _acc("fm", "euler", 1, 16, 0, 0.70), _acc("fm", "ddpm", 1, 16, 0, 0.74),
+        _acc("fm", "heun", 1, 16, 0, 0.72), _acc("fm", "ddpm", 1, 8, 0, 0.90),
+        _acc("gmflow", "gm-sde", 2, 16, 0, 0.95), _acc("gmflow", "gm-ode", 2, 4, 0, 0.85),
+    ]  # fmt: skip
+    assert images._class_acc_cells(pr, records) == [("fm", "ddpm", 1, 16, d) for d in range(3)]
+    assert images._class_acc_cells(pr, []) == []  # nothing to choose from before the first draw
+    records += [_acc("fm", "ddpm", 1, 16, 1, 0.80), _acc("fm", "ddpm", 1, 16, 2, 0.77)]
+    line = images.summary_lines(records, pr)[-1]
+    assert "77.00 ± 3.00 % of the time over 3 noise draws (74.0% / 80.0% / 77.0%; ddpm" in line
+
+
 def test_parts_measured_on_an_earlier_recipe_pin_its_trunk_and_lr():
     quick = images_setup.PRESETS["quick"]
     for part in (LADDER_PRESETS["quick"], NLL_PRESETS["quick"]):
