@@ -79,10 +79,11 @@ SMOKE_TRUNK = ("model.patch_size=2", "model.num_layers=1", "model.num_heads=2", 
 PRESETS: dict[str, ImagesPreset] = {
     # Idle 2-core training steps (interleaved medians) on the slower / faster machine seen: quick trunk
     # (96 x 2) FM 130-133 / 54-72 ms, GMFlow 150-160 / 64-84 ms; full trunk (64 x 6) FM 202-218 / 99-126 ms,
-    # GMFlow 215-231 / 108-140 ms. lr: FM's best measured rate per trunk (quick 1e-2, full 5e-3; lr 1e-3
-    # left both models under-trained, docs/RESULTS.md §12d). Measured end to end (§12, §12b) on the faster
-    # machine: quick 5.5 min (GMFlow NFE 4 FD 71.8 vs FM NFE 8 78.2), full 50 min (GMFlow NFE 6 33.1 vs FM
-    # NFE 24 23.2; FM class accuracy at NFE 32 83.8 % over 3 draws); lr 1e-3, slower machine: 14.3 / ~88 min.
+    # GMFlow 215-231 / 108-140 ms. lr: FM's best measured rate per trunk (quick 1e-2, full 5e-3; the full
+    # preset at 1e-2 is worse for both models, lr 1e-3 left both under-trained, docs/RESULTS.md §12d).
+    # Measured end to end (§12, §12b) on the faster machine: quick 5.5 min (GMFlow NFE 4 FD 71.8 vs FM
+    # NFE 8 78.2), full 50 min (GMFlow NFE 6 33.1 vs FM NFE 24 23.2; FM class accuracy at NFE 32 83.8 %
+    # over 3 draws); lr 1e-3, slower machine: 14.3 / ~88 min.
     "quick": ImagesPreset(
         "<= 15 min on 2 idle cores: a 2-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
