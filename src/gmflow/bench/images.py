@@ -108,7 +108,7 @@ def _key(model: str, solver: str, order: int, nfe: int, draw: int) -> tuple:
 
 def _class_acc_cells(pr: ImagesPreset, records: list[dict]) -> list[tuple[str, str, int, int, int]]:
     """The class-accuracy check: FM's solver with the highest class accuracy at the top NFE on the
-    first draw, repeated for ``draws`` noise draws (no cells before that first draw is scored)."""
+    first draw, repeated for ``draws`` noise draws (no cells until that first draw is scored)."""
     top = max(pr.nfes)
     first = [r for r in records if r["model"] == "fm" and r["nfe"] == top and r["draw"] == 0]
     if not first:
