@@ -52,6 +52,8 @@ class Sizes:
     trunk: tuple[str, ...] = ()  # DiT beds: --set overrides of the trunk (bench/images_setup.py)
     draws: int = 1  # evaluation noise draws (records carry `draw`; the report gives mean ± std)
     gm_teacher: bool = False  # DiT beds: also the GM-DiT teacher variant (gm-ode pairs, a velocity student)
+    pair_solver: str = "dpm++2m"  # the FM teacher's backward / test pairs at pair_nfe (forward: heun, + 1)
+    gm_pair_nfe: int | None = None  # the GM teacher's (gm-ode 2 backward, heun + 1 forward); None: pair_nfe
 
 
 @dataclass(frozen=True)
@@ -108,18 +110,19 @@ _SMOKE_TRUNK = ("model.patch_size=4", "model.num_layers=1", "model.num_heads=2",
 # run niced on ONE thread of the loaded machine (load ~3): teacher step (batch 64) 240-250 ms, ReFlow
 # step 190-300 ms (take 240), GM-DiT step 270-290 ms, a teacher call 1.35 ms per sample (batch 256),
 # gm-ode order 2 1.8-2.2 ms, a scoring of 1000 samples 0.8 s, a memorisation check 4 s. Minutes:
-#   FM teacher 4000 steps 16 | pairs 50k bwd x 8 + 10k fwd x 9 + 500 test x 8 NFE 11 | 6 rungs x 1200
+#   FM teacher 4000 steps 16 | pairs 50k bwd x 16 + 10k fwd x 17 + 500 test x 16 NFE 22 | 6 rungs x 1200
 #   steps 29 | sampling 11 variants x NFE (1+2+4+9) x 1000 x 3 draws (full: + guide) 12 | scoring 120
 #   cells 1.5 | memorisation 40 cells 2.6 | diagnostics 0.5 | GM-DiT teacher 4000 steps 19 | GM pairs
-#   (gm-ode 2) 15 | GM student 1200 steps 5 | GM rows 3  ->  ~114 min on one loaded thread.
-# Two idle threads: / 1.8 -> ~63 min; / 1.5 (the teacher step is 160 ms on 2 idle threads) -> ~76 min;
+#   (gm-ode 2, 8 NFE) 15 | GM student 1200 steps 5 | GM rows 3  ->  ~125 min on one loaded thread.
+# Two idle threads: / 1.8 -> ~69 min; / 1.5 (the teacher step is 160 ms on 2 idle threads) -> ~83 min;
 # plus ~2 min of data loading and figures (the fmnist32 classifier is the image benchmark's cached one;
-# training it once adds a few minutes). Measured end to end (docs/RESULTS.md §17): ~80 min on 2 cores of
-# the slower machine (teacher step 139 ms, GM-DiT 182 ms, rungs 145-177 ms), 37.9 min on the faster one
-# (69-83 / 82 / ~70 ms). Teacher lr 5e-3 (FD 124.6 at NFE 9; 180.2 at the first run's 1e-3): shipped
-# recipe -9.6 % FD vs 2-RF at NFE 9.
-_FMNIST = Sizes(4000, 1200, 64, 64, 5e-3, 3e-4, 50000, 10000, 8, 1000, 500, trunk=images_setup.NARROW_TRUNK,
-                draws=3, gm_teacher=True)  # fmt: skip
+# training it once adds a few minutes). Measured end to end (docs/RESULTS.md §17): 35.3 min on 2 cores of
+# the faster machine (teacher step ~60 ms); with the former dpm++2m 8-NFE pairs ~80 min on the slower
+# machine (teacher step 139 ms, GM-DiT 182 ms, rungs 145-177 ms), so ~86 min there with these. Pairs:
+# heun at 16 NFE is the teacher's best pair solver tried (FD 90.9; dpm++2m 8 / 16 / 32: 105.8 / 100.1 /
+# 103.1): every student gains ~10 % FD over the 8-NFE pairs; shipped recipe -10.9 % vs 2-RF at NFE 9.
+_FMNIST = Sizes(4000, 1200, 64, 64, 5e-3, 3e-4, 50000, 10000, 16, 1000, 500, trunk=images_setup.NARROW_TRUNK,
+                draws=3, gm_teacher=True, pair_solver="heun", gm_pair_nfe=8)  # fmt: skip
 # `--preset smoke --datasets fmnist`: a one-layer 16-wide DiT, 2 draws (160 > 128 classifier features)
 _FMNIST_SMOKE = Sizes(4, 3, 16, 16, 1e-3, 1e-3, 48, 32, 2, 160, 32, trunk=_SMOKE_TRUNK, draws=2,
                       gm_teacher=True)  # fmt: skip
@@ -263,11 +266,11 @@ def make_pairs(name: str, bed: dict, out: Path, seed: int, progress: bool):
     teacher = bed["teacher"]
     shard = IMAGE_BEDS[name].shard_size if name in IMAGE_BEDS else 4096
     common = dict(shard_size=shard, progress=progress)
-    generate_pairs(teacher, d / "backward", direction="backward", n=s.n_bwd, solver="dpm++2m",
+    generate_pairs(teacher, d / "backward", direction="backward", n=s.n_bwd, solver=s.pair_solver,
                    nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
     generate_pairs(teacher, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
                    nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
-    generate_pairs(teacher, d / "test", direction="backward", n=s.n_diag, solver="dpm++2m",
+    generate_pairs(teacher, d / "test", direction="backward", n=s.n_diag, solver=s.pair_solver,
                    nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed + 1, **common)  # fmt: skip
     test = PairDataset(d / "test")
     return PairDataset(d / "backward", d / "forward"), test.backward
@@ -277,15 +280,16 @@ def make_gm_pairs(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, p
     """The GM-teacher variant of an image bed: ``(GM-DiT teacher, its pairs)``.
 
     The GM-DiT twin of the bed's teacher (same trunk, data and budget) is trained once; its backward
-    pairs integrate **gm-ode order 2** at ``pair_nfe`` (the GM's own ODE solver), the same number of
+    pairs integrate **gm-ode order 2** at ``gm_pair_nfe`` (the GM's own ODE solver), the same number of
     pairs as the FM teacher's; its forward pairs invert the same training images (heun on the GM's
     mean velocity, the only solvers that run upwards).
     """
     s, d = bed["sizes"], out / "pairs" / f"{name}-gm"
     gm = _train_teacher(name, pr, out, seed, progress, gm=True)
     common = dict(shard_size=IMAGE_BEDS[name].shard_size, progress=progress)
+    nfe = s.gm_pair_nfe or s.pair_nfe
     generate_pairs(gm, d / "backward", direction="backward", n=s.n_bwd, solver="gm-ode", order=2,
-                   nfe=s.pair_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
+                   nfe=nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
     generate_pairs(gm, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
-                   nfe=s.pair_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
+                   nfe=nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
     return gm, PairDataset(d / "backward", d / "forward")
