@@ -55,6 +55,11 @@ class Sizes:
     pair_solver: str = "dpm++2m"  # the FM teacher's backward / test pairs at pair_nfe (forward: heun, + 1)
     gm_pair_nfe: int | None = None  # the GM teacher's (gm-ode 2 backward, heun + 1 forward); None: pair_nfe
 
+    @property
+    def gm_pairs_nfe(self) -> int:
+        """NFE of the GM teacher's backward pairs: ``gm_pair_nfe``, else ``pair_nfe``."""
+        return self.pair_nfe if self.gm_pair_nfe is None else self.gm_pair_nfe
+
 
 @dataclass(frozen=True)
 class BenchPreset:
@@ -280,16 +285,15 @@ def make_gm_pairs(name: str, bed: dict, pr: BenchPreset, out: Path, seed: int, p
     """The GM-teacher variant of an image bed: ``(GM-DiT teacher, its pairs)``.
 
     The GM-DiT twin of the bed's teacher (same trunk, data and budget) is trained once; its backward
-    pairs integrate **gm-ode order 2** at ``gm_pair_nfe`` (the GM's own ODE solver), the same number of
+    pairs integrate **gm-ode order 2** at ``gm_pairs_nfe`` (the GM's own ODE solver), the same number of
     pairs as the FM teacher's; its forward pairs invert the same training images (heun on the GM's
     mean velocity, the only solvers that run upwards).
     """
     s, d = bed["sizes"], out / "pairs" / f"{name}-gm"
     gm = _train_teacher(name, pr, out, seed, progress, gm=True)
     common = dict(shard_size=IMAGE_BEDS[name].shard_size, progress=progress)
-    nfe = s.gm_pair_nfe or s.pair_nfe
     generate_pairs(gm, d / "backward", direction="backward", n=s.n_bwd, solver="gm-ode", order=2,
-                   nfe=nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
+                   nfe=s.gm_pairs_nfe, event_shape=bed["shape"], seed=seed, **common)  # fmt: skip
     generate_pairs(gm, d / "forward", direction="forward", n=s.n_fwd, solver="heun",
-                   nfe=nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
+                   nfe=s.gm_pairs_nfe + 1, data=bed["fwd_data"], seed=seed, **common)  # fmt: skip
     return gm, PairDataset(d / "backward", d / "forward")

@@ -197,7 +197,7 @@ def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: 
     evaluations; ``rungs`` training rungs at ``reflow_steps``; sampling of every evaluated variant
     (``variants``) at every NFE and draw (``full`` twice: main + guide), a score per cell and a
     memorisation check per cell of the first draw; diagnostics (3 models, 16 NFE on ``n_diag``).
-    With ``gm_teacher``: the GM-DiT's steps, its pairs at ``gm_pair_nfe`` (gm-ode order 2 backward,
+    With ``gm_teacher``: the GM-DiT's steps, its pairs at ``gm_pairs_nfe`` (gm-ode order 2 backward,
     heun forward), one more student and two more variants. Excludes a classifier that is not yet
     cached, data loading and figures.
     """
@@ -235,8 +235,7 @@ def estimate(name: str, pr: Any, variants: Sequence[str], rungs: int, *, steps: 
         gm, gm_ms, _ = _step_ms(image_teacher_config(name, s, loop, 0.0, gm=True), robj, s, steps)
         gm_call = eval_ms(gm, solver="gm-ode", order=2)
         out["gm_teacher_s"] = s.teacher_steps * gm_ms
-        gm_nfe = s.gm_pair_nfe or s.pair_nfe
-        out["gm_pairs_s"] = s.n_bwd * gm_nfe * gm_call + s.n_fwd * (gm_nfe + 1) * call
+        out["gm_pairs_s"] = s.n_bwd * s.gm_pairs_nfe * gm_call + s.n_fwd * (s.gm_pairs_nfe + 1) * call
         out["gm_student_s"] = s.reflow_steps * reflow_ms
         out["gm_eval_s"] = s.draws * n * sum(pr.nfes) * (gm_call + call) + 2 * cells * score_ms
         out["gm_eval_s"] += 2 * len(pr.nfes) * memo_ms
