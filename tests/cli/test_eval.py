@@ -40,6 +40,15 @@ def test_toy_eval_prints_table_and_writes_json(toy_run, velocity_run, copy_run, 
     assert main(["eval", "--ckpt", str(d), "--nfes", "1", "--n", "200", "--raw"]) == 0
     vel = json.loads((d / "eval.json").read_text())  # default: next to the checkpoint
     assert [r["solver"] for r in vel["rows"]] == ["euler", "dpm++2m"] and vel["weights"] == "raw"
+    assert vel["grid"] == {"kind": "uniform"}
+    warped = tmp_path / "w.json"
+    args = ["--solvers", "euler", "--nfes", "2", "--n", "200", "--raw", "--json", str(warped)]
+    assert main(["eval", "--ckpt", str(d), *args, "--grid", "shift", "--shift", "0.25"]) == 0
+    w = json.loads(warped.read_text())
+    assert w["grid"] == {"kind": "shift", "shift": 0.25}
+    assert main(["eval", "--ckpt", str(d), *args, "--json", str(tmp_path / "u.json")]) == 0
+    u = json.loads((tmp_path / "u.json").read_text())
+    assert w["rows"][0]["sw2"] != u["rows"][0]["sw2"]  # the same noise on another grid
 
 
 @pytest.mark.parametrize("fixture, experiment", [("digits_run", "images"), ("reflow_run", "reflow")])
@@ -93,6 +102,7 @@ def test_eval_errors_exit_2(toy_run, velocity_run, ring_pairs, tmp_path, capsys)
             ["--ckpt", str(toy_run.path), "--solvers", "euler", "--substep-method", "pc3"],
             "--substep-method applies to --solvers gm-ode only",
         ),
+        (["--ckpt", str(toy_run.path), "--grid", "shift"], "--grid shift needs --shift"),
         (["--ckpt", str(tmp_path / "missing")], "does not exist"),
     ]
     for args, match in cases:

@@ -99,6 +99,48 @@ def test_image_runs_give_image_tensors_and_a_grid(request, fixture, tmp_path, ca
     assert f"wrote 9 samples to {out} and {tmp_path / 'x.png'}" in capsys.readouterr().err
 
 
+def test_grid_options_sample_on_the_warped_grid(velocity_run, copy_run):
+    """``--grid shift --shift s`` / ``--grid sigmoid`` give :func:`gmflow.sample` on that grid; the default
+    output name records the grid."""
+    from gmflow import sample
+    from gmflow.experiments import load_run
+
+    d = copy_run(velocity_run.path)
+    common = ["--solver", "euler", "--nfe", "4", "--n", "16"]
+    assert _sample(d, *common) == 0
+    assert _sample(d, *common, "--grid", "shift", "--shift", "0.5") == 0
+    assert _sample(d, *common, "--grid", "sigmoid") == 0
+    uniform = torch.load(d / "samples_euler_nfe4.pt")
+    shifted = torch.load(d / "samples_euler_nfe4_shift0.5.pt")
+    sigmoid = torch.load(d / "samples_euler_nfe4_sigmoid20.pt")
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))  # the CLI's noise of --seed 0
+    model = load_run(d).model
+    with torch.no_grad():
+        want = sample(model, noise, solver="euler", nfe=4, grid="shift", shift=0.5)
+    torch.testing.assert_close(shifted, want)
+    assert not torch.allclose(shifted, uniform) and not torch.allclose(sigmoid, uniform)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--shift", "0.5"], "--shift applies to --grid shift only"),
+        (["--grid", "shift"], "--grid shift needs --shift"),
+        (["--grid", "shift", "--shift", "-1"], "--shift must be a finite number > 0"),
+        (["--grid", "shift", "--shift", "x"], "--shift must be a number"),
+        (["--grid", "sigmoid", "--kappa", "0"], "--kappa must be a finite number > 0"),
+        (["--grid", "shift", "--shift", "2", "--kappa", "3"], "--kappa applies to --grid sigmoid only"),
+        (["--grid", "log"], "invalid choice"),
+    ],
+)
+def test_grid_errors_are_one_line(velocity_run, tmp_path, capsys, extra, match):
+    out = tmp_path / "x.pt"
+    assert _sample(velocity_run.path, "--solver", "euler", "--nfe", "2", "--out", str(out), *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gmflow: error: ") and match in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

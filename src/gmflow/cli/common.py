@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -56,6 +57,21 @@ def positive(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
         if v < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return conv
+
+
+def positive_float(name: str):
+    """argparse type: a finite number > 0 (the message names ``name``)."""
+
+    def conv(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {s!r}")
         return v
 
     return conv

@@ -36,10 +36,12 @@ from ..sampling import SOLVERS, SUBSTEP_METHODS
 from ..sampling.solvers.substeps import DEFAULT_SUBSTEP_METHOD
 from .common import UsageError, check_writable, draw_samples, fmt, positive
 from .sample import (
+    add_grid_arguments,
     add_guidance_arguments,
     add_run_arguments,
     add_spectral_argument,
     check_solver,
+    grid_from_args,
     guidance_from_args,
     load_run_args,
     solver_order,
@@ -54,6 +56,7 @@ examples:
   gmflow eval --ckpt runs/srf-digits --solvers dpm-solver-2 --nfes 1 2 9   # FD vs the test split
   gmflow eval --ckpt runs/fmnist-gm --solvers gm-ode --nfes 4 8 --n 500  # class-balanced, + class_acc
   gmflow eval --ckpt runs/fmnist-fm --solvers heun --nfes 16 --guidance cfg --scale 2
+  gmflow eval --ckpt runs/fmnist-fm --solvers ddpm --nfes 32 --grid shift --shift 0.33   # steps near t = 0
   gmflow eval --ckpt runs/fmnist-gm --bpd --num-t 4                   # test-split bits/dim (Eq. 21)"""
 
 
@@ -88,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=SUBSTEP_METHODS,
         help="gm-ode sub-step integrator: pc3 (default), pc2 or euler (the paper's)",
     )
+    add_grid_arguments(e)
     e.add_argument(
         "--n", type=positive("--n"), default=None, help="samples per row (default 20000; images 1000)"
     )
@@ -176,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.uncond and r.num_classes == 0:
         raise UsageError("--uncond: this run is not class-conditional")
     guidance = guidance_from_args(args, r)
+    grid = grid_from_args(args)
     if guidance is not None and args.uncond:
         raise UsageError("--guidance needs class-conditional samples; drop --uncond")
     out = Path(args.json) if args.json else Path(args.ckpt) / "eval.json"
@@ -197,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             x = draw_samples(
                 r.model, shape, n, args.batch, args.seed, args.device, f"{solver} nfe={nfe}",
                 labels=labels, null_label=r.num_classes, solver=solver, nfe=nfe, order=order,
-                guidance=guidance, **extra, **no_spectral,
+                guidance=guidance, **extra, **grid, **no_spectral,
             )  # fmt: skip
             row: dict[str, Any] = {"solver": solver, "order": order, "nfe": nfe}
             if guidance is not None:  # each guided call is one doubled batch (cond + uncond), one NFE
@@ -226,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         "guidance": None
         if guidance is None
         else {"kind": args.guidance, "scale": args.scale, "orthogonal": args.orthogonal},
+        "grid": {"kind": args.grid, **{k: v for k, v in grid.items() if k != "grid"}},
         **scorer.info,
         "rows": rows,
     }

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..experiments import Run, load_run
+from ..flow import GRID_KINDS, time_grid
 from ..guidance import CFG, ProbabilisticGuidance
 from ..io import atomic_write_bytes
 from ..sampling import SOLVERS, SUBSTEP_METHODS
 from ..viz import histogram_grid, image_grid
-from .common import UsageError, check_writable, draw_samples, fmt, one_line, positive
+from .common import UsageError, check_writable, draw_samples, fmt, one_line, positive, positive_float
 
 __all__ = [
+    "add_grid_arguments",
     "add_parser",
     "add_run_arguments",
     "add_spectral_argument",
     "check_solver",
+    "grid_from_args",
+    "grid_tag",
     "load_run_args",
     "solver_order",
 ]
@@ -38,7 +44,8 @@ examples:
   gmflow sample --ckpt runs/fm --solver euler --nfe 8 --out fm.npy --raw
   gmflow sample --ckpt runs/fmnist-spec --solver gm-sde --order 2 --nfe 8 --no-spectral   # per-pixel draws
   gmflow sample --ckpt runs/srf-digits --solver dpm-solver-2 --nfe 9 --n 64   # image grid PNG
-  gmflow sample --ckpt runs/fmnist --solver gm-sde --order 2 --nfe 8 --classes 0-9 --per-class 8 \
+  gmflow sample --ckpt runs/fmnist-fm --solver ddpm --nfe 32 --grid shift --shift 0.33  # steps near t = 0
+  gmflow sample --ckpt runs/fmnist --solver gm-sde --order 2 --nfe 8 --classes 0-9 --per-class 8 \\
       --guidance probabilistic --scale 0.3 --orthogonal 1 --png grid.png     # a row per class"""
 
 
@@ -76,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--order", type=int, choices=(1, 2), default=None, help="GM solvers: 1st or 2nd order (default 2)"
     )
     add_substep_arguments(s)
+    add_grid_arguments(s)
     s.add_argument("--n", type=positive("--n"), default=10000, help="number of samples (default 10000)")
     s.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     s.add_argument("--out", metavar="FILE", help="samples file, .pt or .npy (default: in the run directory)")
@@ -169,6 +177,41 @@ def add_substep_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grid",
+        choices=GRID_KINDS,
+        default="uniform",
+        help="time grid of the solver: uniform (default); shift: the SD3 warp t' = s t / (1 + (s - 1) t) "
+        "of the uniform grid (--shift s; s < 1 packs the steps near the data t = 0, s > 1 near the noise); "
+        "sigmoid: the Simple ReFlow grid, steps packed at both ends (--kappa, default 20)",
+    )
+    p.add_argument("--shift", type=positive_float("--shift"), help="--grid shift: the warp s > 0")
+    p.add_argument("--kappa", type=positive_float("--kappa"), help="--grid sigmoid: the steepness > 0")
+
+
+def grid_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The :func:`gmflow.sample` keywords of ``--grid/--shift/--kappa`` (``{}`` for the uniform grid)."""
+    for opt, kind in (("shift", "shift"), ("kappa", "sigmoid")):
+        if getattr(args, opt) is not None and args.grid != kind:
+            raise UsageError(f"--{opt} applies to --grid {kind} only")
+    if args.grid == "shift":
+        if args.shift is None:
+            raise UsageError("--grid shift needs --shift S (S > 0; S < 1 packs the steps near t = 0)")
+        return {"grid": "shift", "shift": args.shift}
+    if args.grid == "sigmoid":
+        default = inspect.signature(time_grid).parameters["kappa"].default
+        return {"grid": "sigmoid", "kappa": default if args.kappa is None else args.kappa}
+    return {}
+
+
+def grid_tag(grid: dict[str, Any]) -> str:
+    """``""`` for the uniform grid, else e.g. ``"_shift0.33"`` / ``"_sigmoid20"`` (file names, titles)."""
+    if not grid:
+        return ""
+    return f"_{grid['grid']}{grid.get('shift', grid.get('kappa')):g}"
+
+
 def check_solver(
     run: Run, solver: str, order: int, substeps: int | None, substep_method: str | None = None
 ) -> None:
@@ -215,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
     check_solver(r, solver, order, args.substeps, args.substep_method)
     several_orders = len(SOLVERS[solver].orders) > 1
     tag = f"{solver}_o{order}_nfe{args.nfe}" if several_orders else f"{solver}_nfe{args.nfe}"
+    grid = grid_from_args(args)
+    tag += grid_tag(grid)
     if args.no_spectral:
         tag += "_nospectral"
     out = Path(args.out) if args.out else Path(args.ckpt) / f"samples_{tag}.pt"
@@ -241,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         labels = torch.arange(n) % r.num_classes
     kw = dict(
         solver=solver, nfe=args.nfe, order=order, substeps=args.substeps,
-        substep_method=args.substep_method, guidance=guidance,
+        substep_method=args.substep_method, guidance=guidance, **grid,
     )  # fmt: skip
     if args.no_spectral:
         kw["spectral"] = False
