@@ -88,3 +88,12 @@ def test_parts_measured_on_an_earlier_recipe_pin_its_trunk_and_lr():
         assert pr.steps == quick.steps and pr.data == quick.data
     full = images_setup.PRESETS["full"]
     assert images_setup.pinned(full, LADDER_PRESETS["full"].trunk, LADDER_PRESETS["full"].lr) == full
+
+
+def test_model_configs_train_both_models_with_the_presets_ema(tmp_path):
+    from gmflow.experiments import get_preset
+
+    full = images_setup.model_configs(images_setup.PRESETS["full"], tmp_path, 0)
+    quick = images_setup.model_configs(images_setup.PRESETS["quick"], tmp_path, 0)
+    assert {c.loop.ema_rampup for c in full.values()} == {images_setup.PRESETS["full"].ema_rampup} == {0.025}
+    assert {c.loop.ema_rampup for c in quick.values()} == {get_preset("fmnist-fm").loop.ema_rampup} == {0.05}

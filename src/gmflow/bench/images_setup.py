@@ -64,6 +64,7 @@ class ImagesPreset:
     warmup_steps: int = 200
     components: int = 8
     classifier_epochs: int | None = None  # None: the classifier's default
+    ema_rampup: float | None = None  # EMA half-life / images seen; None: the experiment's (0.05)
 
 
 # The quick preset's trunk: 96 wide (3 heads x 32), 2 layers. At width 64 the GM head (K (C + 1) p^2 = 256
@@ -82,8 +83,9 @@ PRESETS: dict[str, ImagesPreset] = {
     # GMFlow 215-231 / 108-140 ms. lr: FM's best measured rate per trunk (quick 1e-2, full 5e-3; the full
     # preset at 1e-2 is worse for both models, lr 1e-3 left both under-trained, docs/RESULTS.md §12d).
     # Measured end to end (§12, §12b) on the faster machine: quick 5.5 min (GMFlow NFE 4 FD 71.8 vs FM
-    # NFE 8 78.2), full 50 min (GMFlow NFE 6 33.1 vs FM NFE 24 23.2; FM class accuracy at NFE 32 83.8 %
-    # over 3 draws); lr 1e-3, slower machine: 14.3 / ~88 min.
+    # NFE 8 78.2), full 43.5 min (GMFlow NFE 6 34.8 vs FM NFE 24 22.9; FM class accuracy at NFE 32 84.9 %
+    # over 3 draws); lr 1e-3, slower machine: 14.3 / ~88 min. ema_rampup: the full preset's 0.025 is FM's
+    # best measured average (0.05 gave FM 84.5 % over 10 draws, 0.08 83.6 %, docs/RESULTS.md §12d).
     "quick": ImagesPreset(
         "<= 15 min on 2 idle cores: a 2-layer 96-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 2000 steps",
         data="fmnist32", steps=2000, batch_size=64, trunk=QUICK_TRUNK, nfes=(2, 4, 8, 16), n_eval=500,
@@ -92,7 +94,7 @@ PRESETS: dict[str, ImagesPreset] = {
     "full": ImagesPreset(
         "<= 90 min on 2 idle cores: a 6-layer 64-wide GM-DiT (patch 4) on Fashion-MNIST 32x32, 8000 steps",
         data="fmnist32", steps=8000, batch_size=64, trunk=FULL_TRUNK, nfes=(2, 4, 6, 8, 16, 24, 32),
-        n_eval=1000, headline=(6, 24), warmup_steps=500, lr=5e-3,
+        n_eval=1000, headline=(6, 24), warmup_steps=500, lr=5e-3, ema_rampup=0.025,
     ),
     # Seconds-long end-to-end run for tests (not meaningful as a benchmark).
     "smoke": ImagesPreset(
@@ -108,14 +110,15 @@ def model_configs(
 ) -> dict[str, Any]:
     """The two runs: ``gmflow`` (GM head, K components) and ``fm`` (velocity twin), same trunk/recipe.
 
-    ``pr`` has the fields ``data, trunk, components, steps, batch_size, lr, warmup_steps`` (e.g. an
-    :class:`ImagesPreset`); ``sets`` are further ``--set`` overrides of both runs, which live in
+    ``pr`` has the fields ``data, trunk, components, steps, batch_size, lr, warmup_steps, ema_rampup``
+    (e.g. an :class:`ImagesPreset`); ``sets`` are further ``--set`` overrides of both runs, which live in
     ``out / root / {gmflow,fm}``.
     """
+    ema = [] if pr.ema_rampup is None else [f"loop.ema_rampup={pr.ema_rampup}"]
     common = [
         f"data.name={pr.data}", *pr.trunk, f"model.num_components={pr.components}",
         f"loop.steps={pr.steps}", f"loop.batch_size={pr.batch_size}", f"loop.lr={pr.lr}",
-        f"loop.warmup_steps={pr.warmup_steps}", f"loop.seed={seed}", "loop.ckpt_every=500",
+        f"loop.warmup_steps={pr.warmup_steps}", *ema, f"loop.seed={seed}", "loop.ckpt_every=500",
         "loop.log_every=50", *sets,
     ]  # fmt: skip
     return {
