@@ -28,7 +28,6 @@ __all__ = [
     "add_spectral_argument",
     "check_solver",
     "grid_from_args",
-    "grid_tag",
     "load_run_args",
     "solver_order",
 ]
